@@ -1,0 +1,41 @@
+"""Rotary position embedding over N position axes (FLUX: time, row, column).
+
+Each axis i gets axes_dim[i] channels of the head; within them, adjacent channel pairs
+(2j, 2j+1) rotate by angle pos * theta^(-2j / axes_dim[i]) (Su et al. 2021, RoFormer).
+The table is real-valued (cos, sin) and computed once per forward, not per block.
+"""
+
+import torch
+from torch import Tensor
+
+
+def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:
+    """ids [B, L, n_axes] -> (cos, sin), each [B, 1, L, head_dim // 2] in fp32."""
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        # float64 for the frequencies and products, as the reference does: positions reach
+        # a few hundred and theta^(-x) spans 4 decades, so fp32 loses digits in the angle.
+        exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim
+        inv_freq = 1.0 / theta**exponent  # [dim // 2]
+        angles.append(ids[..., axis].to(torch.float64)[..., None] * inv_freq)  # [B, L, dim // 2]
+    angle = torch.cat(angles, dim=-1)[:, None]  # [B, 1, L, head_dim // 2]
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs of x [B, H, L, D] by the table; computed in fp32, returned in x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
+    x_even, x_odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def apply_rope_reference(x: Tensor, ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
+    """Complex-number form: x viewed as D/2 complex numbers times exp(i * angle)."""
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(ids[..., axis].double()[..., None] * inv_freq)
+    rotation = torch.polar(torch.ones(1, dtype=torch.float64), torch.cat(angles, dim=-1))[:, None]
+    x_complex = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(x_complex * rotation).flatten(-2).to(x.dtype)

@@ -1,0 +1,157 @@
+"""Every collective and point-to-point call of the project goes through this module.
+
+Functions are group-first plain functions. `count_comm()` turns on byte and time accounting
+per kind of call; when it is off (the default) the accounting costs one `is None` test.
+"""
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent and seconds it spent blocked, per kind of call."""
+
+    bytes: dict = field(default_factory=lambda: defaultdict(int))
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+    calls: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, nbytes: int, seconds: float) -> None:
+        self.bytes[kind] += nbytes
+        self.seconds[kind] += seconds
+        self.calls[kind] += 1
+
+    def as_dict(self) -> dict:
+        return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
+
+
+_stats: CommStats | None = None
+
+
+@contextlib.contextmanager
+def count_comm():
+    """with count_comm() as stats: ... -> stats.bytes['all_to_all'] etc."""
+    global _stats
+    previous, _stats = _stats, CommStats()
+    try:
+        yield _stats
+    finally:
+        _stats = previous
+
+
+def _record(kind: str, nbytes: int, start: float) -> None:
+    if _stats is not None:
+        _stats.add(kind, nbytes, time.perf_counter() - start)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def all_to_all(
+    x: Tensor,
+    group,
+    scatter_dim: int,
+    gather_dim: int,
+    scatter_sizes: list[int] | None = None,
+    gather_sizes: list[int] | None = None,
+) -> Tensor:
+    """Split x along scatter_dim, send piece j to rank j, concatenate what arrives along gather_dim.
+
+    Uneven shards: `scatter_sizes[j]` is the length of piece j (None: x.chunk(P) even pieces) and
+    `gather_sizes[j]` is rank j's length along gather_dim (None: all equal to x's). Every rank
+    passes the same lists. Shapes: [.., S, .., G_r, ..] -> [.., S_r, .., sum(G), ..].
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
+    if gather_sizes[rank] != x.shape[gather_dim]:
+        raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout says {gather_sizes[rank]}")
+    split = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
+    pieces = [p.contiguous() for p in split]
+    piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
+    in_splits = [p.numel() for p in pieces]
+    out_shapes = [piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :] for n in gather_sizes]
+    out_splits = [torch.Size(s).numel() for s in out_shapes]
+    received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
+    start = time.perf_counter()
+    dist.all_to_all_single(received, torch.cat([p.flatten() for p in pieces]), out_splits, in_splits, group=group)
+    _record("all_to_all", _nbytes(pieces) - pieces[rank].numel() * x.element_size(), start)
+    chunks = [c.view(s) for c, s in zip(received.split(out_splits), out_shapes)]
+    return torch.cat(chunks, dim=gather_dim)
+
+
+def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None) -> Tensor:
+    """Concatenate every rank's x along dim; `sizes[j]` is rank j's length there (uneven shards)."""
+    world = dist.get_world_size(group)
+    sizes = sizes or [x.shape[dim]] * world
+    x = x.movedim(dim, 0).contiguous()  # gather along dim 0, where uneven pieces are contiguous
+    longest = max(sizes)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    outputs = [torch.empty_like(padded) for _ in range(world)]
+    start = time.perf_counter()
+    dist.all_gather(outputs, padded, group=group)
+    _record("all_gather", _nbytes([padded]) * (world - 1), start)
+    return torch.cat([o[:n] for o, n in zip(outputs, sizes)], dim=0).movedim(0, dim)
+
+
+def all_reduce(x: Tensor, group) -> Tensor:
+    """Sum x over the group, in place; returns x."""
+    start = time.perf_counter()
+    dist.all_reduce(x, group=group)
+    _record("all_reduce", _nbytes([x]), start)
+    return x
+
+
+def all_gather_object(obj, group) -> list:
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+class P2P:
+    """Batched point-to-point exchange: queue sends and receives, `commit()` posts them all at once,
+    `wait()` blocks until they are done. Peers are ranks within `group`.
+
+        p2p = P2P(group); buf = p2p.recv(shape_like, src=prev); p2p.send(x, dst=next)
+        p2p.commit(); ...compute...; p2p.wait(); use(buf)
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self._ops: list = []
+        self._requests: list = []
+        self._sent_bytes = 0
+        self._start = 0.0
+
+    def send(self, x: Tensor, dst: int) -> None:
+        x = x.contiguous()
+        self._ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(self.group, dst), self.group))
+        self._sent_bytes += _nbytes([x])
+
+    def recv(self, shape, dtype: torch.dtype, device, src: int) -> Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        self._ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(self.group, src), self.group))
+        return buffer
+
+    def commit(self) -> None:
+        if self._requests:
+            raise RuntimeError("P2P.commit() called twice without wait()")
+        self._start = time.perf_counter()
+        self._requests = dist.batch_isend_irecv(self._ops) if self._ops else []
+        self._ops = []
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        for request in self._requests:
+            request.wait()
+        # time counts only the blocked wait: what compute between commit and wait hid is free
+        _record("p2p", self._sent_bytes, start)
+        self._requests, self._sent_bytes = [], 0

@@ -1,0 +1,94 @@
+"""ParallelContext: the degrees of every strategy, validated, and the device mesh they live on.
+
+Mesh axes, slowest to fastest: data, cfg, pipefusion, ring, ulysses. Ulysses ranks are
+contiguous (its all-to-all is the heaviest traffic and should stay inside a node); ring
+groups are strided. The flattened (ring, ulysses) axis is "sp", the sequence-parallel group:
+a token shard's index is the sp rank, Ulysses index fastest.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+AXES = ("data", "cfg", "pipefusion", "ring", "ulysses")
+IMPLEMENTED = ("ring", "ulysses")
+
+
+@dataclass
+class ParallelContext:
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    pipefusion_degree: int = 1
+    cfg_degree: int = 1
+    data_degree: int = 1
+    _mesh: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        for axis in AXES:
+            degree = getattr(self, f"{axis}_degree")
+            if not isinstance(degree, int) or degree < 1:
+                raise ValueError(f"{axis}_degree must be a positive integer, got {degree!r}")
+            if degree > 1 and axis not in IMPLEMENTED:
+                raise ValueError(f"{axis}_degree {degree}: the {axis} strategy is not implemented yet (use 1)")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        product = " x ".join(f"{a} {getattr(self, f'{a}_degree')}" for a in AXES)
+        if self.world_size != world:
+            raise ValueError(f"the parallel degrees multiply to {self.world_size} ({product}), but the world size is {world}")
+
+    @property
+    def world_size(self) -> int:
+        return self.data_degree * self.cfg_degree * self.pipefusion_degree * self.ring_degree * self.ulysses_degree
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ring_degree * self.ulysses_degree
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def mesh(self):
+        """The DeviceMesh, built on first use (single-process contexts never build one)."""
+        if self._mesh is None and self.is_distributed:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            shape = tuple(getattr(self, f"{a}_degree") for a in AXES)
+            self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+            self._mesh["ring", "ulysses"]._flatten("sp")
+        return self._mesh
+
+    def group(self, axis: str):
+        """The process group of this rank along `axis` ("sp" for ring x ulysses); None when single-process."""
+        return self.mesh[axis].get_group() if self.is_distributed else None
+
+    def rank(self, axis: str) -> int:
+        return self.mesh[axis].get_local_rank() if self.is_distributed else 0
+
+    def size(self, axis: str) -> int:
+        return self.sp_degree if axis == "sp" else getattr(self, f"{axis}_degree")
+
+    @property
+    def is_main(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> torch.device:
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA) and return this
+    rank's device. A collective that waits longer than `timeout_s` raises instead of hanging.
+    Single-process runs (no torchrun) do nothing. Only launchers call this; library code takes a
+    ParallelContext instead of reading the environment."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device(device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
