@@ -123,7 +123,19 @@ def bfl_to_diffusers(state: dict[str, Tensor], p: FluxParams) -> dict[str, Tenso
 
 
 def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> FluxParams:
-    """Infer depths and widths from a BFL state dict's shapes (header only)."""
+    fields = bfl_fields(shapes, source)
+    return FluxParams(**fields, axes_dim=_rope_axes(fields, source))
+
+
+def _rope_axes(fields: dict, source: str) -> tuple[int, ...]:
+    try:
+        return flux_rope_axes(fields["hidden_size"] // fields["num_heads"])
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err} (in a config.json beside the file, or config=)") from None
+
+
+def bfl_fields(shapes: dict[str, list[int]], source: str) -> dict:
+    """FluxParams fields inferred from a BFL state dict's shapes (header only); RoPE axes excepted."""
     try:
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
@@ -138,13 +150,12 @@ def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> FluxParam
             num_heads=hidden // head_dim,
             depth=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"double_blocks\.(\d+)\.", k))),
             depth_single_blocks=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"single_blocks\.(\d+)\.", k))),
-            axes_dim=flux_rope_axes(head_dim),
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source} does not look like a FLUX.1 transformer in the black-forest-labs layout ({err})") from None
-    return FluxParams(**params)
+    return params
 
 
 def params_from_config(config: dict, source: str) -> dict:
@@ -154,6 +165,16 @@ def params_from_config(config: dict, source: str) -> dict:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
     if config.get("patch_size", 1) != 1:
         raise CheckpointError(f"{source}: patch_size {config['patch_size']} is not supported (FLUX.1 packs 2x2 outside)")
+    try:
+        fields = _diffusers_fields(config)
+    except KeyError as err:
+        raise CheckpointError(f"{source} lacks the transformer setting {err}") from None
+    if "axes_dims_rope" in config:
+        fields["axes_dim"] = tuple(config["axes_dims_rope"])
+    return fields
+
+
+def _diffusers_fields(config: dict) -> dict:
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     return dict(
         in_channels=config["in_channels"],
@@ -164,7 +185,6 @@ def params_from_config(config: dict, source: str) -> dict:
         num_heads=heads,
         depth=config["num_layers"],
         depth_single_blocks=config["num_single_layers"],
-        axes_dim=tuple(config.get("axes_dims_rope", flux_rope_axes(head_dim))),
         guidance_embed=config.get("guidance_embeds", False),
     )
 
@@ -175,7 +195,7 @@ def find_transformer(path: Path) -> tuple[str, Path]:
         return "bfl", path
     if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
         return "diffusers", path / "transformer"
-    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*.safetensors*")):
+    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*")):
         return "diffusers", path
     bfl_files = sorted(path.glob("flux1-*.safetensors"))
     if len(bfl_files) == 1:
@@ -202,17 +222,23 @@ def load_transformer(
     if kind == "bfl":
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path} is not a .safetensors file; pickle checkpoints are never loaded")
-        params = params_from_bfl_keys(safetensors_keys(path), str(path))
+        fields = bfl_fields(safetensors_keys(path), str(path))
         beside = path.parent / "config.json"
         if beside.is_file():
-            params = dataclasses.replace(params, **params_from_config(read_json(beside), str(beside)))
+            fields.update(params_from_config(read_json(beside), str(beside)))
     else:
-        params = FluxParams(**params_from_config(read_json(path / "config.json"), str(path / "config.json")))
+        files = weight_files(path, DIFFUSERS_STEM)  # first: a pickle-only folder is refused before anything else
+        fields = params_from_config(read_json(path / "config.json"), str(path / "config.json"))
     if config is not None:
-        overrides = dataclasses.asdict(config) if isinstance(config, FluxParams) else config
-        params = dataclasses.replace(params, **overrides)
+        fields.update(dataclasses.asdict(config) if isinstance(config, FluxParams) else config)
+    if "axes_dim" not in fields:
+        fields["axes_dim"] = _rope_axes(fields, str(path))
+    try:
+        params = FluxParams(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: inconsistent transformer config: {err}") from None
 
-    files = [path] if kind == "bfl" else weight_files(path, DIFFUSERS_STEM)
+    files = [path] if kind == "bfl" else files
     state = read_safetensors(files, dtype, device)
     if kind == "diffusers":
         state = diffusers_to_bfl(state, params)
