@@ -3,5 +3,8 @@
 from flux.configs import CONFIGS, FluxParams
 from flux.model import Flux
 from flux.checkpoint import load_transformer
+from flux.text_encoders import TextConditioner, load_clip, load_t5
+from flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
 
 __all__ = ["CONFIGS", "Flux", "FluxParams", "load_transformer"]
+__all__ += ["TextConditioner", "load_clip", "load_clip_tokenizer", "load_t5", "load_t5_tokenizer"]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from kernels import apply_rope, attention, rms_norm
 
-PE = tuple[Tensor, Tensor]  # (cos, sin) tables, each [B, 1, L, head_dim // 2]
+PE = tuple[Tensor, Tensor]  # RoPE tables from kernels.rope_table, each [B, 1, L, head_dim // 2, 2]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:

@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:
-    """ids [B, L, n_axes] -> (cos, sin), each [B, 1, L, head_dim // 2] in fp32."""
+    """ids [B, L, n_axes] -> (rot_even, rot_odd), each [B, 1, L, head_dim // 2, 2] in fp32: where the
+    even and odd channel of each pair go, (cos, sin) and (-sin, cos)."""
     angles = []
     for axis, dim in enumerate(axes_dim):
         # float64 for the frequencies and products, as the reference does: positions reach
@@ -19,14 +20,17 @@ def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[Te
         inv_freq = 1.0 / theta**exponent  # [dim // 2]
         angles.append(ids[..., axis].to(torch.float64)[..., None] * inv_freq)  # [B, L, dim // 2]
     angle = torch.cat(angles, dim=-1)[:, None]  # [B, 1, L, head_dim // 2]
-    return angle.cos().float(), angle.sin().float()
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return torch.stack((cos, sin), dim=-1), torch.stack((-sin, cos), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of x [B, H, L, D] by the table; computed in fp32, returned in x's dtype."""
+def apply_rope(x: Tensor, rot_even: Tensor, rot_odd: Tensor) -> Tensor:
+    """Rotate channel pairs of x [B, H, L, D] by the table; computed in fp32, returned in x's dtype.
+
+    Two broadcast multiply-adds write the interleaved result directly (no stack or cat per call).
+    """
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
-    x_even, x_odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    rotated = torch.addcmul(pairs[..., :1] * rot_even, pairs[..., 1:], rot_odd)  # [B, H, L, D/2, 2]
     return rotated.flatten(-2).to(x.dtype)
 
 

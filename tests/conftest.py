@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py for spawned workers too
 
+# Every test model is tiny: intra-op threads only add barrier waits (and oversubscribe the cores
+# that spawned gloo ranks need), so tests run single-threaded.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -37,8 +37,8 @@ def test_rope_matches_complex_reference():
     axes_dim = (4, 6, 6)
     ids = torch.randint(0, 64, (2, 11, 3)).float()
     x = torch.randn(2, 3, 11, sum(axes_dim))
-    cos, sin = rope_table(ids, axes_dim, 10_000.0)
-    torch.testing.assert_close(apply_rope(x, cos, sin), apply_rope_reference(x, ids, axes_dim, 10_000.0))
+    table = rope_table(ids, axes_dim, 10_000.0)
+    torch.testing.assert_close(apply_rope(x, *table), apply_rope_reference(x, ids, axes_dim, 10_000.0))
 
 
 def test_rope_bf16_keeps_dtype():

@@ -1,0 +1,90 @@
+"""FLUX's rectified-flow sampler as free functions: noise, packing, position ids, schedule, Euler loop.
+
+Flow matching (Lipman et al. 2023; Esser et al. 2024): x_t = (1 - t) x_0 + t noise, the model
+predicts the velocity noise - x_0, and the Euler step from t to t' is x + (t' - t) v.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+LATENT_CHANNELS = 16
+
+
+def get_noise(batch: int, height: int, width: int, seed: int, dtype=torch.float32, device="cpu") -> Tensor:
+    """[B, 16, H/8, W/8] standard normal, drawn on the CPU so that every device and rank agrees."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(batch, LATENT_CHANNELS, height // 8, width // 8, generator=generator)
+    return noise.to(device=device, dtype=dtype)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """[B, C, H/8, W/8] -> [B, (H/16)(W/16), 4C]: each 2x2 patch becomes one token."""
+    return rearrange(latents, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=2, pw=2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """[B, (H/16)(W/16), 4C] -> [B, C, H/8, W/8]."""
+    return rearrange(tokens, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=height // 16, w=width // 16, ph=2, pw=2)
+
+
+def make_img_ids(batch: int, height: int, width: int, device="cpu") -> Tensor:
+    """[B, (H/16)(W/16), 3] position ids (0, row, column) of the packed tokens."""
+    rows, cols = torch.meshgrid(torch.arange(height // 16), torch.arange(width // 16), indexing="ij")
+    ids = torch.stack((torch.zeros_like(rows), rows, cols), dim=-1).reshape(1, -1, 3).float()
+    return ids.expand(batch, -1, -1).to(device)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the timesteps are spaced; the numbers of a diffusers `scheduler_config.json`."""
+
+    use_dynamic_shifting: bool = False  # dev: shift by mu, which grows with the image size
+    base_shift: float = 0.5  # mu at base_image_seq_len tokens
+    max_shift: float = 1.15  # mu at max_image_seq_len tokens
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift: float = 1.0  # a fixed shift, used when use_dynamic_shifting is off
+
+    def mu(self, image_seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return self.base_shift + slope * (image_seq_len - self.base_image_seq_len)
+
+
+def get_schedule(num_steps: int, image_seq_len: int, schedule: Schedule) -> list[float]:
+    """num_steps + 1 times from 1 down to 0."""
+    times = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)[:-1]
+    if schedule.use_dynamic_shifting:
+        # time_shift: exp(mu) / (exp(mu) + 1/t - 1) spends more steps at high noise for larger images
+        times = math.exp(schedule.mu(image_seq_len)) / (math.exp(schedule.mu(image_seq_len)) + 1 / times - 1)
+    elif schedule.shift != 1.0:
+        times = schedule.shift * times / (1 + (schedule.shift - 1) * times)
+    return times.float().tolist() + [0.0]
+
+
+def denoise(
+    model: Callable[..., Tensor],
+    img: Tensor,  # [B, L, 64] packed noise (or this rank's shard of it)
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    y: Tensor,
+    timesteps: list[float],
+    guidance: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Euler integration of the model's velocity from timesteps[0] to timesteps[-1]; fp32 state."""
+    img = img.float()
+    batch = img.shape[0]
+    guidance_vec = None if guidance is None else torch.full((batch,), guidance, device=img.device)
+    for step, (t_curr, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        t_vec = torch.full((batch,), t_curr, device=img.device)
+        velocity = model(img, img_ids, txt, txt_ids, t_vec, y, guidance_vec)
+        img = img + (t_next - t_curr) * velocity.float()
+        if on_step is not None:
+            on_step(step)
+    return img

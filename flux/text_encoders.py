@@ -1,0 +1,345 @@
+"""Loading the CLIP and T5 text encoders, and `TextConditioner`: prompts -> (txt, txt_ids, y).
+
+The encoders load from transformers-format folders (`config.json` + `model.safetensors`, or shards
+with an index), from a diffusers pipeline folder (`text_encoder/` is CLIP-L, `text_encoder_2/` is
+T5-XXL), or from a hub repo id. Weights are cast tensor by tensor into the target dtype, so
+T5-XXL (4.7B parameters) never exists in fp32; `TextConditioner.release()` drops both encoders
+once the prompts are encoded.
+"""
+
+import collections
+import dataclasses
+import functools
+import io
+import itertools
+from pathlib import Path
+
+import sentencepiece
+import torch
+from tokenizers import pre_tokenizers
+from torch import Tensor, nn
+
+from flux.clip import CLIP_CONFIGS, LEGACY_EOS_ID, ClipParams, ClipTextModel
+from flux.t5 import T5_CONFIGS, T5Encoder, T5Params
+from flux.tokenizers import (
+    TextTokenizer,
+    clip_tokenizer,
+    load_clip_tokenizer,
+    load_t5_tokenizer,
+    read_spiece,
+    t5_tokenizer,
+)
+from flux.weights import (
+    CheckpointError,
+    check_device,
+    check_dtype,
+    load_strict,
+    read_json,
+    read_safetensors,
+    resolve,
+    weight_files,
+)
+
+WEIGHTS_STEM = "model"  # transformers' model.safetensors / model.safetensors.index.json
+CLIP_FILES = ["model_index.json", "text_encoder/*", "config.json", "model.safetensors", "model.safetensors.index.json"]
+T5_FILES = ["model_index.json", "text_encoder_2/*", "config.json", "model*.safetensors", "model.safetensors.index.json"]
+
+
+def encoder_folder(src: str | Path, subfolder: str, patterns: list[str]) -> Path:
+    """The transformers model folder of `src`: itself, or `subfolder` of a pipeline folder."""
+    path = resolve(src, allow_patterns=patterns)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        if not (path / subfolder).is_dir():
+            raise CheckpointError(f"{path} is a pipeline folder without a {subfolder}/ folder")
+        path = path / subfolder
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is neither a pipeline folder (model_index.json) nor a transformers model folder (config.json)"
+        )
+    return path
+
+
+def params_from_config(cls, config: dict, source: str):
+    """A params dataclass from the config.json fields of the same names; the others are ignored."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{key: value for key, value in config.items() if key in fields})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def t5_params(config: dict, source: str) -> T5Params:
+    projection = config.get("feed_forward_proj", "gated-gelu")
+    if projection != "gated-gelu":
+        raise CheckpointError(
+            f"{source}: feed_forward_proj {projection!r} is not supported (T5 v1.1 uses 'gated-gelu')"
+        )
+    return params_from_config(T5Params, config, source)
+
+
+def clip_params(config: dict, source: str) -> ClipParams:
+    if not isinstance(config.get("eos_token_id", 0), int):
+        raise CheckpointError(f"{source}: eos_token_id must be one integer, got {config['eos_token_id']!r}")
+    return params_from_config(ClipParams, config, source)
+
+
+def t5_from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' T5EncoderModel keys -> ours (the same but for the tied embedding, which either
+    `shared.weight` or `encoder.embed_tokens.weight` holds, or both)."""
+    embed = state.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in state and embed is not None:
+        state["shared.weight"] = embed
+    return state
+
+
+def clip_from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' CLIPTextModel keys -> ours: those of transformers 5, which dropped the `text_model.`
+    prefix of transformers 4 files; files before 4.31 also hold the position ids, which are made in forward."""
+    state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    state.pop("embeddings.position_ids", None)
+    return state
+
+
+def load_t5(src: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> T5Encoder:
+    """T5 v1.1 encoder from a transformers folder, a pipeline folder (its text_encoder_2/) or a hub repo id."""
+    dtype, device = check_dtype(dtype), check_device(device)
+    folder = encoder_folder(src, "text_encoder_2", T5_FILES)
+    params = t5_params(read_json(folder / "config.json"), str(folder / "config.json"))
+    state = t5_from_transformers(read_safetensors(weight_files(folder, WEIGHTS_STEM), dtype, device))
+    return load_strict(lambda: T5Encoder(params), state, str(folder))
+
+
+def load_clip(
+    src: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+) -> ClipTextModel:
+    """CLIP text model from a transformers folder, a pipeline folder (its text_encoder/) or a hub repo id."""
+    dtype, device = check_dtype(dtype), check_device(device)
+    folder = encoder_folder(src, "text_encoder", CLIP_FILES)
+    params = clip_params(read_json(folder / "config.json"), str(folder / "config.json"))
+    state = clip_from_transformers(read_safetensors(weight_files(folder, WEIGHTS_STEM), dtype, device))
+    return load_strict(lambda: ClipTextModel(params), state, str(folder))
+
+
+def seeded_init(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights that depend only on `seed`: biases 0, norm scales 1, matrices N(0, 1/fan_in)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5)
+            else:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+    return module.eval().requires_grad_(False)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def check_pair(tokenizer: TextTokenizer, vocab_size: int, encoder: str) -> None:
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens but the {encoder} embeds only "
+            f"{vocab_size}: they do not belong together"
+        )
+
+
+class TextConditioner:
+    """Both tokenizers and both encoders: `cond(prompts)` -> (txt [B, S, d_model], txt_ids [B, S, 3], y [B, hidden]),
+    txt and y in the encoders' dtype, S the T5 length (`max_sequence_length`, default the T5 tokenizer's).
+
+    After encoding, `release()` drops the encoders (or `.to("cpu")` parks them) to free the device."""
+
+    def __init__(self, clip_tokenizer: TextTokenizer, t5_tokenizer: TextTokenizer, clip: ClipTextModel, t5: T5Encoder):
+        check_pair(clip_tokenizer, clip.params.vocab_size, "CLIP text encoder")
+        check_pair(t5_tokenizer, t5.params.vocab_size, "T5 encoder")
+        if clip_tokenizer.max_length > clip.params.max_position_embeddings:
+            raise ValueError(
+                f"the CLIP tokenizer pads to {clip_tokenizer.max_length} tokens but the CLIP text encoder has "
+                f"{clip.params.max_position_embeddings} positions"
+            )
+        eos = clip.params.eos_token_id
+        if eos != LEGACY_EOS_ID and clip_tokenizer.suffix != [eos]:
+            raise ValueError(
+                f"the CLIP tokenizer ends prompts with id {clip_tokenizer.suffix} but the CLIP text encoder "
+                f"pools at eos_token_id {eos}"
+            )
+        self.clip_tokenizer, self.t5_tokenizer, self.clip, self.t5 = clip_tokenizer, t5_tokenizer, clip, t5
+
+    @property
+    def model_max_length(self) -> int:
+        """The longest T5 sequence the tokenizer allows: the cap on `max_sequence_length`."""
+        return self.t5_tokenizer.model_max_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.t5_tokenizer.max_length
+
+    def __call__(
+        self, prompts: str | list[str], max_sequence_length: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.clip is None or self.t5 is None:
+            raise ValueError("the text encoders were released: build a new TextConditioner to encode more prompts")
+        clip_ids = self.clip_tokenizer(prompts)  # [B, 77]
+        t5_ids = self.t5_tokenizer(prompts, max_sequence_length)  # [B, S]
+        with torch.no_grad():
+            y = self.clip(clip_ids.to(module_device(self.clip)))  # [B, clip hidden]
+            txt = self.t5(t5_ids.to(module_device(self.t5)))  # [B, S, d_model]
+        # Every text token sits at position (0, 0, 0): RoPE leaves text queries and keys unrotated.
+        txt_ids = torch.zeros(*txt.shape[:2], 3, dtype=txt.dtype, device=txt.device)
+        return txt, txt_ids, y
+
+    def to(self, device: torch.device | str) -> "TextConditioner":
+        device = check_device(device)
+        for encoder in (self.clip, self.t5):
+            if encoder is not None:
+                encoder.to(device)
+        return self
+
+    def release(self) -> None:
+        """Drop the encoders (T5-XXL is 9.5 GB in bf16); the tokenizers stay."""
+        self.clip = self.t5 = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        text_encoder: str | Path | nn.Module | None = None,
+        text_encoder_2: str | Path | nn.Module | None = None,
+    ) -> "TextConditioner":
+        """Tokenizers and encoders from a pipeline folder or hub repo id; `text_encoder` (CLIP) and
+        `text_encoder_2` (T5) override the encoders with any source their loader accepts, or a module."""
+        clip_tokenizer, t5_tokenizer = load_clip_tokenizer(src), load_t5_tokenizer(src)
+        clip = text_encoder if isinstance(text_encoder, nn.Module) else load_clip(text_encoder or src, dtype, device)
+        t5 = text_encoder_2 if isinstance(text_encoder_2, nn.Module) else load_t5(text_encoder_2 or src, dtype, device)
+        return cls(clip_tokenizer, t5_tokenizer, clip, t5)
+
+    @classmethod
+    def tiny(
+        cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> "TextConditioner":
+        """Tiny encoders with seeded random weights and the built-in tokenizers: offline, in a second."""
+        dtype, device = check_dtype(dtype), check_device(device)
+        clip = seeded_init(ClipTextModel(CLIP_CONFIGS["tiny"]), seed).to(device, dtype)
+        t5 = seeded_init(T5Encoder(T5_CONFIGS["tiny"]), seed + 1).to(device, dtype)
+        return cls(tiny_clip_tokenizer(), tiny_t5_tokenizer(), clip, t5)
+
+
+# The built-in tokenizers of the `tiny` model: learnt at first use from this text, in memory, deterministically,
+# so that the whole pipeline runs offline. They show the machinery; they are no language model's vocabulary.
+TINY_CORPUS = """\
+A photograph of an astronaut riding a horse on the moon, with the Earth rising behind the hills.
+A watercolor painting of a quiet mountain village at dawn, mist over the river and pine forests.
+A close-up portrait of an old fisherman with a grey beard, dramatic light, shallow depth of field.
+A red fox sleeping in the snow under a birch tree; soft winter light, highly detailed fur.
+An oil painting of a lighthouse in a storm, waves crashing against the rocks at night.
+A cup of coffee on a wooden table next to an open book and a pair of glasses, morning sunlight.
+A futuristic city with flying cars, neon signs and tall glass towers reflecting the sunset.
+A small robot watering flowers in a garden, cartoon style, bright colors, 3D render.
+A bowl of ramen with eggs, noodles, green onions and steam rising, food photography.
+The word "FLUX" written in golden letters on a black marble wall, studio lighting.
+A cat wearing a tiny wizard hat, reading a spell book by candle light, digital art.
+Two children flying a kite on a windy beach, long shadows, summer afternoon, 35mm film.
+A dense jungle with a hidden temple covered in vines, rays of light through the leaves.
+A pixel art castle on a floating island, waterfalls falling into the clouds below.
+A minimalist poster of a bicycle, flat shapes, pastel palette, plenty of white space.
+Café crème brûlée in Paris, naïve façade; 東京タワー at night; Москва зимой; ¿qué tal? 🙂
+An isometric illustration of a cozy bedroom with plants, a desk, a lamp and a sleeping dog.
+A macro photo of a dragonfly on a leaf covered with morning dew drops, bokeh background.
+A medieval knight in shining armor standing in a field of sunflowers, epic composition.
+A snowy owl flying over a frozen lake under the northern lights, long exposure.
+A steaming loaf of bread on a kitchen counter, flour scattered around, warm tones.
+A sailing ship made of paper floating in a puddle after the rain, reflections of the street.
+A portrait of a woman with freckles and curly red hair, natural light, 85mm lens, f/1.8.
+A desert road at sunset with a vintage car, dust in the air, cinematic wide shot.
+A sketch of a hummingbird drinking nectar from a flower, pencil on paper, 1920s style.
+Numbers and symbols: 0 1 2 3 4 5 6 7 8 9 + - * / = % & @ # $ ( ) [ ] { } < > ! ? ' " : ; , .
+"""
+TINY_CLIP_MERGES = 254  # 512 byte symbols + 254 merges + start and end tokens = 768, the tiny CLIP's vocab
+TINY_T5_PIECES = 400  # at most; plus 100 sentinels, within the tiny T5's 512 embeddings
+
+
+@functools.cache
+def tiny_spiece_model() -> bytes:
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_CORPUS.splitlines()),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=TINY_T5_PIECES,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,  # one thread: the same model on every machine
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def tiny_t5_tokenizer(max_length: int | None = None) -> TextTokenizer:
+    pieces, charsmap, specials = read_spiece(tiny_spiece_model(), Path("<built-in tiny spiece.model>"))
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
+    return t5_tokenizer(pieces, charsmap, specials, {}, "built-in tiny T5 tokenizer", max_length)
+
+
+@functools.cache
+def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = collections.Counter()
+    tokenizer = clip_tokenizer({s: i for i, s in enumerate(symbols)}, [], {})  # for its normalizer and pre-tokenizer
+    for line in TINY_CORPUS.splitlines():
+        for word, _ in tokenizer.backend.pre_tokenizer.pre_tokenize_str(
+            tokenizer.backend.normalizer.normalize_str(line)
+        ):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    merges = learn_merges(words, TINY_CLIP_MERGES)
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def tiny_clip_tokenizer() -> TextTokenizer:
+    return clip_tokenizer(*tiny_clip_vocab(), {})
+
+
+def learn_merges(words: collections.Counter, count: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding (Sennrich et al. 2016): merge the most frequent adjacent pair, `count` times.
+    Ties go to the largest pair, so the result does not depend on dictionary order. Only the words
+    holding the merged pair are recounted."""
+    words = [(list(word), n) for word, n in words.items()]
+    pairs, holders = collections.Counter(), collections.defaultdict(set)
+    for index, (word, n) in enumerate(words):
+        for pair in itertools.pairwise(word):
+            pairs[pair] += n
+            holders[pair].add(index)
+    merges = []
+    for _ in range(count):
+        if not pairs:
+            raise ValueError(f"the corpus yields only {len(merges)} merges, not {count}")
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        for index in sorted(holders.pop(best)):
+            word, n = words[index]
+            for pair in itertools.pairwise(word):
+                pairs[pair] -= n
+            word[:] = merge_pair(tuple(word), best)
+            for pair in itertools.pairwise(word):
+                pairs[pair] += n
+                holders[pair].add(index)
+        pairs = +pairs  # drop pairs counted down to zero
+    return merges
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)

@@ -1,0 +1,79 @@
+"""tools/generate.py: the tiny model end to end in a subprocess, and every usage error in-process."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import generate  # noqa: E402
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])  # IHDR width, height
+
+
+def test_tiny_end_to_end(tmp_path):
+    out, report = tmp_path / "fox.png", tmp_path / "report.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "generate.py"), "--model", "tiny", "--prompt", "a red fox",
+           "--height", "64", "--width", "48", "--steps", "3", "--output", str(out), "--report", str(report)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert png_size(out) == (48, 64)
+    stages = json.loads(report.read_text())["stages"]
+    assert len(stages["steps_s"]) == 3
+    assert all(stages[k] > 0 for k in ("load_s", "text_encoding_s", "denoise_s", "vae_decode_s", "total_s"))
+    assert "3/3" in result.stderr and "wrote" in result.stdout
+
+
+def test_png_matches_pillow(tmp_path):
+    import torch
+    from PIL import Image
+
+    image = torch.rand(3, 5, 7)
+    generate.write_png(str(tmp_path / "x.png"), image)
+    expected = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "x.png"))) == torch.from_numpy(expected)).all()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--height", "100"], "--height 100 is not a multiple of 16: the nearest valid sizes are 96 and 112"),
+        (["--width", "8"], "--width 8 is not a multiple of 16: the nearest valid sizes are 16 and 16"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--device", "cuda:7"], "device cuda:7 does not exist"),
+        (["--device", "warp-drive"], "is not a device"),
+        (["--output", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
+        (["--vae-chunk", "0"], "--vae-chunk must be at least 1"),
+        (["--transformer", "x.safetensors"], "--transformer cannot be used with --model tiny"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_degrees_that_do_not_fit_the_world(capsys):
+    assert generate.main(["--model", "tiny", "--ulysses-degree", "2"]) == 2
+    assert "world size is 1" in capsys.readouterr().err
+
+
+def test_missing_model_exits_1(tmp_path, capsys):
+    assert generate.main(["--model", str(tmp_path / "nothing")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_pickle_transformer_exits_1(tmp_path, capsys):
+    bad = tmp_path / "flux1-dev.ckpt"
+    bad.write_bytes(b"not unpickled")
+    assert generate.main(["--model", str(tmp_path), "--transformer", str(bad)]) == 1
+    assert "pickle checkpoints are never loaded" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""The CLIP and T5 tokenizers id for id against transformers' CLIPTokenizer and T5TokenizerFast,
+on tokenizer files built here, and their bad inputs."""
+
+import collections
+import io
+import json
+import warnings
+
+import pytest
+import sentencepiece
+import torch
+from tokenizers import pre_tokenizers
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+import flux
+from flux import text_encoders as te
+from flux import tokenizers as tk
+from flux.weights import CheckpointError
+
+CORPUS = (
+    """\
+The quick brown fox jumps over the lazy dog near the river bank.
+A portrait of a young woman in a blue dress, soft studio light, film grain.
+Ein Hund läuft über die Straße; la niña come una manzana; l'été à Marseille.
+Space station orbiting a gas giant, concept art, trending, ultra detailed, 8k.
+Mountains, lakes and forests under a starry sky with the milky way, long exposure.
+東京の夜景 and 서울 at dusk, Ελληνικά γράμματα, ﬁne ligatures, ２０２４ full-width digits.
+"""
+    * 3
+)
+
+PROMPTS = [
+    "a photo of a cat",
+    "",
+    "   Several   spaces,\ttabs\nand new lines   ",
+    "UPPER and lower CASE, punctuation!!! (nested [brackets]) it's don't we'll they've",
+    "Café crème brûlée — naïve façade, ﬁne ２０２４ ½",
+    "東京タワー 🙂 Москва зимой ελληνικά ⛰️ e\u0301",
+    "numbers 1234567 and 3.14159, emails a@b.c, #tags & more",
+    "special tokens inside: <|endoftext|> </s> <extra_id_0> <pad>",
+    " ".join(["a very long prompt about a forest with many trees"] * 30),
+]
+
+
+def train_spiece(lines):
+    """A SentencePiece unigram model in T5's layout: <pad> 0, </s> 1, <unk> 2, no start token."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=200,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def write_clip_files(folder, vocab, merges):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return folder
+
+
+def write_t5_files(folder, spiece, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(spiece)
+    if config:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def small_clip_vocab():
+    """A CLIP-style vocabulary: the 256 byte symbols with and without `</w>`, 200 merges learnt on CORPUS."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    splitter = tk.clip_tokenizer({s: i for i, s in enumerate(symbols)}, [], {}).backend
+    words = collections.Counter()
+    for line in CORPUS.splitlines():
+        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(line)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    merges = te.learn_merges(words, 200)
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tokenizer folders: (ours, transformers') built from vocab.json + merges.txt / spiece.model, from the
+    tokenizer.json that transformers writes for them, and from the built-in tiny tokenizers."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    clip = write_clip_files(root / "clip", *small_clip_vocab())
+    t5 = write_t5_files(root / "t5", train_spiece(CORPUS.splitlines()), model_max_length=512)
+    CLIPTokenizer.from_pretrained(clip).save_pretrained(root / "clip_json")
+    T5TokenizerFast.from_pretrained(t5).save_pretrained(root / "t5_json")
+    assert (root / "clip_json" / "tokenizer.json").is_file() and (root / "t5_json" / "tokenizer.json").is_file()
+    tiny_clip = write_clip_files(root / "tiny_clip", *te.tiny_clip_vocab())
+    tiny_t5 = write_t5_files(root / "tiny_t5", te.tiny_spiece_model())
+    return dict(
+        clip=clip, clip_json=root / "clip_json", t5=t5, t5_json=root / "t5_json", tiny_clip=tiny_clip, tiny_t5=tiny_t5
+    )
+
+
+def reference_ids(tokenizer, prompts, length):
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("name", ["clip", "clip_json", "tiny_clip"])
+def test_clip_equals_transformers(files, name):
+    ours = te.tiny_clip_tokenizer() if name == "tiny_clip" else flux.load_clip_tokenizer(files[name])
+    ref = CLIPTokenizer.from_pretrained(files[name])
+    assert ours.max_length == 77 and ours.vocab_size == len(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long prompt is truncated; its warning is tested below
+        ids = ours(PROMPTS)
+    assert ids.dtype == torch.long and ids.shape == (len(PROMPTS), 77)
+    assert torch.equal(ids, reference_ids(ref, PROMPTS, 77))
+    assert torch.equal(ours(PROMPTS[0]), reference_ids(ref, PROMPTS[:1], 77))  # a single string is a batch of one
+
+
+@pytest.mark.parametrize("name", ["t5", "t5_json", "tiny_t5"])
+def test_t5_equals_transformers(files, name):
+    ours = te.tiny_t5_tokenizer() if name == "tiny_t5" else flux.load_t5_tokenizer(files[name])
+    ref = T5TokenizerFast.from_pretrained(files[name])
+    assert ours.vocab_size == len(ref)
+    for length in (512, 24):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ids = ours(PROMPTS, max_length=length)
+        assert ids.shape == (len(PROMPTS), length)
+        assert torch.equal(ids, reference_ids(ref, PROMPTS, length))
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_truncation_warns_how_many_tokens_were_dropped(files, kind):
+    ours = (
+        flux.load_clip_tokenizer(files["clip"])
+        if kind == "clip"
+        else flux.load_t5_tokenizer(files["t5"], max_length=30)
+    )
+    ref = (CLIPTokenizer if kind == "clip" else T5TokenizerFast).from_pretrained(files[kind])
+    long = PROMPTS[-1]
+    tokens = len(ref(long, add_special_tokens=False).input_ids)
+    kept = ours.max_length - (2 if kind == "clip" else 1)  # start and end tokens for CLIP, end token for T5
+    with pytest.warns(
+        UserWarning,
+        match=rf"prompt 1 is too long for the {kind.upper()} tokenizer: "
+        rf"its last {tokens - kept} of {tokens} tokens were dropped",
+    ):
+        ours(["short", long])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits does not warn
+        ours(["short"])
+
+
+def test_t5_length_comes_from_tokenizer_config(files, tmp_path):
+    write_t5_files(tmp_path, (files["t5"] / "spiece.model").read_bytes(), model_max_length=256)
+    assert flux.load_t5_tokenizer(tmp_path).max_length == 256
+    assert flux.load_t5_tokenizer(tmp_path, max_length=128).max_length == 128
+    assert flux.load_t5_tokenizer(tmp_path).model_max_length == 256
+    # without tokenizer_config.json: T5 v1.1's 512
+    assert (
+        flux.load_t5_tokenizer(
+            write_t5_files(tmp_path / "bare", (files["t5"] / "spiece.model").read_bytes())
+        ).max_length
+        == 512
+    )
+
+
+def test_pipeline_folder(files, tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    write_clip_files(tmp_path / "tokenizer", *te.tiny_clip_vocab())
+    write_t5_files(tmp_path / "tokenizer_2", (files["t5"] / "spiece.model").read_bytes())
+    assert torch.equal(flux.load_clip_tokenizer(tmp_path)(PROMPTS[:3]), te.tiny_clip_tokenizer()(PROMPTS[:3]))
+    assert torch.equal(flux.load_t5_tokenizer(tmp_path)(PROMPTS[:3]), flux.load_t5_tokenizer(files["t5"])(PROMPTS[:3]))
+
+
+def test_builtin_tokenizers_are_deterministic():
+    vocab, spiece = te.tiny_clip_vocab(), te.tiny_spiece_model()
+    te.tiny_clip_vocab.cache_clear()
+    te.tiny_spiece_model.cache_clear()
+    assert (
+        te.tiny_clip_vocab() == vocab
+        and tk.read_spiece(te.tiny_spiece_model(), "a")[0] == tk.read_spiece(spiece, "b")[0]
+    )
+    assert te.tiny_clip_tokenizer().vocab_size == 768 and te.tiny_t5_tokenizer().vocab_size <= 512
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        (3, "a prompt must be a string or a list of strings, got int"),
+        (["fine", None], "prompt 1 is of type NoneType, not a string"),
+        ([], "the list of prompts is empty"),
+    ],
+)
+def test_bad_prompts(prompts, message):
+    for tokenizer in (te.tiny_clip_tokenizer(), te.tiny_t5_tokenizer()):
+        with pytest.raises(ValueError, match=message):
+            tokenizer(prompts)
+
+
+def test_bad_lengths():
+    with pytest.raises(
+        ValueError, match="max_length 78 for the CLIP tokenizer must be an integer from 2 to its model_max_length 77"
+    ):
+        te.tiny_clip_tokenizer()("a", max_length=78)
+    with pytest.raises(
+        ValueError, match="max_length 0 for the T5 tokenizer must be an integer from 1 to its model_max_length 512"
+    ):
+        te.tiny_t5_tokenizer(max_length=0)
+
+
+def test_missing_or_bad_files(files, tmp_path):
+    with pytest.raises(
+        CheckpointError, match="has no CLIP tokenizer files: tokenizer.json, or vocab.json with merges.txt"
+    ):
+        flux.load_clip_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="has no T5 tokenizer files: tokenizer.json or spiece.model"):
+        flux.load_t5_tokenizer(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a pipeline folder without a tokenizer_2/ folder"):
+        flux.load_t5_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        flux.load_clip_tokenizer(tmp_path / "absent")
+    truncated = write_t5_files(tmp_path / "truncated", (files["t5"] / "spiece.model").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="spiece.model is not a readable SentencePiece model"):
+        flux.load_t5_tokenizer(truncated)
+    with pytest.raises(CheckpointError, match="holds a BPE model, not the unigram model of a T5 tokenizer"):
+        (tmp_path / "t5_wrong").mkdir()
+        (tmp_path / "t5_wrong" / "tokenizer.json").write_bytes((files["clip_json"] / "tokenizer.json").read_bytes())
+        flux.load_t5_tokenizer(tmp_path / "t5_wrong")

@@ -1,0 +1,91 @@
+"""Forward latency of our FLUX transformer against diffusers' FluxTransformer2DModel, same weights.
+
+    python tools/bench_transformer.py [--repeats 7] [--img-tokens 1024] [--txt-tokens 128] [--threads N]
+
+One process, fp32 on the CPU, a medium config (hidden 768, 12 heads of 64, 4 double + 8 single
+blocks). The two models run alternately, each call timed separately; the median is reported.
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flux.checkpoint import bfl_to_diffusers  # noqa: E402
+from flux.configs import CONFIGS  # noqa: E402
+from flux.model import Flux  # noqa: E402
+
+MEDIUM = dataclasses.replace(
+    CONFIGS["schnell"], hidden_size=768, num_heads=12, depth=4, depth_single_blocks=8, axes_dim=(8, 28, 28)
+)
+
+
+def make_models(params):
+    from diffusers import FluxTransformer2DModel
+
+    ours = Flux(params).eval()
+    for p in ours.parameters():
+        p.data.normal_(0.0, 0.02)
+    ref = FluxTransformer2DModel(
+        in_channels=params.in_channels, num_layers=params.depth, num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.head_dim, num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim, pooled_projection_dim=params.vec_in_dim,
+        guidance_embeds=params.guidance_embed, axes_dims_rope=params.axes_dim,
+    ).eval()
+    ref.load_state_dict(bfl_to_diffusers(ours.state_dict(), params))
+    return ours, ref
+
+
+def make_inputs(params, img_tokens, txt_tokens):
+    side = int(img_tokens**0.5)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(img_tokens // side), indexing="ij")
+    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(1, -1, 3).float()
+    return dict(
+        img=torch.randn(1, img_ids.shape[1], params.in_channels), img_ids=img_ids,
+        txt=torch.randn(1, txt_tokens, params.context_in_dim), txt_ids=torch.zeros(1, txt_tokens, 3),
+        timesteps=torch.rand(1), y=torch.randn(1, params.vec_in_dim),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--img-tokens", type=int, default=1024)
+    parser.add_argument("--txt-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, ref = make_models(MEDIUM)
+    x = make_inputs(MEDIUM, args.img_tokens, args.txt_tokens)
+
+    def run_ours():
+        return ours(**x)
+
+    def run_ref():
+        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                   timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
+
+    times = {"ours": [], "diffusers": []}
+    with torch.inference_mode():
+        err = ((run_ours() - run_ref()).norm() / run_ref().norm()).item()  # also the warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"medium config, {x['img'].shape[1]} image + {args.txt_tokens} text tokens, fp32, {args.threads} threads, "
+          f"{args.repeats} alternated repeats, torch {torch.__version__}")
+    print(f"ours      median {med['ours'] * 1e3:8.1f} ms")
+    print(f"diffusers median {med['diffusers'] * 1e3:8.1f} ms")
+    print(f"ratio ours/diffusers {med['ours'] / med['diffusers']:.3f}   (output rel err {err:.1e})")
+
+
+if __name__ == "__main__":
+    main()
