@@ -24,6 +24,9 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]
     flash attention on the CPU and on CUDA for half precision, memory-efficient attention on
     CUDA for fp32. Falls back to the math reference where neither applies.
     """
+    # The raw aten ops assume the standard [B, H, L, D] strides (the public SDPA checks this, they
+    # do not): a permuted view such as the VAE's "b c h w -> b 1 (h w) c" gives NaNs on the CPU.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, lse.float()

@@ -125,7 +125,7 @@ class P2P:
     """
 
     def __init__(self, group):
-        self.group = group
+        self.group = group or dist.group.WORLD
         self._ops: list = []
         self._requests: list = []
         self._sent_bytes = 0

@@ -33,6 +33,16 @@ def test_attention_with_lse_matches_math(lk):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_with_lse_on_permuted_views():
+    # a [B, C, H, W] feature map viewed as one head over H*W tokens: strides the raw kernels mishandle
+    x = torch.randn(1, 16, 5, 6)
+    q = x.flatten(2).transpose(1, 2)[:, None]  # [1, 1, 30, 16], not contiguous
+    out, lse = attention_with_lse(q, q, q)
+    ref_out, ref_lse = attention_with_lse_reference(q, q, q)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_matches_complex_reference():
     axes_dim = (4, 6, 6)
     ids = torch.randint(0, 64, (2, 11, 3)).float()

@@ -1,0 +1,59 @@
+"""USP: Ulysses inside each ring group (Fang & Zhao 2024, "USP: A Unified Sequence Parallelism
+Approach for Long Context Generative AI", arXiv:2405.07719).
+
+The sp group of ulysses_degree x ring_degree ranks is a grid: a Ulysses group is the contiguous
+run of ranks sharing a ring rank, a ring group the strided set sharing a Ulysses rank. The
+Ulysses all-to-all turns the group's token shards into one longer shard for H/U heads; the ranks
+that hold the same head slice u (one per Ulysses group) then run ring attention over those
+longer shards; the inverse all-to-all returns every row to its owner. Any factorisation works.
+"""
+
+from functools import partial
+
+from torch import Tensor
+
+from kernels import attention
+from parallel.ring import ring_attention
+from parallel.sequence import SequenceLayout
+from parallel.ulysses import ulysses_attention
+
+
+def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, layout: SequenceLayout, ring_rank: int,
+                  ring_overlap: bool = True) -> Tensor:
+    """q, k, v [B, H, J_r, D]: sp rank r's local joint sequence (J_r = layout.joint_lens[r]), all heads
+    -> [B, H, J_r, D], attention over the keys of every sp rank. A degree of 1 skips its collectives."""
+    inner = attention
+    if layout.ring_degree > 1:
+        inner = partial(_ring_out, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap)
+    if layout.ulysses_degree == 1:
+        return inner(q, k, v)
+    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner)
+
+
+def _ring_out(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool) -> Tensor:
+    return ring_attention(q, k, v, group, seq_lens, overlap)[0]
+
+
+class USPAttention:
+    """The `attention_fn` every FLUX block calls once parallelize_flux has installed it.
+
+    It holds the process groups for its whole life and the `SequenceLayout` of the inputs now being
+    processed, which `SequenceParallelFlux.shard` sets, so no attention call needs a collective
+    to learn the other ranks' lengths. `ring_overlap = False` serialises the ring's transfers with
+    its compute (the benchmark's baseline for how much communication the overlap hides).
+    """
+
+    def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int):
+        self.ulysses_group, self.ring_group = ulysses_group, ring_group
+        self.ring_rank, self.sp_rank = ring_rank, sp_rank
+        self.layout: SequenceLayout | None = None
+        self.ring_overlap = True
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.layout is None:
+            raise RuntimeError("sequence-parallel attention called before shard(): no layout of the token shards yet")
+        expected = self.layout.joint_lens[self.sp_rank]
+        if q.shape[2] != expected:
+            raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, shard() gave it {expected}")
+        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
+                             self.ring_overlap)

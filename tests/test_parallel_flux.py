@@ -1,0 +1,104 @@
+"""The FLUX transformer sharded by parallelize_flux equals the single-process transformer.
+
+One spawn per world size; inside it, every (ulysses, ring) factorisation of the world size and
+every pair of lengths in the table, including lengths the sp degree does not divide.
+"""
+
+import copy
+import dataclasses
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+from flux import CONFIGS, Flux
+from parallel import comm
+from parallel.apply import parallelize_flux
+from parallel.context import ParallelContext
+from parallel.sequence import shard_sizes
+
+FACTORISATIONS = {2: [(2, 1), (1, 2)], 3: [(3, 1), (1, 3)], 4: [(4, 1), (2, 2), (1, 4)]}  # (ulysses, ring)
+LENGTHS = [(7, (5, 5)), (3, (4, 4))]  # (text tokens, image grid): 7 and 25 divide by none of 2, 3, 4; 3 < 4
+PARAMS = CONFIGS["tiny-dev"]  # 12 heads: Ulysses degrees 2, 3 and 4 divide them; guidance embedding on
+
+
+def _inputs(txt_len: int, grid: tuple[int, int], batch: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(txt_len * 100 + grid[0])
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(1, -1, 3).float().repeat(batch, 1, 1)
+    return dict(
+        img=torch.randn(batch, img_ids.shape[1], PARAMS.in_channels, generator=gen), img_ids=img_ids,
+        txt=torch.randn(batch, txt_len, PARAMS.context_in_dim, generator=gen), txt_ids=torch.zeros(batch, txt_len, 3),
+        timesteps=torch.rand(batch, generator=gen), y=torch.randn(batch, PARAMS.vec_in_dim, generator=gen),
+        guidance=torch.full((batch,), 3.5),
+    )
+
+
+def _model() -> Flux:
+    torch.manual_seed(0)
+    return Flux(PARAMS).eval()
+
+
+def _assert_rel_close(out, ref, case):
+    # fp32: sharding changes only the order of the sums inside attention (keys in another order,
+    # ring blocks merged by their LSE), so the difference is rounding, about 1e-7 of the output.
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5, f"{case}: relative error {err:.2e} > 1e-5"
+
+
+def _flux_matches(rank, world):
+    base = _model()
+    cases = [(txt_len, grid, _inputs(txt_len, grid)) for txt_len, grid in LENGTHS]
+    with torch.no_grad():
+        refs = [base(**x) for _, _, x in cases]  # the single-process output, before any sharding
+        for ulysses, ring in FACTORISATIONS[world]:
+            sp_model = parallelize_flux(copy.deepcopy(base), ParallelContext(ulysses_degree=ulysses, ring_degree=ring))
+            for (txt_len, grid, x), ref in zip(cases, refs):
+                case = f"ulysses {ulysses} x ring {ring}, {txt_len} text + {grid[0] * grid[1]} image tokens"
+                out = sp_model.forward_full(**x)
+                _assert_rel_close(out, ref, case)
+                local = sp_model(*sp_model.shard(x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
+                                 x["timesteps"], x["y"], x["guidance"])
+                rows = ref.split(shard_sizes(ref.shape[1], world), dim=1)[rank]
+                _assert_rel_close(local, rows, case + " (local rows)")
+
+
+@pytest.mark.parametrize("world", sorted(FACTORISATIONS))
+def test_sharded_flux_equals_single_process(world):
+    run_distributed(_flux_matches, world)
+
+
+def test_single_process_context_is_identity_without_communication():
+    base = _model()
+    x = _inputs(7, (5, 5))
+    with torch.no_grad():
+        ref = base(**x)
+        sp_model = parallelize_flux(copy.deepcopy(base), ParallelContext())
+        with comm.count_comm() as stats:
+            out = sp_model.forward_full(**x)
+    assert torch.equal(out, ref)
+    assert not stats.bytes
+
+
+def _config_mismatch_then_raise(rank, world):
+    ctx = ParallelContext(ulysses_degree=world)
+    odd = Flux(dataclasses.replace(PARAMS, num_heads=3, axes_dim=(8, 12, 12)))  # 3 heads, Ulysses degree 2
+    with pytest.raises(ValueError) as error:
+        parallelize_flux(odd, ctx)
+    assert ctx._mesh is None  # refused before building the mesh, the first collective
+    messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
+    assert messages == [messages[0]] * world and "num_heads 3 is not divisible by ulysses_degree 2" in messages[0]
+    # Then one rank fails while the other waits in a collective: the job must end, not hang.
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    sp_model = parallelize_flux(_model(), ctx)
+    sp_model.forward_full(**_inputs(7, (5, 5)))
+
+
+def test_mismatched_config_and_failing_rank_end_the_job():
+    start = time.perf_counter()
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_distributed(_config_mismatch_then_raise, 2, timeout_s=20.0)
+    assert time.perf_counter() - start < 60.0

@@ -1,0 +1,177 @@
+"""Sequence-parallel speed-up of the FLUX transformer on the CPU: ours (Ulysses, Ring) and diffusers'.
+
+    python tools/bench_parallel.py [--img-tokens 1024 4096] [--txt-tokens 128] [--repeats 5]
+
+The medium config of tools/bench_transformer.py (hidden 768, 12 heads of 64, 4 double + 8 single
+blocks), fp32, the same random weights everywhere. Two gloo ranks with one thread each; the
+one-rank baselines run on rank 0 while rank 1 waits in a barrier. Within each repeat every
+variant runs once, alternated; each is timed from a barrier to a barrier, and the median over
+repeats is reported. A step is one transformer call on full inputs (shard, forward, gather), as
+diffusers' context parallelism does it in every call; our denoising loop gathers only once.
+
+Bytes are what rank 0 sends per step (ours: comm.count_comm; diffusers: its functional
+collectives, wrapped). "Hidden" is the share of the ring's transfer time that overlapping took
+off the critical path: 1 - (blocked wait, overlapped) / (blocked wait, transfers serialised).
+diffusers' `enable_parallelism` needs an accelerator count: it is patched to 1 in the workers.
+Its ring needs an attention backend with a log-sum-exp, which the CPU lacks, so it is absent.
+"""
+
+import argparse
+import copy
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
+from kernels import attention  # noqa: E402
+from parallel import comm  # noqa: E402
+from parallel.apply import parallelize_flux  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
+
+WORLD = 2
+
+
+def diffusers_call(model, x):
+    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                 timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], return_dict=False)[0]
+
+
+def count_diffusers_bytes(counter: dict) -> None:
+    """Wrap the functional collectives diffusers' context parallelism calls, counting bytes sent
+    (even splits over WORLD ranks, as its equipartition mode uses)."""
+    import torch.distributed._functional_collectives as funcol
+
+    all_to_all, all_gather = funcol.all_to_all_single, funcol.all_gather_tensor
+
+    def counted_all_to_all(x, *args, **kwargs):
+        counter["bytes"] += x.numel() * x.element_size() * (WORLD - 1) // WORLD
+        return all_to_all(x, *args, **kwargs)
+
+    def counted_all_gather(x, *args, **kwargs):
+        counter["bytes"] += x.numel() * x.element_size() * (WORLD - 1)
+        return all_gather(x, *args, **kwargs)
+
+    funcol.all_to_all_single, funcol.all_gather_tensor = counted_all_to_all, counted_all_gather
+
+
+def make_variants(rank, ours, ref, ref_cp, x):
+    """name -> (ranks that run it, function). Our model is re-wired before each call: one copy of
+    the weights serves the one-rank baseline and both strategies."""
+    contexts = {"ulysses": ParallelContext(ulysses_degree=WORLD), "ring": ParallelContext(ring_degree=WORLD)}
+
+    def ours_single():
+        for block in (*ours.double_blocks, *ours.single_blocks):
+            block.attention_fn = attention
+        return ours(**x)
+
+    def ours_sp(strategy, overlap=True):
+        sp_model = parallelize_flux(ours, contexts[strategy])
+        sp_model.attention.ring_overlap = overlap
+        return sp_model.forward_full(**x)
+
+    return {
+        "ours 1 rank": (1, ours_single),
+        "diffusers 1 rank": (1, lambda: diffusers_call(ref, x)),
+        "ours ulysses": (WORLD, lambda: ours_sp("ulysses")),
+        "ours ring": (WORLD, lambda: ours_sp("ring")),
+        "ours ring, not overlapped": (WORLD, lambda: ours_sp("ring", overlap=False)),
+        "diffusers ulysses": (WORLD, lambda: diffusers_call(ref_cp, x)),
+    }
+
+
+def timed(rank, ranks, fn):
+    """Seconds from a barrier to a barrier; ranks >= `ranks` only wait. Returns (seconds, output)."""
+    dist.barrier()
+    start = time.perf_counter()
+    out = fn() if rank < ranks else None
+    dist.barrier()
+    return time.perf_counter() - start, out
+
+
+def measure(rank, variants, repeats, diffusers_bytes):
+    """Warm-up (also errors and bytes), then alternated repeats -> per-variant stats on rank 0."""
+    stats = {}
+    reference = {}
+    for name, (ranks, fn) in variants.items():
+        before = diffusers_bytes["bytes"]
+        with comm.count_comm() as counted:
+            _, out = timed(rank, ranks, fn)
+        base = reference.setdefault(name.split()[0], out)  # "ours" / "diffusers": the 1-rank output
+        err = ((out - base).abs().max() / base.abs().max()).item() if out is not None and base is not None else 0.0
+        sent = sum(counted.bytes.values()) + diffusers_bytes["bytes"] - before
+        stats[name] = {"times": [], "p2p_wait": [], "bytes": sent, "err": err}
+    for _ in range(repeats):
+        for name, (ranks, fn) in variants.items():
+            with comm.count_comm() as counted:
+                seconds, _ = timed(rank, ranks, fn)
+            stats[name]["times"].append(seconds)
+            stats[name]["p2p_wait"].append(counted.seconds.get("p2p", 0.0))
+    return stats
+
+
+def worker(rank, port, args):
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda: 1  # diffusers derives a device index from it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(minutes=30))
+    from diffusers import ContextParallelConfig
+
+    torch.manual_seed(0)  # the same weights and inputs on both ranks
+    ours, ref = make_models(MEDIUM)
+    ref_cp = copy.deepcopy(ref)
+    ref_cp.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    if rank != 0:
+        del ref  # rank 1 never runs the one-rank baselines
+        ref = None
+    diffusers_bytes = {"bytes": 0}
+    count_diffusers_bytes(diffusers_bytes)
+    with torch.inference_mode():
+        for tokens in args.img_tokens:
+            x = make_inputs(MEDIUM, tokens, args.txt_tokens)
+            stats = measure(rank, make_variants(rank, ours, ref, ref_cp, x), args.repeats, diffusers_bytes)
+            if rank == 0:
+                report(tokens, args, stats)
+    dist.destroy_process_group()
+
+
+def report(tokens, args, stats):
+    med = {name: statistics.median(s["times"]) for name, s in stats.items()}
+    serial_wait = statistics.median(stats["ours ring, not overlapped"]["p2p_wait"])
+    overlapped_wait = statistics.median(stats["ours ring"]["p2p_wait"])
+    print(f"\n{tokens} image + {args.txt_tokens} text tokens, fp32, 1 thread per rank, median of {args.repeats}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| variant | ms per step | speed-up over 1 rank | MB sent per rank per step | rel err vs 1 rank |")
+    print("|---|---:|---:|---:|---:|")
+    for name, s in stats.items():
+        single = med[name.split()[0] + " 1 rank"]
+        cells = (f"{med[name] * 1e3:.0f}", f"{single / med[name]:.2f}x", f"{s['bytes'] / 1e6:.1f}", f"{s['err']:.1e}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"ring transfers: blocked {serial_wait * 1e3:.1f} ms per step when serialised, "
+          f"{overlapped_wait * 1e3:.1f} ms when overlapped: {1 - overlapped_wait / max(serial_wait, 1e-9):.0%} hidden")
+    sys.stdout.flush()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--txt-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, args), nprocs=WORLD, join=True)
+
+
+if __name__ == "__main__":
+    main()
