@@ -146,6 +146,7 @@ class FluxPipeline:
         run = self.last_run = {"steps_s": []}
         start = time.perf_counter()
         txt, txt_ids, y = self.text(prompt, max_sequence_length=max_sequence_length)
+        self._sync()
         run["text_encoding_s"] = time.perf_counter() - start
         batch = txt.shape[0]
         expected = (batch, 16, height // 8, width // 8)
@@ -165,6 +166,7 @@ class FluxPipeline:
             return latents if self.parallel.is_main else None
         start = time.perf_counter()
         image = self._decode(latents)
+        self._sync()
         run["vae_decode_s"] = time.perf_counter() - start
         if image is None:
             return None
@@ -175,6 +177,7 @@ class FluxPipeline:
         steps_s, last = self.last_run["steps_s"], [time.perf_counter()]
 
         def on_step(step: int) -> None:
+            self._sync()
             now = time.perf_counter()
             steps_s.append(now - last[0])
             last[0] = now
@@ -207,6 +210,11 @@ class FluxPipeline:
 
             return decode_in_stripes(self.vae, latents, self.vae_chunks)
         return self.vae.decode(latents)
+
+    def _sync(self) -> None:
+        """Stage timings on a GPU need the queued kernels finished (a step's output is needed next anyway)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def vae_dtype(self) -> torch.dtype:

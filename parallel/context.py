@@ -25,6 +25,7 @@ class ParallelContext:
     cfg_degree: int = 1
     data_degree: int = 1
     _mesh: object = field(default=None, init=False, repr=False)
+    _sp_mesh: object = field(default=None, init=False, repr=False)  # the flattened (ring, ulysses) axis
 
     def __post_init__(self):
         for axis in AXES:
@@ -59,15 +60,20 @@ class ParallelContext:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
             shape = tuple(getattr(self, f"{a}_degree") for a in AXES)
             self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
-            self._mesh["ring", "ulysses"]._flatten("sp")
+            # kept here: slicing a flattened axis back out of the root mesh is deprecated
+            self._sp_mesh = self._mesh["ring", "ulysses"]._flatten("sp")
         return self._mesh
+
+    def _axis_mesh(self, axis: str):
+        mesh = self.mesh
+        return self._sp_mesh if axis == "sp" else mesh[axis]
 
     def group(self, axis: str):
         """The process group of this rank along `axis` ("sp" for ring x ulysses); None when single-process."""
-        return self.mesh[axis].get_group() if self.is_distributed else None
+        return self._axis_mesh(axis).get_group() if self.is_distributed else None
 
     def rank(self, axis: str) -> int:
-        return self.mesh[axis].get_local_rank() if self.is_distributed else 0
+        return self._axis_mesh(axis).get_local_rank() if self.is_distributed else 0
 
     def size(self, axis: str) -> int:
         return self.sp_degree if axis == "sp" else getattr(self, f"{axis}_degree")
@@ -85,10 +91,11 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> torch.dev
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.device(device).type == "cuda":
-        torch.cuda.set_device(local_rank)
-        backend, device = "nccl", torch.device("cuda", local_rank)
-    else:
-        backend, device = "gloo", torch.device(device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return device
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        return device
+    dist.init_process_group("gloo", timeout=timeout)
+    return torch.device(device)

@@ -1,8 +1,9 @@
 """Forward latency of our FLUX transformer against diffusers' FluxTransformer2DModel, same weights.
 
     python tools/bench_transformer.py [--repeats 7] [--img-tokens 1024] [--txt-tokens 128] [--threads N]
+                                      [--device cuda --dtype bfloat16] [--config schnell --depth 2 --single 4]
 
-One process, fp32 on the CPU, a medium config (hidden 768, 12 heads of 64, 4 double + 8 single
+One process, fp32 on the CPU by default, a medium config (hidden 768, 12 heads of 64, 4 double + 8 single
 blocks). The two models run alternately, each call timed separately; the median is reported.
 """
 
@@ -58,11 +59,22 @@ def main():
     parser.add_argument("--img-tokens", type=int, default=1024)
     parser.add_argument("--txt-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--config", default="medium", help="'medium', or a preset (schnell, dev) at full width")
+    parser.add_argument("--depth", type=int, default=None, help="double blocks (default: the config's)")
+    parser.add_argument("--single", type=int, default=None, help="single blocks (default: the config's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ours, ref = make_models(MEDIUM)
-    x = make_inputs(MEDIUM, args.img_tokens, args.txt_tokens)
+    params = MEDIUM if args.config == "medium" else CONFIGS[args.config]
+    params = dataclasses.replace(params, depth=args.depth or params.depth,
+                                 depth_single_blocks=args.single or params.depth_single_blocks)
+    dtype = getattr(torch, args.dtype)
+    ours, ref = (m.to(args.device, dtype) for m in make_models(params))
+    x = {k: v.to(args.device, dtype if k in ("img", "txt", "y") else torch.float32)
+         for k, v in make_inputs(params, args.img_tokens, args.txt_tokens).items()}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def run_ours():
         return ours(**x)
@@ -73,14 +85,17 @@ def main():
 
     times = {"ours": [], "diffusers": []}
     with torch.inference_mode():
-        err = ((run_ours() - run_ref()).norm() / run_ref().norm()).item()  # also the warm-up
+        err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()  # also warm-up
         for _ in range(args.repeats):
             for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"medium config, {x['img'].shape[1]} image + {args.txt_tokens} text tokens, fp32, {args.threads} threads, "
+    print(f"{args.config} config ({params.depth}+{params.depth_single_blocks} blocks), {x['img'].shape[1]} image + "
+          f"{args.txt_tokens} text tokens, {args.dtype} on {args.device}, {args.threads} threads, "
           f"{args.repeats} alternated repeats, torch {torch.__version__}")
     print(f"ours      median {med['ours'] * 1e3:8.1f} ms")
     print(f"diffusers median {med['diffusers'] * 1e3:8.1f} ms")
