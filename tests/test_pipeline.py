@@ -116,6 +116,10 @@ def test_schedule_equals_diffusers_scheduler(variant, steps, seq_len):
     torch.testing.assert_close(torch.tensor(ours), scheduler.sigmas.float(), rtol=1e-6, atol=1e-6)
 
 
+def test_public_name():
+    assert flux.FluxPipeline is FluxPipeline
+
+
 def test_pack_unpack_round_trip():
     latents = torch.randn(2, 16, 6, 10)
     packed = pack(latents)

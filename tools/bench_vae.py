@@ -113,7 +113,10 @@ def worker(spec: dict) -> dict:
 
         model = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
         if mode == "diffusers-tiled":
+            # 512 px tiles (64 latent rows), as the comparison; the default tile is the
+            # config's sample_size, which would make a 1024 px decode untiled
             model.enable_tiling()
+            model.tile_sample_min_size, model.tile_latent_min_size = 512, 64
         run = lambda: model.decode((z / 0.3611 + 0.1159).to(dtype)).sample  # noqa: E731
     else:
         from parallel.vae import decode_in_stripes
