@@ -17,9 +17,9 @@ from torch import Tensor
 from flux.checkpoint import load_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
-from flux.sampling import Schedule, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
+from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
-from flux.weights import check_device, check_dtype, read_json, resolve
+from flux.weights import check_device, check_dtype, read_json, resolve, seeded_init
 from parallel.context import ParallelContext
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -46,6 +46,8 @@ class FluxPipeline:
         parallel_vae: bool = False,
         vae_chunks: int | None = None,
     ):
+        if vae_chunks is not None and (not isinstance(vae_chunks, int) or vae_chunks < 1):
+            raise ValueError(f"vae_chunks must be a positive integer (the number of row stripes), got {vae_chunks!r}")
         self.transformer, self.vae, self.text, self.schedule = transformer, vae, text, schedule
         self.parallel = parallel or ParallelContext()
         self.parallel_vae = parallel_vae
@@ -68,15 +70,17 @@ class FluxPipeline:
         vae=None,
         text_encoder=None,
         text_encoder_2=None,
-        **options,
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_chunks: int | None = None,
     ) -> "FluxPipeline":
         """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
         folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
-        `options`: parallel=, parallel_vae=, vae_chunks= (see __init__)."""
+        parallel, parallel_vae, vae_chunks: see __init__."""
         from vae import load_autoencoder
 
         dtype, device = check_dtype(dtype), check_device(device)
-        overrides = {"transformer": transformer, "vae": vae}
+        overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
 
@@ -87,19 +91,28 @@ class FluxPipeline:
         text = TextConditioner.from_pretrained(
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
         )
-        return cls(model, load(vae, load_autoencoder), text, load_schedule(root, model.params.guidance_embed), **options)
+        schedule = load_schedule(root, model.params.guidance_embed)
+        return cls(model, load(vae, load_autoencoder), text, schedule, parallel, parallel_vae, vae_chunks)
 
     @classmethod
-    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
-        """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds.
-        It shows the machinery, not image quality."""
+    def tiny(
+        cls,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_chunks: int | None = None,
+    ) -> "FluxPipeline":
+        """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds,
+        identically on every rank. It shows the machinery, not image quality."""
         from vae import VAE_CONFIGS, AutoEncoder
 
-        torch.manual_seed(seed)
-        model = Flux(CONFIGS["tiny"]).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        ae = AutoEncoder(VAE_CONFIGS["tiny"]).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)
-        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), **options)
+        dtype, device = check_dtype(dtype), check_device(device)
+        model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
+        ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
+        text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
+        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_chunks)
 
     @property
     def device(self) -> torch.device:
@@ -107,10 +120,8 @@ class FluxPipeline:
 
     def check_call(self, height: int, width: int, num_steps: int, max_sequence_length: int) -> None:
         """One sentence per bad argument, raised identically on every rank before any collective."""
-        for name, size in (("height", height), ("width", width)):
-            if size < 16 or size % 16:
-                lower, upper = max(16, size // 16 * 16), (size // 16 + 1) * 16
-                raise ValueError(f"{name} {size} is not a multiple of 16: the nearest valid sizes are {lower} and {upper}")
+        check_image_size("height", height)
+        check_image_size("width", width)
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         limit = self.text.t5_tokenizer.model_max_length

@@ -15,6 +15,13 @@ from torch import Tensor
 LATENT_CHANNELS = 16
 
 
+def check_image_size(name: str, size: int) -> None:
+    """Sides must be multiples of 16: 8x VAE down-sampling, then 2x2 packing into tokens."""
+    if not isinstance(size, int) or size < 16 or size % 16:
+        lower, upper = max(16, size // 16 * 16), (size // 16 + 1) * 16
+        raise ValueError(f"{name} {size} is not a multiple of 16: the nearest valid sizes are {lower} and {upper}")
+
+
 def get_noise(batch: int, height: int, width: int, seed: int, dtype=torch.float32, device="cpu") -> Tensor:
     """[B, 16, H/8, W/8] standard normal, drawn on the CPU so that every device and rank agrees."""
     generator = torch.Generator("cpu").manual_seed(seed)

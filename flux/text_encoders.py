@@ -37,6 +37,7 @@ from flux.weights import (
     read_json,
     read_safetensors,
     resolve,
+    seeded_init,
     weight_files,
 )
 
@@ -118,18 +119,6 @@ def load_clip(
     params = clip_params(read_json(folder / "config.json"), str(folder / "config.json"))
     state = clip_from_transformers(read_safetensors(weight_files(folder, WEIGHTS_STEM), dtype, device))
     return load_strict(lambda: ClipTextModel(params), state, str(folder))
-
-
-def seeded_init(module: nn.Module, seed: int) -> nn.Module:
-    """Random weights that depend only on `seed`: biases 0, norm scales 1, matrices N(0, 1/fan_in)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5)
-            else:
-                param.fill_(0.0 if name.endswith("bias") else 1.0)
-    return module.eval().requires_grad_(False)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -1,4 +1,5 @@
-"""Reading safetensors checkpoints strictly, with one clear sentence per bad input.
+"""Reading safetensors checkpoints strictly, with one clear sentence per bad input; and the seeded
+random weights of the offline `tiny` models.
 
 Shared by every loader (transformer, text encoders, VAE). Never unpickles: a folder that
 holds only `.bin` / `.pt` / `.ckpt` weights is refused.
@@ -140,3 +141,16 @@ def load_strict(build: Callable[[], nn.Module], state: dict[str, Tensor], source
             )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def seeded_init(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights that depend only on `seed` (not on the global RNG): biases 0, norm scales 1,
+    weight tensors N(0, 1/fan_in) with fan_in the inputs of one output unit."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
+            else:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+    return module.eval().requires_grad_(False)

@@ -158,6 +158,11 @@ def test_bad_calls(call, message):
         pipe(**{"prompt": "x", "height": 32, "width": 32, "num_steps": 1, **call})
 
 
+def test_bad_vae_chunks_refused_before_any_work():
+    with pytest.raises(ValueError, match="vae_chunks must be a positive integer"):
+        FluxPipeline.tiny(vae_chunks=0)
+
+
 def test_guidance_on_schnell_warns_and_is_ignored():
     pipe = FluxPipeline.tiny()
     call = dict(prompt="", height=32, width=32, num_steps=1, output_type="latent")

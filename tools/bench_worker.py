@@ -30,7 +30,7 @@ from parallel.context import ParallelContext, init_distributed  # noqa: E402
 
 def random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Matrices N(0, 1/fan_in), biases 0, norm scales 1, drawn in place on the module's device:
-    flux.text_encoders.seeded_init draws every tensor in fp32 on the CPU, minutes for 17e9
+    flux.weights.seeded_init draws every tensor in fp32 on the CPU, minutes for 17e9
     parameters. Every rank draws the same weights (same seed, same device type)."""
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
+from flux.sampling import check_image_size  # noqa: E402
 from flux.weights import CheckpointError, check_device  # noqa: E402
 from parallel.context import ParallelContext, init_distributed  # noqa: E402
 
@@ -62,10 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
     """Exit 2 with one sentence, identically on every rank, before loading or any collective."""
     for name in ("height", "width"):
-        size = getattr(args, name)
-        if size < 16 or size % 16:
-            lower, upper = max(16, size // 16 * 16), (size // 16 + 1) * 16
-            parser.error(f"--{name} {size} is not a multiple of 16: the nearest valid sizes are {lower} and {upper}")
+        try:
+            check_image_size(name, getattr(args, name))
+        except ValueError as err:
+            parser.error(f"--{err}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     for flag in ("transformer", "vae"):
@@ -87,7 +88,8 @@ def write_png(path: str, image: torch.Tensor) -> None:
     """image [3, H, W] in [0, 1] -> an 8-bit RGB PNG (zlib from the standard library; no Pillow needed)."""
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
     height, width = pixels.shape[:2]
-    rows = b"".join(b"\x00" + bytes(pixels[r].flatten().tolist()) for r in range(height))
+    filtered = torch.cat((torch.zeros(height, 1, dtype=torch.uint8), pixels.view(height, -1)), dim=1)
+    rows = bytes(filtered.flatten().tolist())  # each row: filter type 0 (none), then its RGB bytes
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
