@@ -23,23 +23,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
+from flux.weights import seeded_init  # noqa: E402
 from generate import DTYPES, load_pipeline, peak_memory_bytes  # noqa: E402
 from parallel.comm import all_gather_object, count_comm  # noqa: E402
 from parallel.context import ParallelContext, init_distributed  # noqa: E402
-
-
-def random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Matrices N(0, 1/fan_in), biases 0, norm scales 1, drawn in place on the module's device:
-    flux.weights.seeded_init draws every tensor in fp32 on the CPU, minutes for 17e9
-    parameters. Every rank draws the same weights (same seed, same device type)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim > 1:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            else:
-                param.fill_(0.0 if name.endswith("bias") else 1.0)
-    return module.eval().requires_grad_(False)
 
 
 def random_modules(name: str, dtype: torch.dtype, device) -> tuple:
@@ -54,7 +41,7 @@ def random_modules(name: str, dtype: torch.dtype, device) -> tuple:
     with torch.device("meta"):
         modules = (Flux(CONFIGS[name]), AutoEncoder(VAE_CONFIGS["tiny" if small else "flux"]),
                    ClipTextModel(CLIP_CONFIGS["tiny" if small else "l14"]), T5Encoder(T5_CONFIGS["tiny" if small else "xxl"]))
-    return tuple(random_init(m.to(dtype).to_empty(device=device), seed) for seed, m in enumerate(modules))
+    return tuple(seeded_init(m.to(dtype).to_empty(device=device), seed) for seed, m in enumerate(modules))
 
 
 def random_pipeline(name: str, dtype: torch.dtype, device, **options) -> FluxPipeline:
