@@ -73,18 +73,24 @@ def all_to_all(
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if gather_sizes[rank] != x.shape[gather_dim]:
         raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout says {gather_sizes[rank]}")
-    split = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
-    pieces = [p.contiguous() for p in split]
+    pieces = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
     piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
+    out_shape = piece_shape[:gather_dim] + [sum(gather_sizes)] + piece_shape[gather_dim + 1 :]
     in_splits = [p.numel() for p in pieces]
-    out_shapes = [piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :] for n in gather_sizes]
-    out_splits = [torch.Size(s).numel() for s in out_shapes]
+    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel() for n in gather_sizes]
+    # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
+    # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards).
+    send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
+    for piece, dst in zip(pieces, send.split(in_splits)):
+        dst.view(piece.shape).copy_(piece)
     received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
     start = time.perf_counter()
-    dist.all_to_all_single(received, torch.cat([p.flatten() for p in pieces]), out_splits, in_splits, group=group)
-    _record("all_to_all", _nbytes(pieces) - pieces[rank].numel() * x.element_size(), start)
-    chunks = [c.view(s) for c, s in zip(received.split(out_splits), out_shapes)]
-    return torch.cat(chunks, dim=gather_dim)
+    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
+    _record("all_to_all", (send.numel() - in_splits[rank]) * x.element_size(), start)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
+        dst.copy_(arrived.view(dst.shape))
+    return out
 
 
 def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None) -> Tensor:

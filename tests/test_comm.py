@@ -1,5 +1,10 @@
 """The collectives in parallel/comm.py on real gloo groups, against their definitions."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -73,3 +78,18 @@ def test_single_process_context():
         ParallelContext(ulysses_degree=2)
     with pytest.raises(ValueError, match="not implemented"):
         ParallelContext(pipefusion_degree=2)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity calls on this system")
+def test_bind_to_cores():
+    """Each local rank gets its own slice of the cores; more ranks than cores leaves them all."""
+    cores = sorted(os.sched_getaffinity(0))
+    code = ("import os, sys; from parallel.context import bind_to_cores; "
+            "mine = bind_to_cores(int(sys.argv[1]), int(sys.argv[2])); print(sorted(os.sched_getaffinity(0)) == mine, mine)")
+    root = Path(__file__).resolve().parents[1]
+    for rank, world in ((0, 1), (len(cores) - 1, len(cores)), (0, len(cores) + 1)):
+        out = subprocess.run([sys.executable, "-c", code, str(rank), str(world)], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+        share = len(cores) // world
+        expected = cores[rank * share : (rank + 1) * share] if share else cores
+        assert out.strip() == f"True {expected}"

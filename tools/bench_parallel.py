@@ -1,10 +1,10 @@
 """Sequence-parallel speed-up of the FLUX transformer on the CPU: ours (Ulysses, Ring) and diffusers'.
 
-    python tools/bench_parallel.py [--img-tokens 1024 4096] [--txt-tokens 128] [--repeats 5]
+    python tools/bench_parallel.py [--img-tokens 1024 4096] [--txt-tokens 128] [--repeats 5] [--no-pin]
 
 The medium config of tools/bench_transformer.py (hidden 768, 12 heads of 64, 4 double + 8 single
-blocks), fp32, the same random weights everywhere. Two gloo ranks with one thread each; the
-one-rank baselines run on rank 0 while rank 1 waits in a barrier. Within each repeat every
+blocks), fp32, the same random weights everywhere. Two gloo ranks with one thread each, rank r
+pinned to core r; the one-rank baselines run on rank 0 while rank 1 waits in a barrier. Within each repeat every
 variant runs once, alternated; each is timed from a barrier to a barrier, and the median over
 repeats is reported. A step is one transformer call on full inputs (shard, forward, gather), as
 diffusers' context parallelism does it in every call; our denoising loop gathers only once.
@@ -12,6 +12,9 @@ diffusers' context parallelism does it in every call; our denoising loop gathers
 Bytes are what rank 0 sends per step (ours: comm.count_comm; diffusers: its functional
 collectives, wrapped). "Hidden" is the share of the ring's transfer time that overlapping took
 off the critical path: 1 - (blocked wait, overlapped) / (blocked wait, transfers serialised).
+The "no exchange" row runs what each Ulysses rank computes with the all-to-alls left out (its own
+rows stand in for the others'): the speed-up two ranks reach here when communication is free.
+
 diffusers' `enable_parallelism` needs an accelerator count: it is patched to 1 in the workers.
 Its ring needs an attention backend with a log-sum-exp, which the CPU lacks, so it is absent.
 """
@@ -36,7 +39,7 @@ from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
 from kernels import attention  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.apply import parallelize_flux  # noqa: E402
-from parallel.context import ParallelContext  # noqa: E402
+from parallel.context import ParallelContext, bind_to_cores  # noqa: E402
 
 WORLD = 2
 
@@ -74,6 +77,12 @@ def make_variants(rank, ours, ref, ref_cp, x):
             block.attention_fn = attention
         return ours(**x)
 
+    def ours_no_exchange():
+        sp_model = parallelize_flux(ours, contexts["ulysses"])
+        for block in (*ours.double_blocks, *ours.single_blocks):
+            block.attention_fn = ulysses_work_without_exchange
+        return sp_model.forward_full(**x)
+
     def ours_sp(strategy, overlap=True):
         sp_model = parallelize_flux(ours, contexts[strategy])
         sp_model.attention.ring_overlap = overlap
@@ -86,16 +95,32 @@ def make_variants(rank, ours, ref, ref_cp, x):
         "ours ring": (WORLD, lambda: ours_sp("ring")),
         "ours ring, not overlapped": (WORLD, lambda: ours_sp("ring", overlap=False)),
         "diffusers ulysses": (WORLD, lambda: diffusers_call(ref_cp, x)),
+        NO_EXCHANGE: (WORLD, ours_no_exchange),
     }
 
 
+NO_EXCHANGE = "ours ulysses work, no exchange (ceiling)"
+
+
+def ulysses_work_without_exchange(q, k, v):
+    """What a Ulysses rank computes in attention, [B, H/P, P * L_r, D], with the all-to-alls left out:
+    its own rows stand in for the other ranks'. Not exact; it only measures what 2 ranks can reach
+    on this machine when communication costs nothing."""
+    heads, rows = q.shape[1] // WORLD, q.shape[2]
+    q, k, v = (torch.cat([t[:, :heads]] * WORLD, dim=2) for t in (q, k, v))
+    out = attention(q, k, v)[:, :, :rows]
+    return torch.cat([out] * WORLD, dim=1)
+
+
 def timed(rank, ranks, fn):
-    """Seconds from a barrier to a barrier; ranks >= `ranks` only wait. Returns (seconds, output)."""
+    """Seconds from a barrier to a barrier; ranks >= `ranks` only wait.
+    Returns (seconds, this rank's thread CPU seconds in fn, output)."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     out = fn() if rank < ranks else None
+    cpu = time.thread_time() - cpu_start
     dist.barrier()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, cpu, out
 
 
 def measure(rank, variants, repeats, diffusers_bytes):
@@ -105,21 +130,29 @@ def measure(rank, variants, repeats, diffusers_bytes):
     for name, (ranks, fn) in variants.items():
         before = diffusers_bytes["bytes"]
         with comm.count_comm() as counted:
-            _, out = timed(rank, ranks, fn)
+            _, _, out = timed(rank, ranks, fn)
         base = reference.setdefault(name.split()[0], out)  # "ours" / "diffusers": the 1-rank output
         err = ((out - base).abs().max() / base.abs().max()).item() if out is not None and base is not None else 0.0
+        err = float("nan") if name == NO_EXCHANGE else err
         sent = sum(counted.bytes.values()) + diffusers_bytes["bytes"] - before
         stats[name] = {"times": [], "p2p_wait": [], "bytes": sent, "err": err}
+    per_rank = {"cpu": [], "a2a_wait": []}  # ours ulysses, this rank: thread CPU and all-to-all wait per step
     for _ in range(repeats):
         for name, (ranks, fn) in variants.items():
             with comm.count_comm() as counted:
-                seconds, _ = timed(rank, ranks, fn)
+                seconds, cpu, _ = timed(rank, ranks, fn)
             stats[name]["times"].append(seconds)
             stats[name]["p2p_wait"].append(counted.seconds.get("p2p", 0.0))
+            if name == "ours ulysses":
+                per_rank["cpu"].append(cpu)
+                per_rank["a2a_wait"].append(counted.seconds.get("all_to_all", 0.0))
+    stats["ulysses per rank"] = comm.all_gather_object(per_rank, None)
     return stats
 
 
 def worker(rank, port, args):
+    if args.pin:
+        bind_to_cores(rank, WORLD)
     torch.set_num_threads(1)
     torch.accelerator.device_count = lambda: 1  # diffusers derives a device index from it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -145,6 +178,7 @@ def worker(rank, port, args):
 
 
 def report(tokens, args, stats):
+    per_rank = stats.pop("ulysses per rank")
     med = {name: statistics.median(s["times"]) for name, s in stats.items()}
     serial_wait = statistics.median(stats["ours ring, not overlapped"]["p2p_wait"])
     overlapped_wait = statistics.median(stats["ours ring"]["p2p_wait"])
@@ -154,10 +188,15 @@ def report(tokens, args, stats):
     print("|---|---:|---:|---:|---:|")
     for name, s in stats.items():
         single = med[name.split()[0] + " 1 rank"]
-        cells = (f"{med[name] * 1e3:.0f}", f"{single / med[name]:.2f}x", f"{s['bytes'] / 1e6:.1f}", f"{s['err']:.1e}")
+        cells = (f"{med[name] * 1e3:.0f}", f"{single / med[name]:.2f}x", f"{s['bytes'] / 1e6:.1f}", "–" if s["err"] != s["err"] else f"{s['err']:.1e}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"ring transfers: blocked {serial_wait * 1e3:.1f} ms per step when serialised, "
           f"{overlapped_wait * 1e3:.1f} ms when overlapped: {1 - overlapped_wait / max(serial_wait, 1e-9):.0%} hidden")
+    cpu = [[round(c * 1e3) for c in r["cpu"]] for r in per_rank]
+    wait = [[round(w * 1e3) for w in r["a2a_wait"]] for r in per_rank]
+    gaps = [abs(a - b) / max(a, b) for a, b in zip(*cpu)]
+    print(f"ours ulysses, per repeat: thread CPU ms of rank 0 {cpu[0]}, rank 1 {cpu[1]} (the same work); ms blocked "
+          f"in all-to-alls, rank 0 {wait[0]}, rank 1 {wait[1]}; CPU time differs by {statistics.median(gaps):.0%} (median)")
     sys.stdout.flush()
 
 
@@ -166,6 +205,8 @@ def main():
     parser.add_argument("--img-tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--txt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the ranks float between cores (by default rank r is pinned to core r)")
     args = parser.parse_args()
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
