@@ -14,6 +14,7 @@ from torch import Tensor
 from flux.configs import FluxParams, flux_rope_axes
 from flux.model import Flux
 from flux.weights import (
+    DIFFUSERS_STEM,
     CheckpointError,
     check_device,
     check_dtype,
@@ -21,11 +22,10 @@ from flux.weights import (
     read_json,
     read_safetensors,
     resolve,
-    safetensors_keys,
+    single_file_fields,
     weight_files,
 )
 
-DIFFUSERS_STEM = "diffusion_pytorch_model"
 
 
 def _linear_pairs(p: FluxParams) -> list[tuple[str, list[str]]]:
@@ -220,12 +220,7 @@ def load_transformer(
     dtype, device = check_dtype(dtype), check_device(device)
     kind, path = find_transformer(resolve(src, allow_patterns=["model_index.json", "transformer/*"]))
     if kind == "bfl":
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a .safetensors file; pickle checkpoints are never loaded")
-        fields = bfl_fields(safetensors_keys(path), str(path))
-        beside = path.parent / "config.json"
-        if beside.is_file():
-            fields.update(params_from_config(read_json(beside), str(beside)))
+        fields = single_file_fields(path, bfl_fields, params_from_config)
     else:
         files = weight_files(path, DIFFUSERS_STEM)  # first: a pickle-only folder is refused before anything else
         fields = params_from_config(read_json(path / "config.json"), str(path / "config.json"))

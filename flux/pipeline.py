@@ -8,6 +8,7 @@ stripes (vae_chunks), or whole on rank 0.
 
 import dataclasses
 import time
+from functools import partial
 import warnings
 from pathlib import Path
 
@@ -19,9 +20,14 @@ from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
-from flux.weights import check_device, check_dtype, read_json, resolve, seeded_init
+from flux.tokenizers import as_prompt_list
+from flux.weights import CheckpointError, check_device, check_dtype, module_or_load, read_json, resolve, seeded_init
 from parallel.context import ParallelContext
 
+# FlowMatchEulerDiscreteScheduler options that change the sigmas in ways Schedule does not implement
+UNSUPPORTED_SCHEDULER_OPTIONS = {"shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                                 "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False,
+                                 "time_shift_type": "exponential"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
@@ -31,8 +37,14 @@ def load_schedule(root: Path | None, guidance_embed: bool) -> Schedule:
     if config_path is None or not config_path.is_file():
         return Schedule(use_dynamic_shifting=guidance_embed)
     config = read_json(config_path)
+    for option, default in UNSUPPORTED_SCHEDULER_OPTIONS.items():
+        if config.get(option, default) != default:
+            raise CheckpointError(f"{config_path}: {option} {config[option]!r} is not supported (only {default!r})")
     fields = {f.name for f in dataclasses.fields(Schedule)}
-    return Schedule(**{k: v for k, v in config.items() if k in fields})
+    try:
+        return Schedule(**{k: v for k, v in config.items() if k in fields})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
 
 
 class FluxPipeline:
@@ -77,22 +89,20 @@ class FluxPipeline:
         """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
         folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
         parallel, parallel_vae, vae_chunks: see __init__."""
-        from vae import load_autoencoder
+        from vae import AutoEncoder, load_autoencoder
 
         dtype, device = check_dtype(dtype), check_device(device)
         overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
 
-        def load(override, loader):
-            return override if isinstance(override, torch.nn.Module) else loader(override or root, dtype=dtype, device=device)
-
-        model = load(transformer, load_transformer)
+        model = module_or_load(transformer, Flux, "transformer", partial(load_transformer, dtype=dtype, device=device), root)
+        ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
         text = TextConditioner.from_pretrained(
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
         )
         schedule = load_schedule(root, model.params.guidance_embed)
-        return cls(model, load(vae, load_autoencoder), text, schedule, parallel, parallel_vae, vae_chunks)
+        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_chunks)
 
     @classmethod
     def tiny(
@@ -118,15 +128,30 @@ class FluxPipeline:
     def device(self) -> torch.device:
         return self.transformer.img_in.weight.device
 
-    def check_call(self, height: int, width: int, num_steps: int, max_sequence_length: int) -> None:
-        """One sentence per bad argument, raised identically on every rank before any collective."""
+    def check_call(self, prompt, height: int, width: int, num_steps: int, max_sequence_length: int,
+                   latents: Tensor | None) -> int:
+        """One sentence per bad argument, raised identically on every rank before any collective and
+        before the text encoders run. Returns the batch size."""
+        batch = len(as_prompt_list(prompt))
         check_image_size("height", height)
         check_image_size("width", width)
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-        limit = self.text.t5_tokenizer.model_max_length
-        if not 1 <= max_sequence_length <= limit:
-            raise ValueError(f"max_sequence_length {max_sequence_length} is outside 1..{limit} (the T5 tokenizer's model_max_length)")
+        limit = self.text.model_max_length  # the argument's own name in the message, not the tokenizer's max_length
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
+            raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} (the T5 tokenizer's model_max_length)")
+        if self.sp_transformer is not None:  # every sp rank needs an image token, every VAE rank a latent row
+            from parallel.sequence import make_layout
+
+            make_layout(max_sequence_length, (height // 16) * (width // 16), self.parallel.ulysses_degree, self.parallel.ring_degree)
+        if self.parallel_vae and self.parallel.is_distributed:
+            from parallel.halo import split_rows
+
+            split_rows(height // 8, self.parallel.world_size)
+        expected = (batch, 16, height // 8, width // 8)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {list(expected)} for {height}x{width}, got {list(latents.shape)}")
+        return batch
 
     @torch.inference_mode()
     def __call__(
@@ -145,26 +170,24 @@ class FluxPipeline:
         unpacked latents [B, 16, H/8, W/8] ("latent"). Ranks other than 0 return None."""
         has_guidance = self.transformer.params.guidance_embed
         num_steps = num_steps if num_steps is not None else (28 if has_guidance else 4)
-        default_len = min(512 if has_guidance else 256, self.text.t5_tokenizer.model_max_length)
-        max_sequence_length = max_sequence_length or default_len
-        self.check_call(height, width, num_steps, max_sequence_length)
+        if max_sequence_length is None:
+            max_sequence_length = min(512 if has_guidance else 256, self.text.model_max_length)
+        batch = self.check_call(prompt, height, width, num_steps, max_sequence_length, latents)
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if guidance is not None and not has_guidance:
             warnings.warn("this model has no guidance embedding (FLUX.1-schnell): the guidance value is ignored")
         guidance = (3.5 if guidance is None else guidance) if has_guidance else None
 
-        run = self.last_run = {"steps_s": []}
+        # the settings this call used, defaults resolved, for reports
+        run = self.last_run = {"num_steps": num_steps, "guidance": guidance, "max_sequence_length": max_sequence_length,
+                               "steps_s": []}
         start = time.perf_counter()
         txt, txt_ids, y = self.text(prompt, max_sequence_length=max_sequence_length)
         self._sync()
         run["text_encoding_s"] = time.perf_counter() - start
-        batch = txt.shape[0]
-        expected = (batch, 16, height // 8, width // 8)
         if latents is None:
             latents = get_noise(batch, height, width, seed)
-        elif tuple(latents.shape) != expected:
-            raise ValueError(f"latents must have shape {list(expected)} for {height}x{width}, got {list(latents.shape)}")
 
         dtype, device = self.transformer.img_in.weight.dtype, self.device
         img = pack(latents.to(device=device, dtype=torch.float32))
@@ -209,7 +232,6 @@ class FluxPipeline:
         return img
 
     def _decode(self, latents: Tensor) -> Tensor | None:
-        latents = latents.to(self.vae_dtype)
         if self.parallel_vae and self.parallel.is_distributed:
             from parallel.vae import decode_parallel
 
@@ -226,10 +248,6 @@ class FluxPipeline:
         """Stage timings on a GPU need the queued kernels finished (a step's output is needed next anyway)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
 
 
 def to_pil(images: Tensor) -> list:

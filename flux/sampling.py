@@ -57,6 +57,12 @@ class Schedule:
     max_image_seq_len: int = 4096
     shift: float = 1.0  # a fixed shift, used when use_dynamic_shifting is off
 
+    def __post_init__(self):
+        if self.max_image_seq_len <= self.base_image_seq_len:
+            raise ValueError(f"max_image_seq_len {self.max_image_seq_len} must exceed base_image_seq_len {self.base_image_seq_len}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+
     def mu(self, image_seq_len: int) -> float:
         slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return self.base_shift + slope * (image_seq_len - self.base_image_seq_len)

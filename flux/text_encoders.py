@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from flux.clip import CLIP_CONFIGS, LEGACY_EOS_ID, ClipParams, ClipTextModel
 from flux.t5 import T5_CONFIGS, T5Encoder, T5Params
+from flux.tokenizers import CLIP_FILES as CLIP_TOKENIZER_FILES
+from flux.tokenizers import T5_FILES as T5_TOKENIZER_FILES
 from flux.tokenizers import (
     TextTokenizer,
     clip_tokenizer,
@@ -34,6 +36,7 @@ from flux.weights import (
     check_device,
     check_dtype,
     load_strict,
+    module_or_load,
     read_json,
     read_safetensors,
     resolve,
@@ -200,10 +203,17 @@ class TextConditioner:
     ) -> "TextConditioner":
         """Tokenizers and encoders from a pipeline folder or hub repo id; `text_encoder` (CLIP) and
         `text_encoder_2` (T5) override the encoders with any source their loader accepts, or a module."""
+        patterns = {*CLIP_TOKENIZER_FILES, *T5_TOKENIZER_FILES}
+        patterns |= set(CLIP_FILES) if text_encoder is None else set()
+        patterns |= set(T5_FILES) if text_encoder_2 is None else set()
+        src = resolve(src, allow_patterns=sorted(patterns))  # a hub id: one download for every part read from it
         clip_tokenizer, t5_tokenizer = load_clip_tokenizer(src), load_t5_tokenizer(src)
-        clip = text_encoder if isinstance(text_encoder, nn.Module) else load_clip(text_encoder or src, dtype, device)
-        t5 = text_encoder_2 if isinstance(text_encoder_2, nn.Module) else load_t5(text_encoder_2 or src, dtype, device)
-        return cls(clip_tokenizer, t5_tokenizer, clip, t5)
+        clip = module_or_load(text_encoder, ClipTextModel, "text_encoder", functools.partial(load_clip, dtype=dtype, device=device), src)
+        t5 = module_or_load(text_encoder_2, T5Encoder, "text_encoder_2", functools.partial(load_t5, dtype=dtype, device=device), src)
+        try:
+            return cls(clip_tokenizer, t5_tokenizer, clip, t5)
+        except ValueError as err:  # a tokenizer and an encoder that do not belong together: the files' fault
+            raise CheckpointError(f"{src}: {err}") from None
 
     @classmethod
     def tiny(

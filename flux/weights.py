@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DIFFUSERS_STEM = "diffusion_pytorch_model"  # a diffusers component's weight files
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -117,6 +118,28 @@ def safetensors_keys(file: Path) -> dict[str, list[int]]:
             return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def single_file_fields(file: Path, from_shapes: Callable[[dict, str], dict], from_config: Callable[[dict, str], dict]) -> dict:
+    """Model fields for a black-forest-labs single file: what its header's shapes imply
+    (`from_shapes(shapes, source)`), overridden by a `config.json` beside it (`from_config(config, source)`)."""
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file} is not a .safetensors file; pickle checkpoints are never loaded")
+    fields = from_shapes(safetensors_keys(file), str(file))
+    beside = file.parent / "config.json"
+    if beside.is_file():
+        fields.update(from_config(read_json(beside), str(beside)))
+    return fields
+
+
+def module_or_load(override, expected: type, name: str, load: Callable[[str | Path], nn.Module], default_src) -> nn.Module:
+    """A component override: a loaded module of the `expected` class as it is, else `load(override or
+    default_src)`. A module of another class (say diffusers' own) is refused with one sentence."""
+    if isinstance(override, nn.Module):
+        if not isinstance(override, expected):
+            raise ValueError(f"{name} must be a {expected.__name__} or a checkpoint source, got a {type(override).__name__}")
+        return override
+    return load(override or default_src)
 
 
 def _few(keys) -> str:

@@ -71,8 +71,14 @@ def all_to_all(
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
-    if gather_sizes[rank] != x.shape[gather_dim]:
-        raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout says {gather_sizes[rank]}")
+    if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
+        raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout "
+                         f"{gather_sizes} says {gather_sizes[rank] if rank < len(gather_sizes) else 'none'} of {world} ranks")
+    if scatter_sizes is None and x.shape[scatter_dim] % world:
+        raise ValueError(f"all_to_all: {x.shape[scatter_dim]} rows along dim {scatter_dim} cannot be split evenly "
+                         f"over {world} ranks (pass scatter_sizes)")
+    if scatter_sizes is not None and (len(scatter_sizes) != world or sum(scatter_sizes) != x.shape[scatter_dim]):
+        raise ValueError(f"all_to_all: scatter_sizes {scatter_sizes} do not split {x.shape[scatter_dim]} rows over {world} ranks")
     pieces = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
     piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
     out_shape = piece_shape[:gather_dim] + [sum(gather_sizes)] + piece_shape[gather_dim + 1 :]
@@ -95,11 +101,12 @@ def all_to_all(
 
 def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None) -> Tensor:
     """Concatenate every rank's x along dim; `sizes[j]` is rank j's length there (uneven shards)."""
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes = sizes or [x.shape[dim]] * world
-    x = x.movedim(dim, 0).contiguous()  # gather along dim 0, where uneven pieces are contiguous
-    longest = max(sizes)
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if len(sizes) != world or sizes[rank] != x.shape[dim]:
+        raise ValueError(f"all_gather: this rank holds {x.shape[dim]} rows along dim {dim}, the sizes {sizes} are for {world} ranks")
+    x = x.movedim(dim, 0)  # gather along dim 0, where uneven pieces are contiguous
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
     outputs = [torch.empty_like(padded) for _ in range(world)]
     start = time.perf_counter()
@@ -135,7 +142,6 @@ class P2P:
         self._ops: list = []
         self._requests: list = []
         self._sent_bytes = 0
-        self._start = 0.0
 
     def send(self, x: Tensor, dst: int) -> None:
         x = x.contiguous()
@@ -150,7 +156,6 @@ class P2P:
     def commit(self) -> None:
         if self._requests:
             raise RuntimeError("P2P.commit() called twice without wait()")
-        self._start = time.perf_counter()
         self._requests = dist.batch_isend_irecv(self._ops) if self._ops else []
         self._ops = []
 

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel import comm
+from parallel.sequence import shard_sizes
 
 
 def split_rows(total: int, parts: int) -> list[int]:
-    """Uneven stripes: the first `total % parts` get one row more. [10, 4] -> [3, 3, 2, 2]."""
+    """Non-empty uneven stripes, as the sequence shards are cut: [10, 4] -> [3, 3, 2, 2]."""
     if parts < 1 or total < parts:
         raise ValueError(f"cannot split {total} rows into {parts} non-empty stripes")
-    return [total // parts + (i < total % parts) for i in range(parts)]
+    return shard_sizes(total, parts)
 
 
 def group_rank_size(group) -> tuple[int, int]:

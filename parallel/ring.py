@@ -44,6 +44,10 @@ def ring_attention(
     overlap=False waits for each transfer before computing: the benchmark's unhidden baseline.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(seq_lens) != world or not q.shape[2] == k.shape[2] == seq_lens[rank]:
+        raise ValueError(f"ring_attention: this rank holds {q.shape[2]} queries and {k.shape[2]} keys, "
+                         f"seq_lens {seq_lens} are for {world} ranks")
+    q = q.contiguous()  # attended P times: one copy here, not one per step in the kernel
     kv = torch.stack((k, v))  # [2, B, H, L_j, D]: the shard now here, one message per hop
     out = lse = None
     for step in range(world):

@@ -26,7 +26,8 @@ def ulysses_attention(
     """Attention of this rank's queries over every rank's keys -> [B, H, L_r, D] (the rows of q).
 
     `attn` runs on head-sharded [B, H/P, sum(L), D] tensors (rank j's rows at offset
-    sum(L[:j])); USP passes ring attention here. Needs H % P == 0 (checked by parallelize_flux).
+    sum(L[:j])); USP passes ring attention here. Needs H % P == 0: parallelize_flux checks it up front,
+    and all_to_all refuses an uneven split with one sentence.
     """
     qkv = torch.stack((q, k, v))  # [3, B, H, L_r, D]: one all-to-all instead of three
     # scatter heads (dim 2), gather the sequence (dim 3): [3, B, H/P, sum(L), D]

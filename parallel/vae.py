@@ -108,14 +108,15 @@ def decode_parallel(ae: AutoEncoder, z: Tensor, ctx, attention: str = "gather") 
     process group). Every rank passes the same full z and decodes rows split_rows(h, world)[rank]
     of it; the image [B, 3, 8h, 8w] is returned on rank 0 of the group, None on the others.
     `attention`: "gather" (all-gather K/V at latent resolution) or "ring" (P2P ring, LSE merge)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
+    ae.check_latent(z)
     group = _group_of(ctx)
     if group is None or dist.get_world_size(group) == 1:
         return ae.decode(z)
     rank, world = group_rank_size(group)
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
-    if z.ndim != 4 or z.shape[2] < world:  # checked on every rank before the first collective
-        raise ValueError(f"a latent of {list(z.shape)[2:3] or '?'} rows cannot be split over {world} ranks: each needs at least one latent row")
+    if z.shape[2] < world:  # checked on every rank before the first collective
+        raise ValueError(f"a latent of [{z.shape[2]}] rows cannot be split over {world} ranks: each needs at least one latent row")
     rows = split_rows(z.shape[2], world)
     z_local = z[:, :, sum(rows[:rank]) : sum(rows[: rank + 1])]  # [B, 16, rows[rank], w]
 
@@ -174,7 +175,7 @@ class StripeGroupNorm(nn.Module):
         self.stats = (mean, m2 / count)
 
 
-def _receptive_rows(ops: list[nn.Module]) -> int:
+def _receptive_rows(ops: list) -> int:
     """Rows next to a cut that see zeros instead of neighbours, at the segment's output resolution."""
     spoiled = 0
     for op in ops:
@@ -182,7 +183,7 @@ def _receptive_rows(ops: list[nn.Module]) -> int:
             spoiled = 2 * spoiled + 1
         elif isinstance(op, ResnetBlock):
             spoiled += 2
-        else:  # the output head: one 3x3 conv
+        else:  # decoder.head: one 3x3 conv
             spoiled += 1
     return spoiled
 
@@ -217,15 +218,6 @@ def _stream(ops: list[nn.Module], x: Tensor, num_stripes: int, state: dict) -> T
             norm.finish()
 
 
-class _Head(nn.Module):
-    def __init__(self, decoder: nn.Module):
-        super().__init__()
-        self.head = decoder.head
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(x)
-
-
 def decode_in_stripes(ae: AutoEncoder, z: Tensor, num_stripes: int) -> Tensor:
     """ae.decode(z) on one device, exactly, holding only stripes of the full-resolution activations:
     conv_in, the mid block and the lowest level run whole (latent resolution); each later level
@@ -244,6 +236,6 @@ def decode_in_stripes(ae: AutoEncoder, z: Tensor, num_stripes: int) -> Tensor:
     with torch.no_grad(), swapped(decoder, replace):
         h = _run([decoder.conv_in, decoder.mid, *levels[0].block], ae.decoder_input(z))
         for previous, level in zip(levels, levels[1:]):
-            ops = [previous.upsample, *level.block] + ([_Head(decoder)] if level is levels[-1] else [])
+            ops = [previous.upsample, *level.block] + ([decoder.head] if level is levels[-1] else [])
             h = _stream(ops, h, num_stripes, state)
         return h  # [B, 3, 8h, 8w]

@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import benchmark  # noqa: E402
 from plan import bench_records  # noqa: E402
 
+from flux.configs import CONFIGS  # noqa: E402
+
 RESOLUTIONS = (32, 64)
 TEXT_TOKENS = 32  # --max-sequence-length: fixes the joint sequence the byte counts below follow
 EXPECTED = {(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (1, 2, True)}
@@ -53,7 +55,8 @@ def test_bytes_per_step_follow_the_algorithms(tiny_run):
     ranks sends: Ulysses, half of its q, k, v and output shards (4 x S/2 x hidden fp32, halved);
     ring, its K and V shards once (2 x S/2 x hidden fp32). S = text + (px/16)^2 image tokens."""
     _, data, _ = tiny_run
-    hidden, layers = 96, 4
+    tiny = CONFIGS["tiny"]
+    hidden, layers = tiny.hidden_size, tiny.depth + tiny.depth_single_blocks
     for rec in data["records"]:
         local_tokens = (TEXT_TOKENS + (rec["resolution"] // 16) ** 2) / rec["world_size"]
         sent = rec["comm_bytes_per_step"]

@@ -11,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import flux
 from flux.clip import CLIP_CONFIGS, ClipTextModel
 from flux.weights import CheckpointError
+from helpers import rel_err
 
 SMALL = dict(
     vocab_size=99,
@@ -21,10 +22,6 @@ SMALL = dict(
     max_position_embeddings=16,
     projection_dim=8,
 )
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def reference_clip(seed=0, **overrides):

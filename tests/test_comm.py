@@ -58,6 +58,19 @@ def test_all_to_all_uneven(world):
     run_distributed(_all_to_all_uneven, world)
 
 
+def _all_to_all_bad_split(rank, world):
+    five_heads = torch.zeros(1, 5, 3, 4)  # [B, H, L_r, D]: 5 heads do not split over 2 ranks
+    with pytest.raises(ValueError, match="5 rows along dim 1 cannot be split evenly over 2 ranks"):
+        comm.all_to_all(five_heads, None, scatter_dim=1, gather_dim=2)
+    with pytest.raises(ValueError, match="the layout \\[3, 3, 3\\] says 3 of 2 ranks"):  # a length per rank, 3 for 2
+        comm.all_to_all(torch.zeros(1, 4, 3, 4), None, scatter_dim=1, gather_dim=2, gather_sizes=[3, 3, 3])
+    dist.barrier()  # both ranks raised before any all-to-all was posted: the group is still in step
+
+
+def test_all_to_all_refuses_a_bad_split_on_every_rank():
+    run_distributed(_all_to_all_bad_split, 2)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_all_gather_uneven(world):
     run_distributed(_all_gather_uneven, world)

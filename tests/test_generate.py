@@ -49,6 +49,8 @@ def test_png_matches_pillow(tmp_path):
         (["--height", "100"], "--height 100 is not a multiple of 16: the nearest valid sizes are 96 and 112"),
         (["--width", "8"], "--width 8 is not a multiple of 16: the nearest valid sizes are 16 and 16"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--height", "0"], "--height 0"),  # 0 is a bad size, not a request for the default
+        (["--max-sequence-length", "0"], "--max-sequence-length must be at least 1, got 0"),
         (["--device", "cuda:7"], "device cuda:7 does not exist"),
         (["--device", "warp-drive"], "is not a device"),
         (["--output", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),

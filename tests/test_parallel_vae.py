@@ -13,17 +13,9 @@ from parallel.context import ParallelContext
 from parallel.halo import DistGroupNorm, split_rows
 from parallel.vae import decode_in_stripes, decode_parallel
 from vae import VAE_CONFIGS, AutoEncoder
+from helpers import rel_err
 
 TOL = 1e-5  # fp32: the sharded decode only reorders sums (halo rows, reductions), ~1e-7 in practice
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Stripes are many small ops: extra threads only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vae(name: str = "tiny", perturb: bool = True) -> AutoEncoder:
@@ -41,10 +33,6 @@ def tiny_vae(name: str = "tiny", perturb: bool = True) -> AutoEncoder:
 def ramp_latent(height: int, width: int) -> torch.Tensor:
     noise = torch.randn(1, 16, height, width, generator=torch.Generator().manual_seed(2))
     return noise + torch.linspace(-3.0, 3.0, height)[:, None]  # [1, 16, h, w], bright at the bottom
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _group_norm_on_ramp(rank, world, group):

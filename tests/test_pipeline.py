@@ -1,5 +1,6 @@
 """The whole text-to-image path against diffusers' FluxPipeline on a small random pipeline it saves."""
 
+import json
 import warnings
 
 import pytest
@@ -16,8 +17,9 @@ from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFas
 import flux
 from flux import text_encoders as te
 from flux.checkpoint import diffusers_to_bfl
-from flux.pipeline import FluxPipeline
+from flux.pipeline import FluxPipeline, load_schedule
 from flux.sampling import Schedule, get_schedule, pack, unpack
+from flux.weights import CheckpointError
 
 HEIGHT, WIDTH = 48, 80  # 3x5 packed tokens: not square, so a row/column mix-up shows
 PROMPTS = ["a red fox in the snow", ""]
@@ -25,6 +27,7 @@ SCHEDULERS = {
     "schnell": dict(shift=1.0, use_dynamic_shifting=False),
     "dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                 base_image_seq_len=256, max_image_seq_len=4096),
+    "fixed shift": dict(shift=3.0, use_dynamic_shifting=False),  # schedule test only
 }
 
 
@@ -65,10 +68,6 @@ def reference_image(pipe: DiffusersFluxPipeline, noise, steps, guidance, length)
                     latents=packed, max_sequence_length=length, output_type="pt").images
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("steps", [1, 3])
 def test_image_equals_diffusers(saved, steps):
     root, ref, variant = saved
@@ -106,7 +105,7 @@ def test_bfl_single_file_overrides_give_the_same_image(saved, tmp_path):
     torch.testing.assert_close(overridden, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["schnell", "dev"])
+@pytest.mark.parametrize("variant", ["schnell", "dev", "fixed shift"])
 @pytest.mark.parametrize("steps, seq_len", [(4, 256), (28, 4096), (7, 1000)])
 def test_schedule_equals_diffusers_scheduler(variant, steps, seq_len):
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
@@ -147,6 +146,7 @@ def test_vae_stripes_give_the_same_image():
         (dict(height=40), "height 40 is not a multiple of 16: the nearest valid sizes are 32 and 48"),
         (dict(num_steps=0), "num_steps must be at least 1"),
         (dict(max_sequence_length=10_000), "max_sequence_length 10000 is outside"),
+        (dict(max_sequence_length=0), "max_sequence_length 0 is outside"),
         (dict(output_type="np"), "output_type must be"),
         (dict(latents=torch.zeros(1, 16, 3, 3)), r"latents must have shape \[1, 16, 4, 4\]"),
         (dict(prompt=3), "prompt"),
@@ -171,3 +171,26 @@ def test_guidance_on_schnell_warns_and_is_ignored():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(with_guidance, pipe(**call))  # empty prompt is valid
+
+
+def test_latents_are_checked_before_the_text_encoders_run():
+    pipe = FluxPipeline.tiny()
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe("x", height=32, width=32, num_steps=1, latents=torch.zeros(1, 16, 3, 3))
+    assert "text_encoding_s" not in pipe.last_run
+
+
+def test_an_override_of_the_wrong_class_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="transformer must be a Flux or a checkpoint source, got a Linear"):
+        FluxPipeline.from_pretrained(tmp_path, transformer=torch.nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"use_karras_sigmas": True}, "use_karras_sigmas True is not supported"),
+    ({"base_image_seq_len": 256, "max_image_seq_len": 256}, "max_image_seq_len 256 must exceed base_image_seq_len 256"),
+])
+def test_bad_scheduler_config(tmp_path, config, message):
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_schedule(tmp_path, guidance_embed=True)

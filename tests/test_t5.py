@@ -12,6 +12,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 import flux
 from flux.t5 import T5_CONFIGS, T5Params, relative_position_bucket
 from flux.weights import CheckpointError
+from helpers import rel_err
 
 # Small, but with more tokens than max_distance so that the exact, log-spaced and clipped buckets all occur.
 SMALL = dict(
@@ -25,10 +26,6 @@ SMALL = dict(
     relative_attention_max_distance=12,
     feed_forward_proj="gated-gelu",
 )
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def reference_t5(seed=0, **overrides):

@@ -14,12 +14,9 @@ from flux.clip import CLIP_CONFIGS, ClipTextModel
 from flux.t5 import T5_CONFIGS, T5Encoder
 from flux.text_encoders import TextConditioner
 from flux.weights import CheckpointError
+from helpers import rel_err
 
 PROMPTS = PROMPTS[:3] + PROMPTS[4:6] + PROMPTS[-1:]  # plain, empty, whitespace, unicode and over-long prompts
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def clip_model(seed, vocab_size, eos_token_id):

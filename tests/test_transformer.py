@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import flux
 from flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
 from flux.weights import CheckpointError
+from helpers import rel_err
 
 TINY = flux.CONFIGS["tiny"]
 
@@ -59,10 +60,6 @@ def reference_output(model: FluxTransformer2DModel, x: dict) -> torch.Tensor:
             txt_ids=x["txt_ids"][0],
             guidance=x["guidance"],
         ).sample
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_source(kind: str, ref: FluxTransformer2DModel, params, tmp_path):

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from flux.weights import CheckpointError
 from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from vae.checkpoint import bfl_to_diffusers, diffusers_to_bfl
+from helpers import rel_err
 
 TINY = VAE_CONFIGS["tiny"]
 SCALE, SHIFT = 0.3611, 0.1159
@@ -42,10 +43,6 @@ def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in module.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
     return module.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def reference_decode(ref: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
@@ -138,3 +135,12 @@ def test_bad_inputs_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither a diffusers pipeline or vae folder"):
         load_autoencoder(tmp_path / "empty")
+
+
+def test_pickle_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(diffusers_config()))
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="holds only pickle weights .*never unpickled"):
+        load_autoencoder(tmp_path)
+    with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
+        load_autoencoder(tmp_path / "diffusion_pytorch_model.bin")

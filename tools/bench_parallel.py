@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,7 +34,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/distributed.py: free_port
 from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
+from distributed import free_port  # noqa: E402
 from kernels import attention  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.apply import parallelize_flux  # noqa: E402
@@ -68,25 +69,27 @@ def count_diffusers_bytes(counter: dict) -> None:
 
 
 def make_variants(rank, ours, ref, ref_cp, x):
-    """name -> (ranks that run it, function). Our model is re-wired before each call: one copy of
-    the weights serves the one-rank baseline and both strategies."""
+    """name -> (ranks that run it, function). One copy of our weights serves the one-rank baseline and
+    every strategy: each call only sets the blocks' attention_fn; the wrappers are built once."""
     contexts = {"ulysses": ParallelContext(ulysses_degree=WORLD), "ring": ParallelContext(ring_degree=WORLD)}
+    wrapped = {name: parallelize_flux(ours, ctx) for name, ctx in contexts.items()}
+    blocks = (*ours.double_blocks, *ours.single_blocks)
+
+    def run(attention_fn, sp_model=None):
+        for block in blocks:
+            block.attention_fn = attention_fn
+        return ours(**x) if sp_model is None else sp_model.forward_full(**x)
 
     def ours_single():
-        for block in (*ours.double_blocks, *ours.single_blocks):
-            block.attention_fn = attention
-        return ours(**x)
+        return run(attention)
 
     def ours_no_exchange():
-        sp_model = parallelize_flux(ours, contexts["ulysses"])
-        for block in (*ours.double_blocks, *ours.single_blocks):
-            block.attention_fn = ulysses_work_without_exchange
-        return sp_model.forward_full(**x)
+        return run(ulysses_work_without_exchange, wrapped["ulysses"])
 
     def ours_sp(strategy, overlap=True):
-        sp_model = parallelize_flux(ours, contexts[strategy])
+        sp_model = wrapped[strategy]
         sp_model.attention.ring_overlap = overlap
-        return sp_model.forward_full(**x)
+        return run(sp_model.attention, sp_model)
 
     return {
         "ours 1 rank": (1, ours_single),
@@ -173,7 +176,7 @@ def worker(rank, port, args):
             x = make_inputs(MEDIUM, tokens, args.txt_tokens)
             stats = measure(rank, make_variants(rank, ours, ref, ref_cp, x), args.repeats, diffusers_bytes)
             if rank == 0:
-                report(tokens, args, stats)
+                report(x["img"].shape[1], args, stats)  # the tokens make_inputs' grid holds
     dist.destroy_process_group()
 
 
@@ -208,10 +211,9 @@ def main():
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the ranks float between cores (by default rank r is pinned to core r)")
     args = parser.parse_args()
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, args), nprocs=WORLD, join=True)
+    if args.repeats < 1 or args.txt_tokens < 0 or min(args.img_tokens) < WORLD:
+        parser.error(f"--repeats must be at least 1, --txt-tokens at least 0 and --img-tokens at least {WORLD} (one per rank)")
+    mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.checkpoint import bfl_to_diffusers  # noqa: E402
 from flux.configs import CONFIGS  # noqa: E402
 from flux.model import Flux  # noqa: E402
+from flux.sampling import make_img_ids  # noqa: E402
+from flux.weights import seeded_init  # noqa: E402
 
 MEDIUM = dataclasses.replace(
     CONFIGS["schnell"], hidden_size=768, num_heads=12, depth=4, depth_single_blocks=8, axes_dim=(8, 28, 28)
@@ -29,9 +31,9 @@ MEDIUM = dataclasses.replace(
 def make_models(params):
     from diffusers import FluxTransformer2DModel
 
-    ours = Flux(params).eval()
-    for p in ours.parameters():
-        p.data.normal_(0.0, 0.02)
+    # norm scales 1 and N(0, 1/fan_in) weights: attention is far from uniform, so the error columns
+    # would show a wrong key order or RoPE row (tiny N(0, 0.02) norm scales made every softmax flat)
+    ours = seeded_init(Flux(params), 0).eval()
     ref = FluxTransformer2DModel(
         in_channels=params.in_channels, num_layers=params.depth, num_single_layers=params.depth_single_blocks,
         attention_head_dim=params.head_dim, num_attention_heads=params.num_heads,
@@ -43,9 +45,8 @@ def make_models(params):
 
 
 def make_inputs(params, img_tokens, txt_tokens):
-    side = int(img_tokens**0.5)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(img_tokens // side), indexing="ij")
-    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(1, -1, 3).float()
+    side = int(img_tokens**0.5)  # a side x (img_tokens // side) grid of packed tokens, 16 px each
+    img_ids = make_img_ids(1, 16 * side, 16 * (img_tokens // side))
     return dict(
         img=torch.randn(1, img_ids.shape[1], params.in_channels), img_ids=img_ids,
         txt=torch.randn(1, txt_tokens, params.context_in_dim), txt_ids=torch.zeros(1, txt_tokens, 3),
@@ -65,11 +66,17 @@ def main():
     parser.add_argument("--depth", type=int, default=None, help="double blocks (default: the config's)")
     parser.add_argument("--single", type=int, default=None, help="single blocks (default: the config's)")
     args = parser.parse_args()
+    if args.config != "medium" and args.config not in CONFIGS:
+        parser.error(f"--config {args.config!r} is neither 'medium' nor one of {sorted(CONFIGS)}")
+    for flag in ("repeats", "img_tokens", "txt_tokens", "depth", "single"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     params = MEDIUM if args.config == "medium" else CONFIGS[args.config]
-    params = dataclasses.replace(params, depth=args.depth or params.depth,
-                                 depth_single_blocks=args.single or params.depth_single_blocks)
+    params = dataclasses.replace(params, depth=args.depth if args.depth is not None else params.depth,
+                                 depth_single_blocks=args.single if args.single is not None else params.depth_single_blocks)
     dtype = getattr(torch, args.dtype)
     ours, ref = (m.to(args.device, dtype) for m in make_models(params))
     x = {k: v.to(args.device, dtype if k in ("img", "txt", "y") else torch.float32)
@@ -85,7 +92,8 @@ def main():
 
     times = {"ours": [], "diffusers": []}
     with torch.inference_mode():
-        err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()  # also warm-up
+        ref_out = run_ref().float()  # also the warm-up, of both
+        err = ((run_ours().float() - ref_out).norm() / ref_out.norm()).item()
         for _ in range(args.repeats):
             for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
                 sync()

@@ -167,6 +167,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    known = {f"{m}:{d}" for m, d in MODES + BF16_MODES}
+    for mode in args.modes or []:
+        if mode not in known:
+            parser.error(f"--modes {mode}: not one of {' '.join(sorted(known))}")
     modes = [tuple(m.split(":")) for m in args.modes] if args.modes else MODES + (BF16_MODES if args.bf16 else [])
     if importlib.util.find_spec("distvae") is None:
         print("distvae is not installed: the DistVAE peer is skipped", file=sys.stderr)

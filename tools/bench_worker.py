@@ -67,8 +67,8 @@ def build(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Make the next peak this case's own. CPU: Linux's clear_refs 5 resets the RSS high-water mark
-    that ru_maxrss reports (proc(5)); elsewhere the peak counts from the process start."""
+    """Make the next peak this case's own. CPU: Linux's clear_refs 5 resets the RSS high-water mark,
+    VmHWM, that generate.peak_memory_bytes reads (proc(5)); elsewhere the peak counts from the start."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return

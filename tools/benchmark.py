@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from flux.configs import CONFIGS  # noqa: E402
+from flux.sampling import check_image_size  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -69,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
     """Exit 2 with one sentence naming the flag at fault."""
     for size in args.resolutions:
-        if size < 16 or size % 16:
-            parser.error(f"--resolutions {size} is not a multiple of 16 (at least 16)")
+        try:
+            check_image_size("resolution", size)
+        except ValueError as err:
+            parser.error(f"--resolutions: {err}")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
     for flag, values in (("--world-sizes", args.world_sizes), ("--steps", [1 if args.steps is None else args.steps]),
                          ("--repeats", [args.repeats]), ("--threads-per-rank", [args.threads_per_rank])):
         if min(values) < 1:

@@ -380,10 +380,9 @@ def configurations(w: Workload, gpus: int) -> list[Config]:
     """Every (ulysses, ring) factorisation of every world size up to `gpus` that the code accepts
     (heads divisible by the Ulysses degree, at least one image token per rank), VAE plain or parallel."""
     found = []
-    for world in range(1, gpus + 1):
-        for u in range(1, world + 1):
-            if world % u or w.flux.num_heads % u or w.img_len < world:
-                continue
+    head_divisors = [u for u in range(1, w.flux.num_heads + 1) if w.flux.num_heads % u == 0]
+    for world in range(1, min(gpus, w.img_len) + 1):  # bounded by the tokens, whatever --gpus says
+        for u in (u for u in head_divisors if world % u == 0):
             found += [Config(u, world // u, pvae) for pvae in ((False, True) if world > 1 else (False,))]
     return found
 

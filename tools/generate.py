@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
-    args.height = args.height or (256 if tiny else 1024)
-    args.width = args.width or (256 if tiny else 1024)
+    for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
+        if getattr(args, name) is None:
+            setattr(args, name, 256 if tiny else 1024)
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
     check_usage(p, args)
     return args
@@ -69,6 +70,8 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{err}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
     for flag in ("transformer", "vae"):
         if args.model == "tiny" and getattr(args, flag):
             parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
@@ -111,9 +114,14 @@ class Progress:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak. CPU: this process's peak RSS, VmHWM (which bench_worker's reset
+    lowers); not ru_maxrss, which a child started by subprocess inherits from its parent."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS reports bytes
 
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
@@ -145,13 +153,11 @@ def main(argv=None) -> int:
         return 2
     load_s = time.perf_counter() - start
 
-    has_guidance = pipe.transformer.params.guidance_embed
-    steps = args.steps or (28 if has_guidance else 4)
     if ctx.is_main:
         pipe.progress = Progress()
     start = time.perf_counter()
     try:
-        images = pipe(args.prompt, height=args.height, width=args.width, num_steps=steps, guidance=args.guidance,
+        images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                       seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt")
     except ValueError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
@@ -162,8 +168,9 @@ def main(argv=None) -> int:
     write_png(args.output, images[0])
     run = pipe.last_run
     report = {
-        "model": args.model, "prompt": args.prompt, "height": args.height, "width": args.width, "steps": steps,
-        "guidance": args.guidance if has_guidance else None, "seed": args.seed, "dtype": args.dtype,
+        "model": args.model, "prompt": args.prompt, "height": args.height, "width": args.width,
+        "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
+        "seed": args.seed, "dtype": args.dtype,
         "device": str(device), "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
         "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "vae_chunk": args.vae_chunk,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
     }
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output} ({args.width}x{args.height}, {steps} steps, world {ctx.world_size}) in {total_s:.2f} s "
+    print(f"wrote {args.output} ({args.width}x{args.height}, {run['num_steps']} steps, world {ctx.world_size}) in {total_s:.2f} s "
           f"(text {run['text_encoding_s']:.2f} s, denoise {sum(run['steps_s']):.2f} s, vae {run.get('vae_decode_s', 0):.2f} s), "
           f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
     return 0

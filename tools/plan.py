@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -23,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/distributed.py: free_port
 import cost_model as cm  # noqa: E402
+from distributed import free_port  # noqa: E402
 
 # Achievable rates, not datasheet peaks. H100: measured on one H100 80GB HBM3 (torch 2.11, bf16) with
 # our code: GEMMs of FLUX's shapes 720-770 TFLOP/s, SDPA head dim 128 600-690, the VAE's 512-wide
@@ -133,12 +134,6 @@ def _rate(fn, work: float, seconds: float) -> float:
     return work / best
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _time_calls(fn, reps: int) -> float:
     """Fastest of `reps` calls after one warm-up; a fixed count, so ranks stay in step."""
     fn()
@@ -192,7 +187,7 @@ def probe_links(reps: int = 5) -> cm.Link:
         out = os.path.join(tmp, "links.json")
         # fork: the children need no fresh interpreter and torch import (seconds on a busy
         # machine); calibrate_cpu calls this before any torch op has started a thread pool
-        mp.start_processes(_gloo_probe, args=(_free_port(), out, reps), nprocs=2, join=True, start_method="fork")
+        mp.start_processes(_gloo_probe, args=(free_port(), out, reps), nprocs=2, join=True, start_method="fork")
         (a2a_lat, a2a_bw), (p2p_lat, p2p_bw) = json.loads(Path(out).read_text()).values()
     return cm.Link(size=4096, alltoall_bw=a2a_bw, p2p_bw=p2p_bw, latency_s=(a2a_lat + p2p_lat) / 2)
 
@@ -359,6 +354,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     options = dict(vae_dtype=args.vae_dtype, vae_attention=args.vae_attention, release_encoders=args.release_encoders)
     try:
+        # the workload's own checks first: cpu-here's calibration takes seconds
+        make_workload(args.model, args.resolution, args.dtype or "bf16", args.steps, **options)
+        if args.save_hardware and not Path(args.save_hardware).resolve().parent.is_dir():
+            raise ValueError(f"--save-hardware {args.save_hardware}: the folder {Path(args.save_hardware).resolve().parent} does not exist")
         hw = load_hardware(args.hardware, args.hardware_json, args.model, args.calibrate_seconds)
         if args.save_hardware:
             Path(args.save_hardware).write_text(json.dumps(dataclasses.asdict(hw), indent=1))

@@ -207,10 +207,13 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(params)
         self.decoder = Decoder(params)
 
-    def decoder_input(self, z: Tensor) -> Tensor:
-        """The transformer's latent mapped back to what the decoder was trained on."""
+    def check_latent(self, z: Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.params.z_channels:
             raise ValueError(f"the latent must be [B, {self.params.z_channels}, h, w], got {list(z.shape)}")
+
+    def decoder_input(self, z: Tensor) -> Tensor:
+        """The transformer's latent mapped back to what the decoder was trained on."""
+        self.check_latent(z)
         return z.to(next(self.decoder.parameters()).dtype) / self.params.scale_factor + self.params.shift_factor
 
     def decode(self, z: Tensor) -> Tensor:

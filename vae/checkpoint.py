@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from flux.weights import (
+    DIFFUSERS_STEM,
     CheckpointError,
     check_device,
     check_dtype,
@@ -20,12 +21,11 @@ from flux.weights import (
     read_json,
     read_safetensors,
     resolve,
-    safetensors_keys,
+    single_file_fields,
     weight_files,
 )
 from vae.autoencoder import AutoEncoder, AutoEncoderParams
 
-DIFFUSERS_STEM = "diffusion_pytorch_model"
 BFL_FILE = "ae.safetensors"
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
@@ -139,7 +139,7 @@ def find_autoencoder(path: Path) -> tuple[str, Path]:
         return "bfl", path
     if (path / "model_index.json").is_file() and (path / "vae").is_dir():
         return "diffusers", path / "vae"
-    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*.safetensors*")):
+    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*")):  # pickles too: weight_files refuses them
         return "diffusers", path
     if (path / BFL_FILE).is_file():
         return "bfl", path / BFL_FILE
@@ -158,11 +158,7 @@ def _resolve(src: str | Path) -> Path:
 def _fields(kind: str, path: Path) -> dict:
     if kind == "diffusers":
         return params_from_config(read_json(path / "config.json"), str(path / "config.json"))
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path} is not a .safetensors file; pickle checkpoints are never loaded")
-    fields = params_from_bfl_keys(safetensors_keys(path), str(path))
-    beside = path.parent / "config.json"
-    return {**fields, **params_from_config(read_json(beside), str(beside))} if beside.is_file() else fields
+    return single_file_fields(path, params_from_bfl_keys, params_from_config)
 
 
 def load_autoencoder(
