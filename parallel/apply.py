@@ -72,7 +72,7 @@ class SequenceParallelFlux(nn.Module):
         self._check_local(img_local.shape[1], None)
         if self.ctx.sp_degree == 1:
             return img_local
-        return comm.all_gather(img_local, self.ctx.group("sp"), dim=1, sizes=list(self.layout.img_lens))
+        return comm.all_gather(img_local, self.ctx.group("sp"), dim=1, sizes=list(self.layout.img_lens), replicated=True)
 
     def forward_full(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                      y: Tensor, guidance: Tensor | None = None) -> Tensor:
@@ -86,3 +86,17 @@ class SequenceParallelFlux(nn.Module):
         if img_len != want[0] or (txt_len is not None and txt_len != want[1]):
             raise ValueError(f"sp rank {self.sp_rank} got {img_len} image and {txt_len} text tokens, "
                              f"shard() gave it {want[0]} and {want[1]}")
+
+
+def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
+    """After backward on every rank: sum each parameter's gradient over the sp group, in place.
+
+    Each sp rank's gradient holds what its own token rows contributed (the collectives carry the
+    rest back to the rank that owns it), so the sum is the one-device gradient, whether each rank
+    took its loss on its own rows or every rank took the same loss on the gathered output.
+    """
+    if ctx.sp_degree == 1:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            comm.all_reduce(param.grad, ctx.group("sp"))

@@ -102,6 +102,17 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> torch.dev
     return torch.device(device)
 
 
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group that init_distributed joined. With `wait`, every rank first waits
+    for the others at a barrier, so a rank that is done cannot tear the group down under a peer
+    still in its last collective; after a failure, leave at once (the peers' collectives time out)."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def bind_to_cores(local_rank: int, local_world: int) -> list[int]:
     """Pin this process to its own 1/local_world of the cores it may run on, and return them.
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
 from flux.sampling import check_image_size  # noqa: E402
 from flux.weights import CheckpointError, check_device  # noqa: E402
-from parallel.context import ParallelContext, init_distributed  # noqa: E402
+from parallel.context import ParallelContext, close_distributed, init_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -137,6 +137,16 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = init_distributed(args.device, timeout_s=args.timeout)
+    try:
+        code = generate(args, device)
+    except BaseException:
+        close_distributed(wait=False)
+        raise
+    close_distributed(wait=code == 0)
+    return code
+
+
+def generate(args, device: torch.device) -> int:
     try:
         ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
     except ValueError as err:
