@@ -17,9 +17,10 @@ from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFas
 import flux
 from flux import text_encoders as te
 from flux.checkpoint import diffusers_to_bfl
-from flux.pipeline import FluxPipeline, load_schedule
+from flux.pipeline import FluxPipeline
+from flux.pipeline_folder import load_schedule
 from flux.sampling import Schedule, get_schedule, pack, unpack
-from flux.weights import CheckpointError
+from weights import CheckpointError
 
 HEIGHT, WIDTH = 48, 80  # 3x5 packed tokens: not square, so a row/column mix-up shows
 PROMPTS = ["a red fox in the snow", ""]
@@ -194,3 +195,4 @@ def test_bad_scheduler_config(tmp_path, config, message):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         load_schedule(tmp_path, guidance_embed=True)
+
