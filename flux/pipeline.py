@@ -17,7 +17,7 @@ from torch import Tensor
 from flux.checkpoint import load_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
-from flux.pipeline_folder import load_schedule
+from flux.pipeline_folder import check_pipeline_folder, load_schedule
 from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
 from flux.tokenizers import as_prompt_list
@@ -75,6 +75,7 @@ class FluxPipeline:
         overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
+        check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
 
         model = module_or_load(transformer, Flux, "transformer", partial(load_transformer, dtype=dtype, device=device), root)
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
