@@ -6,7 +6,6 @@ gathers once at the end; the VAE decode runs on every rank (parallel_vae), on ra
 stripes (vae_chunks), or whole on rank 0.
 """
 
-import dataclasses
 import time
 from functools import partial
 import warnings
@@ -18,33 +17,14 @@ from torch import Tensor
 from flux.checkpoint import load_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
+from flux.pipeline_folder import check_pipeline_folder, load_schedule
 from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
 from flux.tokenizers import as_prompt_list
-from flux.weights import CheckpointError, check_device, check_dtype, module_or_load, read_json, resolve, seeded_init
 from parallel.context import ParallelContext
+from weights import check_device, check_dtype, module_or_load, resolve, seeded_init
 
-# FlowMatchEulerDiscreteScheduler options that change the sigmas in ways Schedule does not implement
-UNSUPPORTED_SCHEDULER_OPTIONS = {"shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-                                 "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False,
-                                 "time_shift_type": "exponential"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-def load_schedule(root: Path | None, guidance_embed: bool) -> Schedule:
-    """From `scheduler/scheduler_config.json` when the folder has one, else FLUX's defaults."""
-    config_path = root / "scheduler" / "scheduler_config.json" if root is not None and root.is_dir() else None
-    if config_path is None or not config_path.is_file():
-        return Schedule(use_dynamic_shifting=guidance_embed)
-    config = read_json(config_path)
-    for option, default in UNSUPPORTED_SCHEDULER_OPTIONS.items():
-        if config.get(option, default) != default:
-            raise CheckpointError(f"{config_path}: {option} {config[option]!r} is not supported (only {default!r})")
-    fields = {f.name for f in dataclasses.fields(Schedule)}
-    try:
-        return Schedule(**{k: v for k, v in config.items() if k in fields})
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{config_path}: {err}") from None
 
 
 class FluxPipeline:
@@ -95,6 +75,7 @@ class FluxPipeline:
         overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
+        check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
 
         model = module_or_load(transformer, Flux, "transformer", partial(load_transformer, dtype=dtype, device=device), root)
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)

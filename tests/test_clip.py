@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import flux
 from flux.clip import CLIP_CONFIGS, ClipTextModel
-from flux.weights import CheckpointError
+from weights import CheckpointError
 from helpers import rel_err
 
 SMALL = dict(

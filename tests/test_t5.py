@@ -11,7 +11,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 import flux
 from flux.t5 import T5_CONFIGS, T5Params, relative_position_bucket
-from flux.weights import CheckpointError
+from weights import CheckpointError
 from helpers import rel_err
 
 # Small, but with more tokens than max_distance so that the exact, log-spaced and clipped buckets all occur.

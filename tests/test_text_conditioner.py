@@ -13,7 +13,7 @@ from flux import text_encoders as te
 from flux.clip import CLIP_CONFIGS, ClipTextModel
 from flux.t5 import T5_CONFIGS, T5Encoder
 from flux.text_encoders import TextConditioner
-from flux.weights import CheckpointError
+from weights import CheckpointError
 from helpers import rel_err
 
 PROMPTS = PROMPTS[:3] + PROMPTS[4:6] + PROMPTS[-1:]  # plain, empty, whitespace, unicode and over-long prompts

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import flux
 from flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
-from flux.weights import CheckpointError
+from weights import CheckpointError
 from helpers import rel_err
 
 TINY = flux.CONFIGS["tiny"]
@@ -207,9 +207,11 @@ def test_pickle_refused(tmp_path):
         flux.load_transformer(tmp_path / "diffusion_pytorch_model.bin")
 
 
-def test_unsupported_dtype(component):
-    with pytest.raises(CheckpointError, match="unsupported dtype"):
-        flux.load_transformer(component, dtype=torch.int8)
+def test_unsupported_dtype_or_device_is_the_callers_fault(component):
+    for bad in (dict(dtype=torch.int8), dict(device="warp-drive"), dict(device="cuda:99")):
+        with pytest.raises(ValueError, match="unsupported dtype|is not a device|does not exist") as err:
+            flux.load_transformer(component, **bad)
+        assert not isinstance(err.value, CheckpointError), bad  # the arguments are wrong, not the checkpoint
 
 
 def test_rope_axes_that_cannot_be_inferred(tmp_path):

@@ -8,9 +8,9 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
-from flux.weights import CheckpointError
 from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from vae.checkpoint import bfl_to_diffusers, diffusers_to_bfl
+from weights import CheckpointError
 from helpers import rel_err
 
 TINY = VAE_CONFIGS["tiny"]

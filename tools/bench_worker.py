@@ -23,10 +23,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
-from flux.weights import seeded_init  # noqa: E402
 from generate import DTYPES, load_pipeline, peak_memory_bytes  # noqa: E402
 from parallel.comm import all_gather_object, count_comm  # noqa: E402
 from parallel.context import ParallelContext, init_distributed  # noqa: E402
+from weights import seeded_init  # noqa: E402
 
 
 def random_modules(name: str, dtype: torch.dtype, device) -> tuple:

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
 from flux.sampling import check_image_size  # noqa: E402
-from flux.weights import CheckpointError, check_device  # noqa: E402
 from parallel.context import ParallelContext, close_distributed, init_distributed  # noqa: E402
+from weights import CheckpointError, check_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +83,7 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     try:
         check_device(args.device)
-    except CheckpointError as err:
+    except ValueError as err:
         parser.error(f"--device: {err}")
 
 
