@@ -16,22 +16,30 @@ from torch import Tensor
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent and seconds it spent blocked, per kind of call."""
+    """Bytes this rank sent and seconds it spent blocked, per kind of call; bytes also per mesh axis."""
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     calls: dict = field(default_factory=lambda: defaultdict(int))
+    axis_bytes: dict = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, kind: str, nbytes: int, seconds: float) -> None:
+    def add(self, kind: str, axis: str, nbytes: int, seconds: float) -> None:
         self.bytes[kind] += nbytes
         self.seconds[kind] += seconds
         self.calls[kind] += 1
+        self.axis_bytes[axis] += nbytes
 
     def as_dict(self) -> dict:
         return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
 
 
 _stats: CommStats | None = None
+_axis_of_group: dict[str, str] = {}  # process group name -> the mesh axis it belongs to
+
+
+def name_group(group, axis: str) -> None:
+    """Attribute the bytes sent over `group` to mesh axis `axis` (ParallelContext names its groups)."""
+    _axis_of_group.setdefault(group.group_name, axis)
 
 
 @contextlib.contextmanager
@@ -45,9 +53,10 @@ def count_comm():
         _stats = previous
 
 
-def _record(kind: str, nbytes: int, start: float) -> None:
+def _record(kind: str, group, nbytes: int, start: float) -> None:
     if _stats is not None:
-        _stats.add(kind, nbytes, time.perf_counter() - start)
+        axis = _axis_of_group.get((group or dist.group.WORLD).group_name, "world")
+        _stats.add(kind, axis, nbytes, time.perf_counter() - start)
 
 
 def _nbytes(tensors) -> int:
@@ -104,7 +113,7 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
     received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
     start = time.perf_counter()
     dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    _record("all_to_all", (send.numel() - in_splits[rank]) * x.element_size(), start)
+    _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
         dst.copy_(arrived.view(dst.shape))
@@ -153,7 +162,7 @@ def _all_gather(x: Tensor, group, dim: int, sizes: list[int]) -> Tensor:
     outputs = [torch.empty_like(padded) for _ in range(world)]
     start = time.perf_counter()
     dist.all_gather(outputs, padded, group=group)
-    _record("all_gather", _nbytes([padded]) * (world - 1), start)
+    _record("all_gather", group, _nbytes([padded]) * (world - 1), start)
     return torch.cat([o[:n] for o, n in zip(outputs, sizes)], dim=0).movedim(0, dim)
 
 
@@ -175,7 +184,7 @@ def all_reduce(x: Tensor, group) -> Tensor:
     """Sum x over the group, in place; returns x."""
     start = time.perf_counter()
     dist.all_reduce(x, group=group)
-    _record("all_reduce", _nbytes([x]), start)
+    _record("all_reduce", group, _nbytes([x]), start)
     return x
 
 
@@ -220,7 +229,7 @@ class P2P:
         for request in self._requests:
             request.wait()
         # time counts only the blocked wait: what compute between commit and wait hid is free
-        _record("p2p", self._sent_bytes, start)
+        _record("p2p", self.group, self._sent_bytes, start)
         self._requests, self._sent_bytes = [], 0
 
 

@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from distributed import run_distributed
 
 

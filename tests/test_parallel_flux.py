@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from flux import CONFIGS, Flux
 from parallel import comm
 from parallel.apply import parallelize_flux
@@ -59,7 +59,8 @@ def _flux_matches(rank, world):
                 case = f"ulysses {ulysses} x ring {ring}, {txt_len} text + {grid[0] * grid[1]} image tokens"
                 out = sp_model.forward_full(**x)
                 _assert_rel_close(out, ref, case)
-                local = sp_model(*sp_model.shard(x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
+                layout = sp_model.layout(txt_len, grid[0] * grid[1])
+                local = sp_model(layout, *sp_model.shard(layout, x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
                                  x["timesteps"], x["y"], x["guidance"])
                 rows = ref.split(shard_sizes(ref.shape[1], world), dim=1)[rank]
                 _assert_rel_close(local, rows, case + " (local rows)")

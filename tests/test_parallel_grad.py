@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-
 from distributed import run_distributed
-from flux import CONFIGS, Flux
 from helpers import rel_err
+
+from flux import CONFIGS, Flux
 from parallel.apply import parallelize_flux, sync_gradients
 from parallel.context import ParallelContext
 

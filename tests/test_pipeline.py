@@ -86,6 +86,28 @@ def test_image_equals_diffusers(saved, steps):
     torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
 
 
+def test_true_cfg_equals_diffusers(saved):
+    """Negative prompts with true_cfg_scale > 1: two predictions per step, neg + scale * (pos - neg)."""
+    root, ref, variant = saved
+    noise = torch.randn(len(PROMPTS), 16, HEIGHT // 8, WIDTH // 8)
+    guidance = 4.0 if variant == "dev" else None
+    negatives = ["blurry", "a dog"]
+    ours = FluxPipeline.from_pretrained(root, dtype=torch.float32)
+    image = ours(PROMPTS, height=HEIGHT, width=WIDTH, num_steps=2, guidance=guidance, latents=noise,
+                 max_sequence_length=24, output_type="pt", negative_prompt=negatives, true_cfg_scale=3.0)
+    packed = DiffusersFluxPipeline._pack_latents(noise, noise.shape[0], 16, noise.shape[2], noise.shape[3])
+    with torch.no_grad():
+        expected = ref(PROMPTS, negative_prompt=negatives, true_cfg_scale=3.0, height=HEIGHT, width=WIDTH,
+                       num_inference_steps=2, guidance_scale=guidance or 3.5, latents=packed, max_sequence_length=24,
+                       output_type="pt").images
+    without_cfg = ours(PROMPTS, height=HEIGHT, width=WIDTH, num_steps=2, guidance=guidance, latents=noise,
+                       max_sequence_length=24, output_type="pt")
+    assert (image - without_cfg).abs().max() > 1e-2  # the negative branch changed the image
+    # fp32 end to end, as test_image_equals_diffusers; we run both branches as one batched forward,
+    # diffusers as two: rounding differences only
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
+
+
 def test_bfl_single_file_overrides_give_the_same_image(saved, tmp_path):
     root, ref, variant = saved
     params = flux.CONFIGS["tiny-dev" if variant == "dev" else "tiny"]
@@ -140,7 +162,7 @@ def test_tiny_pipeline_outputs():
 def test_vae_stripes_give_the_same_image():
     call = dict(prompt="a fox", height=64, width=48, num_steps=1, output_type="pt")
     plain = FluxPipeline.tiny()(**call)
-    torch.testing.assert_close(FluxPipeline.tiny(vae_chunks=3)(**call), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(FluxPipeline.tiny(vae_stripes=3)(**call), plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -161,9 +183,9 @@ def test_bad_calls(call, message):
         pipe(**{"prompt": "x", "height": 32, "width": 32, "num_steps": 1, **call})
 
 
-def test_bad_vae_chunks_refused_before_any_work():
-    with pytest.raises(ValueError, match="vae_chunks must be a positive integer"):
-        FluxPipeline.tiny(vae_chunks=0)
+def test_bad_vae_stripes_refused_before_any_work():
+    with pytest.raises(ValueError, match="vae_stripes must be a positive integer"):
+        FluxPipeline.tiny(vae_stripes=0)
 
 
 def test_guidance_on_schnell_warns_and_is_ignored():
