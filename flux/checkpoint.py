@@ -25,6 +25,7 @@ from weights import (
 )
 
 TRANSFORMER_FILES = ["model_index.json", "transformer/*"]  # what a hub repo id fetches
+ROPE_HINT = " (put axes_dim in a config.json beside the file, or pass config=)"  # a BFL file's shapes do not say it
 
 
 def _linear_pairs(p: FluxParams) -> list[tuple[str, list[str]]]:
@@ -156,9 +157,6 @@ def params_with_rope_axes(**fields) -> FluxParams:
         hidden = fields.get("hidden_size", FluxParams.hidden_size)
         fields["axes_dim"] = flux_rope_axes(hidden // fields.get("num_heads", FluxParams.num_heads))
     return FluxParams(**fields)
-
-
-ROPE_HINT = " (put axes_dim in a config.json beside the file, or pass config=)"
 
 
 def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> FluxParams:

@@ -23,6 +23,8 @@ from weights.modules import build_params, check_device, check_dtype, load_strict
 
 @dataclass(frozen=True)
 class CheckpointFormat:
+    """What `load_checkpoint` needs to know about one model's checkpoints."""
+
     name: str  # the model, in messages
     locate: Callable[[str | Path], tuple[str, Path]]  # source -> ("bfl", file) or ("diffusers", folder)
     fields_from_bfl_keys: Callable[[dict[str, list[int]], str], dict]  # (header shapes, source) -> fields
