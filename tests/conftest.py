@@ -5,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py for spawned workers too
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))  # the tools under test import each other
 
 # Every test model is tiny: intra-op threads only add barrier waits (and oversubscribe the cores
 # that spawned gloo ranks need), so tests run single-threaded.

@@ -8,14 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import benchmark
 import pytest
+from plan import bench_records
+
+from flux.configs import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import benchmark  # noqa: E402
-from plan import bench_records  # noqa: E402
-
-from flux.configs import CONFIGS  # noqa: E402
 
 RESOLUTIONS = (32, 64)
 TEXT_TOKENS = 32  # --max-sequence-length: fixes the joint sequence the byte counts below follow

@@ -6,12 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import generate
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import generate  # noqa: E402
-
 
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()

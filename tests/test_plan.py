@@ -14,14 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cost_model as cm
+import plan
 import pytest
 import torch
 from einops import rearrange
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import cost_model as cm  # noqa: E402
-import plan  # noqa: E402
 
 A100, H100, L40 = (plan.PRESETS[k] for k in ("a100-nvlink", "h100-nvlink", "l40-pcie"))
 

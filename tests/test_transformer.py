@@ -94,7 +94,7 @@ def test_parity_with_diffusers(kind, guidance, tmp_path):
     x = inputs(params)
     with torch.no_grad():
         ours = model(**x)
-    # fp32, same operations up to summation order and fused kernels: 1e-5 is the bound
+    # fp32, same operations up to summation order and fused kernels: rounding stays near 1e-7, and 1e-5 is the project's parity bound in fp32
     assert rel_err(ours, reference_output(ref, x)) <= 1e-5
 
 

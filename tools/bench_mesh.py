@@ -21,19 +21,15 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_transformer import MEDIUM, make_inputs, make_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
-
-from flux.sampling import denoise  # noqa: E402
-from parallel import Conditioning, ParallelContext, batch_slice, comm, gather_batch, parallelize  # noqa: E402
-from parallel.context import bind_to_cores  # noqa: E402
+from flux.sampling import denoise
+from parallel import Conditioning, ParallelContext, batch_slice, comm, gather_batch, parallelize
+from parallel.context import bind_to_cores
 
 WORLD = 2
 SCALE = 3.0  # true_cfg_scale

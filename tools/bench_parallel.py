@@ -26,24 +26,19 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_transformer import MEDIUM, make_inputs, make_models
+from common import free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/distributed.py: free_port
-from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
-from distributed import free_port  # noqa: E402
-
-from kernels import attention  # noqa: E402
-from parallel import comm  # noqa: E402
-from parallel.apply import parallelize_flux  # noqa: E402
-from parallel.context import ParallelContext, bind_to_cores  # noqa: E402
-from parallel.ring import ring_attention  # noqa: E402
-from parallel.swap import attention_swaps, swapped  # noqa: E402
+from kernels import attention
+from parallel import comm
+from parallel.apply import parallelize_flux
+from parallel.context import ParallelContext, bind_to_cores
+from parallel.ring import ring_attention
+from parallel.swap import attention_swaps, swapped
 
 WORLD = 2
 

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import peak_memory_bytes, reset_peak_memory
+from generate import DTYPES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import DTYPES, load_pipeline, peak_memory_bytes  # noqa: E402
-
-from flux.pipeline import FluxPipeline  # noqa: E402
-from parallel.comm import all_gather_object  # noqa: E402
-from parallel.context import ParallelContext, init_distributed  # noqa: E402
-from weights import seeded_init  # noqa: E402
+from flux.pipeline import FluxPipeline
+from parallel.comm import all_gather_object
+from parallel.context import ParallelContext, init_distributed
+from weights import seeded_init
 
 
 def random_modules(name: str, dtype: torch.dtype, device) -> tuple:
@@ -62,21 +60,9 @@ def build(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
     dtype = DTYPES[args.dtype]
     if args.model != "tiny" and args.model in CONFIGS:
         return random_pipeline(args.model, dtype, device, parallel=ctx)
-    options = argparse.Namespace(model=args.model, dtype=args.dtype, transformer=None, vae=None,
-                                 use_parallel_vae=False, vae_stripes=None)
-    return load_pipeline(options, device, ctx)  # tiny or a checkpoint, as tools/generate.py loads them
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Make the next peak this case's own. CPU: Linux's clear_refs 5 resets the RSS high-water mark,
-    VmHWM, that generate.peak_memory_bytes reads (proc(5)); elsewhere the peak counts from the start."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    if args.model == "tiny":
+        return FluxPipeline.tiny(dtype=dtype, device=device, parallel=ctx)
+    return FluxPipeline.from_pretrained(args.model, dtype=dtype, device=device, parallel=ctx)
 
 
 def one_run(pipe: FluxPipeline, args, resolution: int, device: torch.device) -> dict:

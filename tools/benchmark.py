@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
+from flux.configs import CONFIGS
+from flux.sampling import check_image_size
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flux.configs import CONFIGS  # noqa: E402
-from flux.sampling import check_image_size  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -241,7 +241,7 @@ def device_name(device: str) -> str:
 
 def environment(args) -> dict:
     peak = ("torch.cuda.max_memory_allocated per rank" if args.device == "cuda"
-            else "ru_maxrss per rank process (high-water mark reset per case where Linux allows)")
+            else "VmHWM (peak RSS) per rank process, reset per case through /proc/self/clear_refs where Linux allows")
     return dict(device=args.device, device_name=device_name(args.device), backend="nccl" if args.device == "cuda" else "gloo",
                 torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
                 cpu_count=os.cpu_count(), threads_per_rank=args.threads_per_rank, dtype=args.dtype, peak_memory=peak,

@@ -13,7 +13,6 @@ Usage errors exit with status 2, loading errors with 1, each with one sentence o
 
 import argparse
 import json
-import resource
 import struct
 import sys
 import time
@@ -21,12 +20,12 @@ import zlib
 from pathlib import Path
 
 import torch
+from common import peak_memory_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flux.pipeline import FluxPipeline  # noqa: E402
-from flux.sampling import check_image_size  # noqa: E402
-from parallel.context import ParallelContext, close_distributed, init_distributed  # noqa: E402
-from weights import CheckpointError, check_device  # noqa: E402
+from flux.pipeline import FluxPipeline
+from flux.sampling import check_image_size
+from parallel.context import ParallelContext, close_distributed, init_distributed
+from weights import CheckpointError, check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,17 +162,6 @@ class Progress:
         per_step = (time.perf_counter() - self.start) / done
         print(f"\rdenoising [{'#' * (20 * done // total):<20}] {done}/{total}  {per_step:.2f} s/step",
               end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the allocator's peak. CPU: this process's peak RSS, VmHWM (which bench_worker's reset
-    lowers); not ru_maxrss, which a child started by subprocess inherits from its parent."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.is_file():
-        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM"))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS reports bytes
 
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:

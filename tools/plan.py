@@ -20,11 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/distributed.py: free_port
-import cost_model as cm  # noqa: E402
-from distributed import free_port  # noqa: E402
+import cost_model as cm
+from common import flux_inputs, free_port
 
 # Achievable rates, not datasheet peaks. H100: measured on one H100 80GB HBM3 (torch 2.11, bf16) with
 # our code: GEMMs of FLUX's shapes 720-770 TFLOP/s, SDPA head dim 128 600-690, the VAE's 512-wide
@@ -56,13 +53,13 @@ PRESETS = {
     ),
 }
 
-# T5-XXL encoder 4.76e9 parameters, CLIP-L text 1.23e8; text length 256 (schnell) / 512 (dev).
-# The tiny encoders (2 layers each) have ~1e5 parameters.
-_REAL = dict(vae="flux", t5_params=4.76e9, clip_params=1.23e8, encoder_ops=840)
+# Presets of our configs; the text encoders' parameters are counted from their configs (T5-XXL's
+# encoder is 4.76e9, CLIP-L's text model 1.23e8); text length 256 (schnell) / 512 (dev).
+_REAL = dict(vae="flux", t5="xxl", clip="l14", encoder_ops=840)
 MODELS = {
     "schnell": dict(flux="schnell", txt_len=256, steps=4, **_REAL),
     "dev": dict(flux="dev", txt_len=512, steps=28, **_REAL),
-    "tiny": dict(flux="tiny", vae="tiny", txt_len=256, steps=4, t5_params=1.3e5, clip_params=1.0e5, encoder_ops=130),
+    "tiny": dict(flux="tiny", vae="tiny", t5="tiny", clip="tiny", txt_len=256, steps=4, encoder_ops=130),
 }
 
 
@@ -98,7 +95,9 @@ def make_workload(model: str, resolution: int, dtype: str, steps: int | None = N
                   vae_attention: str = "auto", release_encoders: bool = False) -> cm.Workload:
     """The workload of `model` (schnell, dev, tiny) at resolution x resolution px. vae_dtype
     defaults to dtype; vae_attention 'auto' probes the code (detect_vae_attention)."""
+    from flux.clip import CLIP_CONFIGS, ClipTextModel
     from flux.configs import CONFIGS
+    from flux.t5 import T5_CONFIGS, T5Encoder
     from vae.autoencoder import VAE_CONFIGS
 
     if model not in MODELS:
@@ -106,7 +105,9 @@ def make_workload(model: str, resolution: int, dtype: str, steps: int | None = N
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     spec = dict(MODELS[model])
-    spec.update(flux=CONFIGS[spec["flux"]], vae=VAE_CONFIGS[spec["vae"]], steps=steps or spec["steps"])
+    spec.update(flux=CONFIGS[spec["flux"]], vae=VAE_CONFIGS[spec["vae"]], steps=steps or spec["steps"],
+                t5_params=cm.param_count(T5Encoder, T5_CONFIGS[spec.pop("t5")]),
+                clip_params=cm.param_count(ClipTextModel, CLIP_CONFIGS[spec.pop("clip")]))
     if vae_attention == "auto":
         vae_attention = detect_vae_attention()
     return cm.Workload(height=resolution, width=resolution, dtype=dtype, vae_dtype=vae_dtype or dtype,
@@ -239,10 +240,7 @@ def _host_op_seconds(torch, share: float) -> float:
     from flux.model import Flux
 
     p = CONFIGS["tiny"]
-    model, n_img, n_txt = Flux(p).eval(), 16, 8
-    inputs = dict(img=torch.randn(1, n_img, p.in_channels), img_ids=torch.zeros(1, n_img, 3),
-                  txt=torch.randn(1, n_txt, p.context_in_dim), txt_ids=torch.zeros(1, n_txt, 3),
-                  timesteps=torch.ones(1), y=torch.randn(1, p.vec_in_dim))
+    model, inputs = Flux(p).eval(), flux_inputs(p, img_tokens=16, txt_tokens=8)
     return 1 / _rate(lambda: model(**inputs), cm.transformer_host_ops(p), share)
 
 
