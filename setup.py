@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         # diffusers and transformers are test-only oracles: library code never imports them.
-        "test": ["pytest", "diffusers", "transformers", "protobuf"],
+        "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf"],
         "bench": ["matplotlib"],
     },
 )

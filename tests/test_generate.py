@@ -54,6 +54,12 @@ def test_png_matches_pillow(tmp_path):
         (["--output", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
         (["--vae-chunk", "0"], "--vae-stripes must be at least 1"),  # --vae-chunk: the old spelling
         (["--transformer", "x.safetensors"], "--transformer cannot be used with --model tiny"),
+        (["--cfg-degree", "2"], "--cfg-degree 2 runs the negative and the positive branch on two halves"),
+        (["--use_cfg_parallel", "--negative-prompt", "x"], "it needs --negative-prompt and --true-cfg-scale > 1"),
+        (["--cfg-degree", "3"], "--cfg-degree must be 1 or 2"),
+        (["--data-parallel-degree", "3", "--prompt", "a", "--prompt", "b"],
+         "--data-parallel-degree 3 is more than the 2 image(s) asked for"),
+        (["--num-images-per-prompt", "0"], "--num-images-per-prompt must be at least 1, got 0"),
     ],
 )
 def test_usage_errors_exit_2(argv, message, capsys):
@@ -101,3 +107,16 @@ def test_torchrun_two_ranks_write_the_same_image(tmp_path):
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
     assert np.abs(one - two).max() <= 1
     assert json.loads(report.read_text())["comm_bytes_per_step"]["all_to_all"] > 0
+
+
+def test_several_prompts_write_numbered_images_in_order(tmp_path):
+    report = tmp_path / "report.json"
+    code = generate.main(["--model", "tiny", "--prompt", "a red fox", "--prompt", "snow", "--num-images-per-prompt", "2",
+                          "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--height", "32", "--width", "32",
+                          "--steps", "1", "--output", str(tmp_path / "pet.png"), "--report", str(report)])
+    assert code == 0
+    names = [str(tmp_path / f"pet-{i}.png") for i in range(4)]
+    data = json.loads(report.read_text())
+    assert data["images"] == names and all(png_size(Path(n)) == (32, 32) for n in names)
+    assert data["prompts"] == ["a red fox", "snow"] and data["true_cfg_scale"] == 2.0
+    assert data["cfg_degree"] == 1 and data["data_degree"] == 1 and "comm_bytes_per_step_by_axis" in data
