@@ -29,10 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
-                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = built-in random tiny model (offline)")
-    p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
-    p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
+    add_pipeline_arguments(p)
     p.add_argument("--prompt", default="a photo of a forest with mist swirling around the tree trunks")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
@@ -40,10 +37,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="dev only (default 3.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 256 schnell, 512 dev)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (float32 for tiny)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--output", default="image.png")
     p.add_argument("--report", default=None, help="write stage timings and peak memory as JSON here")
+    args = p.parse_args(argv)
+    apply_defaults(args)
+    check_usage(p, args)
+    return args
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, runtime and parallel flags; tools/serve.py takes the same ones."""
+    p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
+                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = built-in random tiny model (offline)")
+    p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
+    p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (float32 for tiny)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--ulysses-degree", "--ulysses_degree", dest="ulysses_degree", type=int, default=1)
     p.add_argument("--ring-degree", "--ring_degree", dest="ring_degree", type=int, default=1)
     p.add_argument("--use-parallel-vae", "--use_parallel_vae", dest="use_parallel_vae", action="store_true",
@@ -51,14 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-chunk", "--vae_chunk", dest="vae_chunk", type=int, default=None,
                    help="decode on one device in N row stripes (exact, lower peak memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
-    args = p.parse_args(argv)
+
+
+def apply_defaults(args) -> None:
+    """The defaults that depend on the model: image size and dtype."""
     tiny = args.model == "tiny"
     for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
         if getattr(args, name) is None:
             setattr(args, name, 256 if tiny else 1024)
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
-    check_usage(p, args)
-    return args
 
 
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
@@ -72,15 +82,20 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
+    check_pipeline_usage(parser, args)
+    for flag in ("output", "report"):
+        path = getattr(args, flag)
+        if path and not Path(path).resolve().parent.is_dir():
+            parser.error(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+
+
+def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
+    """The checks of add_pipeline_arguments' flags (exit 2 with one sentence)."""
     for flag in ("transformer", "vae"):
         if args.model == "tiny" and getattr(args, flag):
             parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
     if args.vae_chunk is not None and args.vae_chunk < 1:
         parser.error(f"--vae-chunk must be at least 1, got {args.vae_chunk}")
-    for flag in ("output", "report"):
-        path = getattr(args, flag)
-        if path and not Path(path).resolve().parent.is_dir():
-            parser.error(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     try:
         check_device(args.device)
     except CheckpointError as err:
@@ -88,6 +103,10 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 
 
 def write_png(path: str, image: torch.Tensor) -> None:
+    Path(path).write_bytes(encode_png(image))
+
+
+def encode_png(image: torch.Tensor) -> bytes:
     """image [3, H, W] in [0, 1] -> an 8-bit RGB PNG (zlib from the standard library; no Pillow needed)."""
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
     height, width = pixels.shape[:2]
@@ -98,7 +117,7 @@ def write_png(path: str, image: torch.Tensor) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 class Progress:
@@ -134,24 +153,27 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
     )
 
 
+def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, float]:
+    """Join the process group, check the degrees and load the model: (pipeline, context, device, load
+    seconds). A ValueError is the command line's fault (e.g. heads not divisible by --ulysses-degree),
+    a CheckpointError (a ValueError too) a file's."""
+    device = init_distributed(args.device, timeout_s=args.timeout)
+    ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    start = time.perf_counter()
+    pipe = load_pipeline(args, device, ctx)
+    return pipe, ctx, device, time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = init_distributed(args.device, timeout_s=args.timeout)
     try:
-        ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
-    except ValueError as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    try:
-        pipe = load_pipeline(args, device, ctx)
+        pipe, ctx, device, load_s = build_pipeline(args)
     except CheckpointError as err:  # a file's fault
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # the command line's fault (e.g. heads not divisible by --ulysses-degree)
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
-    load_s = time.perf_counter() - start
 
     if ctx.is_main:
         pipe.progress = Progress()
