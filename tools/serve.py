@@ -187,15 +187,28 @@ def main(argv=None) -> int:
     timeout = datetime.timedelta(seconds=args.timeout)
     # the control messages go over gloo on every backend (NCCL would need a GPU tensor and a sync per message)
     group = dist.new_group(backend="gloo", timeout=timeout) if ctx.is_distributed else None
-    if not ctx.is_main:  # only rank 0 decides when to stop; torchrun forwards a SIGTERM to every rank
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            serve_ranks(pipe, None, group, device, args.heartbeat)
-        except RuntimeError as err:  # rank 0 or a peer is gone, or a collective timed out
-            print(f"serve.py: error: rank {dist.get_rank()} stops: {str(err).splitlines()[0]}", file=sys.stderr)
-            return 1
-        return 0
+    if ctx.is_main:
+        code = serve_main_rank(args, pipe, ctx, group, device, load_s)
+    else:
+        code = serve_other_rank(args, pipe, group, device)
+    if code == 0 and dist.is_initialized():
+        dist.destroy_process_group()  # now, not at exit, where gloo's threads would abort the interpreter
+    return code
+
+
+def serve_other_rank(args, pipe, group, device: torch.device) -> int:
+    # only rank 0 decides when to stop: torchrun forwards a SIGTERM to every rank, and this one waits for rank 0's
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve_ranks(pipe, None, group, device, args.heartbeat)
+    except RuntimeError as err:  # rank 0 or a peer is gone, or a collective timed out
+        print(f"serve.py: error: rank {dist.get_rank()} stops: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float) -> int:
     jobs = JobQueue(args.max_queue)
     info = {"model": args.model, "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
             "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "load_s": load_s}
@@ -226,7 +239,6 @@ def main(argv=None) -> int:
         server.should_exit = True
         thread.join(timeout=10)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
