@@ -7,49 +7,21 @@ images come from calling that pipeline directly. tests/test_serve_ranks.py start
 import base64
 import json
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from serving import ROOT, Service
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import serve  # noqa: E402
 from generate import encode_png  # noqa: E402
-from serve_app import JobQueue, create_app  # noqa: E402
 from serve_request import Limits, has_true_cfg  # noqa: E402
 
 from flux.pipeline import FluxPipeline  # noqa: E402
 
 SIZE = (64, 48)  # (height, width) of requests without one: small, and not square, to catch a swap
-
-
-class Service:
-    """The API and the rank loop of one process, on threads; the rank loop starts on demand."""
-
-    def __init__(self, pipe: FluxPipeline, max_queue: int = 16):
-        self.pipe, self.jobs = pipe, JobQueue(max_queue)
-        app = create_app(pipe, self.jobs, {"model": "tiny", "world_size": 1}, SIZE, Limits(max_prompt_length=100))
-        self.server, self.http, port = serve.start_http(app, "127.0.0.1", 0)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        self.ranks = None
-
-    def start_ranks(self) -> None:
-        args = (self.pipe, self.jobs, None, torch.device("cpu"), 0.05)  # no process group: one rank
-        self.ranks = threading.Thread(target=serve.serve_ranks, args=args)
-        self.ranks.start()
-
-    def close(self) -> None:
-        self.jobs.accepting = False
-        if self.ranks is not None:
-            self.ranks.join(timeout=30)
-        self.server.should_exit = True
-        self.http.join(timeout=10)
-        self.client.close()
+LIMITS = Limits(max_prompt_length=100)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +31,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def service(pipe):
-    running = Service(pipe)
+    running = Service(pipe, SIZE, LIMITS)
     running.start_ranks()
     yield running
     running.close()
@@ -174,7 +146,7 @@ def test_failed_generation_gets_500_and_the_service_stays_up(service, pipe, monk
 
 
 def test_full_queue_gets_429_and_requests_run_in_arrival_order(pipe):
-    service = Service(pipe, max_queue=2)  # its rank loop starts late: the requests wait in the queue
+    service = Service(pipe, SIZE, LIMITS, max_queue=2)  # its rank loop starts late: the requests wait in the queue
     try:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post, service.client, {"prompt": "a red fox", "steps": 2, "seed": 6}, "a")

@@ -156,8 +156,6 @@ def serve_ranks(pipe, jobs: JobQueue | None, group, device: torch.device, heartb
             run_job(pipe, message["params"], job, group, device)
             if jobs is not None:
                 jobs.current = None
-                jobs.served += job.state == "done"
-                jobs.failed += job.state == "failed"
 
 
 def start_http(app, host: str, port: int):

@@ -71,6 +71,7 @@ class JobQueue:
             if not self.accepting:
                 raise Refused(503, "the service is shutting down and takes no new requests")
             job = Job(params, request_id)
+            job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
             try:
                 self._waiting.put_nowait(job)
             except queue.Full:
@@ -81,6 +82,12 @@ class JobQueue:
                 while len(self._recent) > RECENT_JOBS:
                     self._recent.popitem(last=False)
         return job
+
+    def _count(self, outcome: Future) -> None:
+        if "error" in outcome.result():
+            self.failed += 1
+        else:
+            self.served += 1
 
     def take(self, timeout_s: float) -> Job | None:
         """The next job (the rank loop calls this), or None after `timeout_s` without one."""
