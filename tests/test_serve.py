@@ -164,6 +164,7 @@ def test_full_queue_gets_429_and_requests_run_in_arrival_order(pipe):
         done = service.client.get("/progress", params={"id": "b"}).json()
         assert done == {"state": "done", "step": 2, "steps": 2}
         assert service.client.get("/progress", params={"id": "zz"}).status_code == 404
+        assert "X-Request-Id" in service.client.get("/progress").json()["error"]
     finally:
         service.close()
 

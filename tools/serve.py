@@ -100,9 +100,10 @@ def agree(status: int, group) -> int:
 def run_job(pipe, params: dict, job: Job | None, group, device: torch.device) -> None:
     """Every rank runs the pipeline on `params`; rank 0 (which holds `job`) resolves the job.
 
-    An ordinary error (the same on every rank, or one rank's before any collective it shares) fails this
-    request only. An error inside a collective (a timeout, a rank gone) leaves the ranks out of step:
-    then every rank raises, and the job ends non-zero."""
+    An ordinary error, raised on every rank at the same point or on one rank after its last collective,
+    fails this request only. An error inside a collective (a timeout, a rank gone) leaves the ranks out of
+    step: then every rank raises, and the job ends non-zero. (An ordinary error on one rank while the
+    others wait in a collective becomes such a timeout.)"""
     reset_peak_memory(device)
     if job is not None:
         pipe.progress = job.on_progress
@@ -112,7 +113,7 @@ def run_job(pipe, params: dict, job: Job | None, group, device: torch.device) ->
     except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
         traceback.print_exc()
         status = FATAL if isinstance(err, dist.DistError) else FAILED
-        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        problem = ": ".join([type(err).__name__, *str(err).splitlines()[:1]])
     total_s = time.perf_counter() - start
     status = agree(status, group)
     if job is not None:

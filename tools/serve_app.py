@@ -141,7 +141,9 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
                 "served": jobs.served, "failed": jobs.failed}
 
     @app.get("/progress")
-    def progress(id: str):
+    def progress(id: str = ""):
+        if not id:
+            return error(400, "give the id that the request was sent with: /progress?id=ID (header X-Request-Id)")
         state = jobs.progress(id)
         return error(404, f"no recent request has the id {id!r}") if state is None else state
 
