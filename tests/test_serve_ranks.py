@@ -88,7 +88,7 @@ def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
         assert reply.content == out.read_bytes()
 
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(generate, client, height=32, width=32, steps=60, max_sequence_length=16)
+            running = pool.submit(generate, client, height=64, width=64, steps=100, max_sequence_length=16)
             wait_for(lambda: client.get("/health").json()["running"])
             queued = pool.submit(generate, client, height=32, width=32, steps=2)
             wait_for(lambda: client.get("/health").json()["queued"] == 1)
