@@ -4,7 +4,7 @@ setup(
     name="flux-parallel",
     version="0.1.0",
     description="A from-scratch PyTorch framework for exact parallel FLUX.1 inference",
-    packages=["flux", "parallel", "vae", "kernels"],
+    packages=["flux", "parallel", "vae", "kernels", "weights"],
     python_requires=">=3.10",
     # torch is pinned by the README's install step (a CPU or CUDA wheel of the user's choice);
     # a bare range here keeps pip from replacing it.

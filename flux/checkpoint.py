@@ -4,8 +4,6 @@ Our parameter names are the black-forest-labs ones, so a BFL file loads as it is
 checkpoints go through `diffusers_to_bfl` (split q/k/v fused back, norm_out's halves swapped).
 """
 
-import dataclasses
-import re
 from pathlib import Path
 
 import torch
@@ -13,19 +11,21 @@ from torch import Tensor
 
 from flux.configs import FluxParams, flux_rope_axes
 from flux.model import Flux
-from flux.weights import (
+from weights import (
     DIFFUSERS_STEM,
     CheckpointError,
-    check_device,
-    check_dtype,
-    load_strict,
+    CheckpointFormat,
+    block_count,
+    build_params,
+    known_fields,
+    load_checkpoint,
     read_json,
-    read_safetensors,
     resolve,
-    single_file_fields,
-    weight_files,
+    safetensors_keys,
 )
 
+TRANSFORMER_FILES = ["model_index.json", "transformer/*"]  # what a hub repo id fetches
+ROPE_HINT = " (put axes_dim in a config.json beside the file, or pass config=)"  # a BFL file's shapes do not say it
 
 
 def _linear_pairs(p: FluxParams) -> list[tuple[str, list[str]]]:
@@ -82,7 +82,10 @@ def _key_pairs(p: FluxParams) -> list[tuple[str, list[str]]]:
         ]
     for i in range(p.depth_single_blocks):
         b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}.attn"
-        pairs += [(f"{b}.norm.query_norm.scale", [f"{d}.norm_q.weight"]), (f"{b}.norm.key_norm.scale", [f"{d}.norm_k.weight"])]
+        pairs += [
+            (f"{b}.norm.query_norm.scale", [f"{d}.norm_q.weight"]),
+            (f"{b}.norm.key_norm.scale", [f"{d}.norm_k.weight"]),
+        ]
     pairs += [(f"final_layer.adaLN_modulation.1.{s}", [f"norm_out.linear.{s}"]) for s in ("weight", "bias")]
     return pairs
 
@@ -122,25 +125,13 @@ def bfl_to_diffusers(state: dict[str, Tensor], p: FluxParams) -> dict[str, Tenso
     return out
 
 
-def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> FluxParams:
-    fields = bfl_fields(shapes, source)
-    return FluxParams(**fields, axes_dim=_rope_axes(fields, source))
-
-
-def _rope_axes(fields: dict, source: str) -> tuple[int, ...]:
-    try:
-        return flux_rope_axes(fields["hidden_size"] // fields["num_heads"])
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err} (in a config.json beside the file, or config=)") from None
-
-
-def bfl_fields(shapes: dict[str, list[int]], source: str) -> dict:
+def fields_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> dict:
     """FluxParams fields inferred from a BFL state dict's shapes (header only); RoPE axes excepted."""
     try:
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        params = dict(
+        return dict(
             in_channels=in_channels,
             out_channels=shapes["final_layer.linear.weight"][0],
             vec_in_dim=shapes["vector_in.in_layer.weight"][1],
@@ -148,23 +139,39 @@ def bfl_fields(shapes: dict[str, list[int]], source: str) -> dict:
             hidden_size=hidden,
             mlp_ratio=mlp_hidden / hidden,
             num_heads=hidden // head_dim,
-            depth=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"double_blocks\.(\d+)\.", k))),
-            depth_single_blocks=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"single_blocks\.(\d+)\.", k))),
+            depth=block_count(shapes, r"double_blocks\.(\d+)\."),
+            depth_single_blocks=block_count(shapes, r"single_blocks\.(\d+)\."),
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{source} does not look like a FLUX.1 transformer in the black-forest-labs layout ({err})") from None
-    return params
+        raise CheckpointError(
+            f"{source} does not look like a FLUX.1 transformer in the black-forest-labs layout ({err})"
+        ) from None
 
 
-def params_from_config(config: dict, source: str) -> dict:
+def params_with_rope_axes(**fields) -> FluxParams:
+    """FluxParams; without `axes_dim`, FLUX's 16:56:56 RoPE split scaled to the head size (a BFL file's
+    shapes do not say it, nor do diffusers configs older than `axes_dims_rope`)."""
+    if "axes_dim" not in fields:
+        hidden = fields.get("hidden_size", FluxParams.hidden_size)
+        fields["axes_dim"] = flux_rope_axes(hidden // fields.get("num_heads", FluxParams.num_heads))
+    return FluxParams(**fields)
+
+
+def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> FluxParams:
+    """FluxParams of a BFL state dict's shapes, with FLUX's RoPE split."""
+    return build_params(params_with_rope_axes, fields_from_bfl_keys(shapes, source), source, ROPE_HINT)
+
+
+def fields_from_config(config: dict, source: str) -> dict:
     """FluxParams fields from a diffusers `config.json`, or from one written with our field names."""
     if "num_layers" not in config:
-        fields = {f.name for f in dataclasses.fields(FluxParams)}
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        return known_fields(FluxParams, config)
     if config.get("patch_size", 1) != 1:
-        raise CheckpointError(f"{source}: patch_size {config['patch_size']} is not supported (FLUX.1 packs 2x2 outside)")
+        raise CheckpointError(
+            f"{source}: patch_size {config['patch_size']} is not supported (FLUX.1 packs 2x2 outside)"
+        )
     try:
         fields = _diffusers_fields(config)
     except KeyError as err:
@@ -190,7 +197,7 @@ def _diffusers_fields(config: dict) -> dict:
 
 
 def find_transformer(path: Path) -> tuple[str, Path]:
-    """('bfl', file) or ('diffusers', component folder) for any accepted source path."""
+    """('bfl', file) or ('diffusers', component folder) for any accepted local path."""
     if path.is_file():
         return "bfl", path
     if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
@@ -201,10 +208,42 @@ def find_transformer(path: Path) -> tuple[str, Path]:
     if len(bfl_files) == 1:
         return "bfl", bfl_files[0]
     if len(bfl_files) > 1:
-        raise CheckpointError(f"{path} holds several transformers ({', '.join(f.name for f in bfl_files)}): name the file")
+        names = ", ".join(f.name for f in bfl_files)
+        raise CheckpointError(f"{path} holds several transformers ({names}): name the file")
     raise CheckpointError(
         f"{path} is neither a diffusers pipeline or transformer folder nor a folder with a flux1-*.safetensors file"
     )
+
+
+def locate_transformer(src: str | Path) -> tuple[str, Path]:
+    """('bfl', file) or ('diffusers', component folder) for a local path or a hub repo id."""
+    return find_transformer(resolve(src, allow_patterns=TRANSFORMER_FILES))
+
+
+def transformer_in_channels(src: str | Path) -> tuple[int | None, Path]:
+    """The input channels of the transformer at `src` and the file that says so, from a diffusers
+    config.json's `in_channels` or a BFL file's `img_in.weight` shape; None where neither says
+    (the loader then reports what is wrong)."""
+    kind, path = locate_transformer(src)
+    if kind == "diffusers":
+        config = path / "config.json"
+        return read_json(config).get("in_channels"), config
+    if path.suffix != ".safetensors":
+        return None, path
+    shape = safetensors_keys(path).get("img_in.weight")
+    return (shape[1] if shape and len(shape) == 2 else None), path
+
+
+TRANSFORMER = CheckpointFormat(
+    name="transformer",
+    locate=locate_transformer,
+    fields_from_bfl_keys=fields_from_bfl_keys,
+    fields_from_config=fields_from_config,
+    make_params=params_with_rope_axes,
+    diffusers_to_bfl=diffusers_to_bfl,
+    build=Flux,
+    bfl_hint=ROPE_HINT,
+)
 
 
 def load_transformer(
@@ -217,24 +256,4 @@ def load_transformer(
 
     `config` overrides what the checkpoint says or implies (a FluxParams, or a dict of its fields).
     """
-    dtype, device = check_dtype(dtype), check_device(device)
-    kind, path = find_transformer(resolve(src, allow_patterns=["model_index.json", "transformer/*"]))
-    if kind == "bfl":
-        fields = single_file_fields(path, bfl_fields, params_from_config)
-    else:
-        files = weight_files(path, DIFFUSERS_STEM)  # first: a pickle-only folder is refused before anything else
-        fields = params_from_config(read_json(path / "config.json"), str(path / "config.json"))
-    if config is not None:
-        fields.update(dataclasses.asdict(config) if isinstance(config, FluxParams) else config)
-    if "axes_dim" not in fields:
-        fields["axes_dim"] = _rope_axes(fields, str(path))
-    try:
-        params = FluxParams(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: inconsistent transformer config: {err}") from None
-
-    files = [path] if kind == "bfl" else files
-    state = read_safetensors(files, dtype, device)
-    if kind == "diffusers":
-        state = diffusers_to_bfl(state, params)
-    return load_strict(lambda: Flux(params), state, str(path))
+    return load_checkpoint(TRANSFORMER, src, dtype, device, config)

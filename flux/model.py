@@ -29,14 +29,18 @@ class Flux(nn.Module):
     def forward(
         self,
         img: Tensor,  # [B, L, in_channels] packed latents
-        img_ids: Tensor,  # [B, L, 3]
+        img_ids: Tensor,  # [B, L, 3], or [L, 3] for every image as diffusers accepts
         txt: Tensor,  # [B, S, context_in_dim] T5 hidden states
-        txt_ids: Tensor,  # [B, S, 3]
+        txt_ids: Tensor,  # [B, S, 3], or [S, 3]
         timesteps: Tensor,  # [B] in [0, 1]
         y: Tensor,  # [B, vec_in_dim] CLIP pooled output
         guidance: Tensor | None = None,  # [B], dev only
     ) -> Tensor:
         check_inputs(self.params, img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        if img_ids.ndim == 2:  # diffusers' unbatched ids: the same positions for every image
+            img_ids = img_ids.expand(img.shape[0], -1, -1)
+        if txt_ids.ndim == 2:
+            txt_ids = txt_ids.expand(img.shape[0], -1, -1)
         dtype = self.img_in.weight.dtype
         img = self.img_in(img.to(dtype))
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
@@ -59,16 +63,19 @@ def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidan
     if img.ndim != 3 or img.shape[-1] != p.in_channels:
         raise ValueError(f"img must be [B, L, {p.in_channels}], got {list(img.shape)}")
     batch, img_len = img.shape[:2]
+    txt_len = txt.shape[1] if txt.ndim == 3 else -1
     expected = {
         "img_ids": (img_ids, [batch, img_len, len(p.axes_dim)]),
-        "txt_ids": (txt_ids, [batch, txt.shape[1] if txt.ndim == 3 else -1, len(p.axes_dim)]),
-        "txt": (txt, [batch, txt.shape[1] if txt.ndim == 3 else -1, p.context_in_dim]),
+        "txt_ids": (txt_ids, [batch, txt_len, len(p.axes_dim)]),
+        "txt": (txt, [batch, txt_len, p.context_in_dim]),
         "timesteps": (timesteps, [batch]),
         "y": (y, [batch, p.vec_in_dim]),
     }
     for name, (tensor, shape) in expected.items():
-        if list(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from img {list(img.shape)}), got {list(tensor.shape)}")
+        unbatched = name.endswith("_ids")  # position ids may leave out the batch dim, as in diffusers
+        if list(tensor.shape) != shape and not (unbatched and list(tensor.shape) == shape[1:]):
+            allowed = f"{shape} or {shape[1:]}" if unbatched else f"{shape}"
+            raise ValueError(f"{name} must have shape {allowed} (from img {list(img.shape)}), got {list(tensor.shape)}")
     if p.guidance_embed and guidance is None:
         raise ValueError("this model has a guidance embedding (FLUX.1-dev): pass guidance [B]")
     if guidance is not None and list(guidance.shape) != [batch]:

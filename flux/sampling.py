@@ -80,24 +80,16 @@ def get_schedule(num_steps: int, image_seq_len: int, schedule: Schedule) -> list
 
 
 def denoise(
-    model: Callable[..., Tensor],
+    velocity: Callable[[Tensor, float], Tensor],
     img: Tensor,  # [B, L, 64] packed noise (or this rank's shard of it)
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
-    y: Tensor,
     timesteps: list[float],
-    guidance: float | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """Euler integration of the model's velocity from timesteps[0] to timesteps[-1]; fp32 state."""
+    """Euler integration of velocity(img, t) from timesteps[0] to timesteps[-1]; fp32 state.
+    `velocity` is the model's prediction at time t (parallel.Generation.velocity in the pipeline)."""
     img = img.float()
-    batch = img.shape[0]
-    guidance_vec = None if guidance is None else torch.full((batch,), guidance, device=img.device)
     for step, (t_curr, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        t_vec = torch.full((batch,), t_curr, device=img.device)
-        velocity = model(img, img_ids, txt, txt_ids, t_vec, y, guidance_vec)
-        img = img + (t_next - t_curr) * velocity.float()
+        img = img + (t_next - t_curr) * velocity(img, t_curr).float()
         if on_step is not None:
             on_step(step)
     return img

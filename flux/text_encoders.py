@@ -8,7 +8,6 @@ once the prompts are encoded.
 """
 
 import collections
-import dataclasses
 import functools
 import io
 import itertools
@@ -31,10 +30,12 @@ from flux.tokenizers import (
     read_spiece,
     t5_tokenizer,
 )
-from flux.weights import (
+from weights import (
     CheckpointError,
+    build_params,
     check_device,
     check_dtype,
+    known_fields,
     load_strict,
     module_or_load,
     read_json,
@@ -63,28 +64,21 @@ def encoder_folder(src: str | Path, subfolder: str, patterns: list[str]) -> Path
     return path
 
 
-def params_from_config(cls, config: dict, source: str):
-    """A params dataclass from the config.json fields of the same names; the others are ignored."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    try:
-        return cls(**{key: value for key, value in config.items() if key in fields})
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: {err}") from None
-
-
 def t5_params(config: dict, source: str) -> T5Params:
+    """T5Params from a transformers T5Config `config.json` (its field names are ours)."""
     projection = config.get("feed_forward_proj", "gated-gelu")
     if projection != "gated-gelu":
         raise CheckpointError(
             f"{source}: feed_forward_proj {projection!r} is not supported (T5 v1.1 uses 'gated-gelu')"
         )
-    return params_from_config(T5Params, config, source)
+    return build_params(T5Params, known_fields(T5Params, config), source)
 
 
 def clip_params(config: dict, source: str) -> ClipParams:
+    """ClipParams from a transformers CLIPTextConfig `config.json` (its field names are ours)."""
     if not isinstance(config.get("eos_token_id", 0), int):
         raise CheckpointError(f"{source}: eos_token_id must be one integer, got {config['eos_token_id']!r}")
-    return params_from_config(ClipParams, config, source)
+    return build_params(ClipParams, known_fields(ClipParams, config), source)
 
 
 def t5_from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -208,8 +202,10 @@ class TextConditioner:
         patterns |= set(T5_FILES) if text_encoder_2 is None else set()
         src = resolve(src, allow_patterns=sorted(patterns))  # a hub id: one download for every part read from it
         clip_tokenizer, t5_tokenizer = load_clip_tokenizer(src), load_t5_tokenizer(src)
-        clip = module_or_load(text_encoder, ClipTextModel, "text_encoder", functools.partial(load_clip, dtype=dtype, device=device), src)
-        t5 = module_or_load(text_encoder_2, T5Encoder, "text_encoder_2", functools.partial(load_t5, dtype=dtype, device=device), src)
+        load_clip_here = functools.partial(load_clip, dtype=dtype, device=device)
+        load_t5_here = functools.partial(load_t5, dtype=dtype, device=device)
+        clip = module_or_load(text_encoder, ClipTextModel, "text_encoder", load_clip_here, src)
+        t5 = module_or_load(text_encoder_2, T5Encoder, "text_encoder_2", load_t5_here, src)
         try:
             return cls(clip_tokenizer, t5_tokenizer, clip, t5)
         except ValueError as err:  # a tokenizer and an encoder that do not belong together: the files' fault

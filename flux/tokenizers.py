@@ -18,7 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE, Unigram
 from torch import Tensor
 
-from flux.weights import CheckpointError, read_json, resolve
+from weights import CheckpointError, read_json, resolve
 
 # CLIP's word pattern (openai/CLIP simple_tokenizer): specials, English contractions, letter runs,
 # single digits, runs of other non-space characters.

@@ -16,22 +16,30 @@ from torch import Tensor
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent and seconds it spent blocked, per kind of call."""
+    """Bytes this rank sent and seconds it spent blocked, per kind of call; bytes also per mesh axis."""
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     calls: dict = field(default_factory=lambda: defaultdict(int))
+    axis_bytes: dict = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, kind: str, nbytes: int, seconds: float) -> None:
+    def add(self, kind: str, axis: str, nbytes: int, seconds: float) -> None:
         self.bytes[kind] += nbytes
         self.seconds[kind] += seconds
         self.calls[kind] += 1
+        self.axis_bytes[axis] += nbytes
 
     def as_dict(self) -> dict:
         return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
 
 
 _stats: CommStats | None = None
+_axis_of_group: dict[str, str] = {}  # process group name -> the mesh axis it belongs to
+
+
+def name_group(group, axis: str) -> None:
+    """Attribute the bytes sent over `group` to mesh axis `axis` (ParallelContext names its groups)."""
+    _axis_of_group.setdefault(group.group_name, axis)
 
 
 @contextlib.contextmanager
@@ -45,9 +53,10 @@ def count_comm():
         _stats = previous
 
 
-def _record(kind: str, nbytes: int, start: float) -> None:
+def _record(kind: str, group, nbytes: int, start: float) -> None:
     if _stats is not None:
-        _stats.add(kind, nbytes, time.perf_counter() - start)
+        axis = _axis_of_group.get((group or dist.group.WORLD).group_name, "world")
+        _stats.add(kind, axis, nbytes, time.perf_counter() - start)
 
 
 def _nbytes(tensors) -> int:
@@ -67,23 +76,35 @@ def all_to_all(
     Uneven shards: `scatter_sizes[j]` is the length of piece j (None: x.chunk(P) even pieces) and
     `gather_sizes[j]` is rank j's length along gather_dim (None: all equal to x's). Every rank
     passes the same lists. Shapes: [.., S, .., G_r, ..] -> [.., S_r, .., sum(G), ..].
+    Differentiable: the gradient goes back by the inverse all-to-all (its adjoint).
     """
     world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AllToAll.apply(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+
+
+def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
+                gather_sizes: list[int]) -> Tensor:
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
     if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
         raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout "
-                         f"{gather_sizes} says {gather_sizes[rank] if rank < len(gather_sizes) else 'none'} of {world} ranks")
+                         f"{gather_sizes} says {gather_sizes[rank] if rank < len(gather_sizes) else 'none'} "
+                         f"of {world} ranks")
     if scatter_sizes is None and x.shape[scatter_dim] % world:
         raise ValueError(f"all_to_all: {x.shape[scatter_dim]} rows along dim {scatter_dim} cannot be split evenly "
                          f"over {world} ranks (pass scatter_sizes)")
     if scatter_sizes is not None and (len(scatter_sizes) != world or sum(scatter_sizes) != x.shape[scatter_dim]):
-        raise ValueError(f"all_to_all: scatter_sizes {scatter_sizes} do not split {x.shape[scatter_dim]} rows over {world} ranks")
+        raise ValueError(f"all_to_all: scatter_sizes {scatter_sizes} do not split {x.shape[scatter_dim]} rows "
+                         f"over {world} ranks")
     pieces = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
     piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
     out_shape = piece_shape[:gather_dim] + [sum(gather_sizes)] + piece_shape[gather_dim + 1 :]
     in_splits = [p.numel() for p in pieces]
-    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel() for n in gather_sizes]
+    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel()
+                  for n in gather_sizes]
     # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
     # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards).
     send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
@@ -92,34 +113,78 @@ def all_to_all(
     received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
     start = time.perf_counter()
     dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    _record("all_to_all", (send.numel() - in_splits[rank]) * x.element_size(), start)
+    _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
         dst.copy_(arrived.view(dst.shape))
     return out
 
 
-def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None) -> Tensor:
-    """Concatenate every rank's x along dim; `sizes[j]` is rank j's length there (uneven shards)."""
+class _AllToAll(torch.autograd.Function):
+    """The adjoint of an all-to-all is the all-to-all back: scatter along the old gather dim by the
+    gather sizes, gather along the old scatter dim by the scatter sizes."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes):
+        ctx.args = (group, gather_dim, scatter_dim, gather_sizes, scatter_sizes)
+        return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim, scatter_sizes, gather_sizes = ctx.args
+        gather_sizes = gather_sizes or [grad.shape[gather_dim]] * dist.get_world_size(group)
+        return _all_to_all(grad, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes), None, None, None, None, None
+
+
+def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None, replicated: bool = False) -> Tensor:
+    """Concatenate every rank's x along dim; `sizes[j]` is rank j's length there (uneven shards).
+
+    Differentiable. By default x's gradient is the sum over ranks of their gradients for x's rows
+    (the adjoint). `replicated=True` takes this rank's rows of its own gradient instead: right when
+    every rank goes on to compute the same thing from the gathered tensor, as with the gathered
+    output of a sequence-parallel model (Megatron-LM's gather with a split backward).
+    """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes = sizes or [x.shape[dim]] * world
     if len(sizes) != world or sizes[rank] != x.shape[dim]:
-        raise ValueError(f"all_gather: this rank holds {x.shape[dim]} rows along dim {dim}, the sizes {sizes} are for {world} ranks")
+        raise ValueError(f"all_gather: this rank holds {x.shape[dim]} rows along dim {dim}, the sizes {sizes} "
+                         f"are for {world} ranks")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AllGather.apply(x, group, dim, sizes, replicated)
+    return _all_gather(x, group, dim, sizes)
+
+
+def _all_gather(x: Tensor, group, dim: int, sizes: list[int]) -> Tensor:
+    world = dist.get_world_size(group)
     x = x.movedim(dim, 0)  # gather along dim 0, where uneven pieces are contiguous
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
     outputs = [torch.empty_like(padded) for _ in range(world)]
     start = time.perf_counter()
     dist.all_gather(outputs, padded, group=group)
-    _record("all_gather", _nbytes([padded]) * (world - 1), start)
+    _record("all_gather", group, _nbytes([padded]) * (world - 1), start)
     return torch.cat([o[:n] for o, n in zip(outputs, sizes)], dim=0).movedim(0, dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, sizes, replicated):
+        ctx.args = (group, dim, sizes, replicated)
+        return _all_gather(x, group, dim, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dim, sizes, replicated = ctx.args
+        if not replicated:  # gloo has no reduce-scatter: sum the whole gradient, keep my rows
+            grad = all_reduce(grad.clone(memory_format=torch.contiguous_format), group)
+        return grad.split(sizes, dim=dim)[dist.get_rank(group)], None, None, None, None
 
 
 def all_reduce(x: Tensor, group) -> Tensor:
     """Sum x over the group, in place; returns x."""
     start = time.perf_counter()
     dist.all_reduce(x, group=group)
-    _record("all_reduce", _nbytes([x]), start)
+    _record("all_reduce", group, _nbytes([x]), start)
     return x
 
 
@@ -164,5 +229,34 @@ class P2P:
         for request in self._requests:
             request.wait()
         # time counts only the blocked wait: what compute between commit and wait hid is free
-        _record("p2p", self._sent_bytes, start)
+        _record("p2p", self.group, self._sent_bytes, start)
         self._requests, self._sent_bytes = [], 0
+
+
+def exchange(x: Tensor, group, dst: int, src: int, recv_shape) -> Tensor:
+    """Send x to rank dst and receive a tensor of recv_shape from rank src (ranks within `group`),
+    waiting for both. Differentiable: the gradient travels back the other way, from dst to src."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Exchange.apply(x, group, dst, src, tuple(recv_shape))
+    return _exchange(x, group, dst, src, recv_shape)
+
+
+def _exchange(x: Tensor, group, dst: int, src: int, recv_shape) -> Tensor:
+    p2p = P2P(group)
+    received = p2p.recv(recv_shape, x.dtype, x.device, src=src)
+    p2p.send(x, dst=dst)
+    p2p.commit()
+    p2p.wait()
+    return received
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dst, src, recv_shape):
+        ctx.args = (group, src, dst, tuple(x.shape))
+        return _exchange(x, group, dst, src, recv_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dst, src, send_shape = ctx.args  # the way back: to the rank this came from
+        return _exchange(grad, group, dst, src, send_shape), None, None, None, None

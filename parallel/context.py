@@ -1,9 +1,12 @@
 """ParallelContext: the degrees of every strategy, validated, and the device mesh they live on.
 
-Mesh axes, slowest to fastest: data, cfg, pipefusion, ring, ulysses. Ulysses ranks are
-contiguous (its all-to-all is the heaviest traffic and should stay inside a node); ring
-groups are strided. The flattened (ring, ulysses) axis is "sp", the sequence-parallel group:
-a token shard's index is the sp rank, Ulysses index fastest.
+Mesh axes, slowest to fastest: data, cfg, pipefusion, ring, ulysses (xDiT's order). Ulysses ranks
+are contiguous (its all-to-all is the heaviest traffic and should stay inside a node); ring,
+cfg and data groups are strided. Two flattened axes are built with the mesh:
+- "sp", (ring, ulysses): the sequence-parallel group; a token shard's index is the sp rank,
+  Ulysses index fastest;
+- "replica", (cfg, pipefusion, ring, ulysses): every rank of one data replica, the group the
+  parallel VAE decodes across.
 """
 
 import datetime
@@ -13,8 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel import comm
+
 AXES = ("data", "cfg", "pipefusion", "ring", "ulysses")
-IMPLEMENTED = ("ring", "ulysses")
+FLATTENED = {"sp": ("ring", "ulysses"), "replica": ("cfg", "pipefusion", "ring", "ulysses")}
 
 
 @dataclass
@@ -25,23 +30,31 @@ class ParallelContext:
     cfg_degree: int = 1
     data_degree: int = 1
     _mesh: object = field(default=None, init=False, repr=False)
-    _sp_mesh: object = field(default=None, init=False, repr=False)  # the flattened (ring, ulysses) axis
+    _flat: dict = field(default_factory=dict, init=False, repr=False)  # name -> flattened sub-mesh
 
     def __post_init__(self):
         for axis in AXES:
             degree = getattr(self, f"{axis}_degree")
-            if not isinstance(degree, int) or degree < 1:
+            if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
                 raise ValueError(f"{axis}_degree must be a positive integer, got {degree!r}")
-            if degree > 1 and axis not in IMPLEMENTED:
-                raise ValueError(f"{axis}_degree {degree}: the {axis} strategy is not implemented yet (use 1)")
+        if self.pipefusion_degree > 1:
+            raise ValueError(f"pipefusion_degree {self.pipefusion_degree}: PipeFusion is not implemented yet (use 1)")
+        if self.cfg_degree > 2:
+            raise ValueError(f"cfg_degree must be 1 or 2 (one rank group per CFG branch), got {self.cfg_degree}")
         world = dist.get_world_size() if dist.is_initialized() else 1
         product = " x ".join(f"{a} {getattr(self, f'{a}_degree')}" for a in AXES)
         if self.world_size != world:
-            raise ValueError(f"the parallel degrees multiply to {self.world_size} ({product}), but the world size is {world}")
+            raise ValueError(f"the parallel degrees multiply to {self.world_size} ({product}), "
+                             f"but the world size is {world}")
 
     @property
     def world_size(self) -> int:
-        return self.data_degree * self.cfg_degree * self.pipefusion_degree * self.ring_degree * self.ulysses_degree
+        return self.data_degree * self.replica_size
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks in one data replica: they hold one copy of the model and make one set of images."""
+        return self.cfg_degree * self.pipefusion_degree * self.sp_degree
 
     @property
     def sp_degree(self) -> int:
@@ -61,26 +74,36 @@ class ParallelContext:
             shape = tuple(getattr(self, f"{a}_degree") for a in AXES)
             self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
             # kept here: slicing a flattened axis back out of the root mesh is deprecated
-            self._sp_mesh = self._mesh["ring", "ulysses"]._flatten("sp")
+            self._flat = {name: self._mesh[axes]._flatten(name) for name, axes in FLATTENED.items()}
+            for name in (*AXES, *FLATTENED):
+                comm.name_group(self._axis_mesh(name).get_group(), name)
         return self._mesh
 
     def _axis_mesh(self, axis: str):
         mesh = self.mesh
-        return self._sp_mesh if axis == "sp" else mesh[axis]
+        return self._flat[axis] if axis in FLATTENED else mesh[axis]
 
     def group(self, axis: str):
-        """The process group of this rank along `axis` ("sp" for ring x ulysses); None when single-process."""
+        """The process group of this rank along `axis` (or "sp", "replica"); None when single-process."""
         return self._axis_mesh(axis).get_group() if self.is_distributed else None
 
     def rank(self, axis: str) -> int:
         return self._axis_mesh(axis).get_local_rank() if self.is_distributed else 0
 
     def size(self, axis: str) -> int:
-        return self.sp_degree if axis == "sp" else getattr(self, f"{axis}_degree")
+        if axis in FLATTENED:
+            return self.sp_degree if axis == "sp" else self.replica_size
+        return getattr(self, f"{axis}_degree")
 
     @property
     def is_main(self) -> bool:
+        """Global rank 0: the rank that returns the images and writes files."""
         return not dist.is_initialized() or dist.get_rank() == 0
+
+    @property
+    def is_replica_main(self) -> bool:
+        """Rank 0 of this data replica: it holds the replica's decoded images."""
+        return self.rank("replica") == 0
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> torch.device:
@@ -100,6 +123,17 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> torch.dev
     bind_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     dist.init_process_group("gloo", timeout=timeout)
     return torch.device(device)
+
+
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group that init_distributed joined. With `wait`, every rank first waits
+    for the others at a barrier, so a rank that is done cannot tear the group down under a peer
+    still in its last collective; after a failure, leave at once (the peers' collectives time out)."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def bind_to_cores(local_rank: int, local_world: int) -> list[int]:

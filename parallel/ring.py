@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels import attention_with_lse
+from kernels import attention_with_lse, attention_with_lse_reference
 from parallel import comm
 
 
@@ -47,6 +47,8 @@ def ring_attention(
     if len(seq_lens) != world or not q.shape[2] == k.shape[2] == seq_lens[rank]:
         raise ValueError(f"ring_attention: this rank holds {q.shape[2]} queries and {k.shape[2]} keys, "
                          f"seq_lens {seq_lens} are for {world} ranks")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _ring_attention_differentiable(q, k, v, group, seq_lens)
     q = q.contiguous()  # attended P times: one copy here, not one per step in the kernel
     kv = torch.stack((k, v))  # [2, B, H, L_j, D]: the shard now here, one message per hop
     out = lse = None
@@ -62,6 +64,22 @@ def ring_attention(
             if overlap:
                 hop.wait()
             kv = kv_next
+    return out.to(q.dtype), lse
+
+
+def _ring_attention_differentiable(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int]) -> tuple[Tensor, Tensor]:
+    """The same ring in grad mode: every hop is a differentiable exchange (gradients travel the ring
+    backwards) and each block's attention is the math form, whose log-sum-exp carries a gradient
+    (the fused kernels return theirs as a constant). Transfers are not overlapped here."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    kv = torch.stack((k, v))
+    out = lse = None
+    for step in range(world):
+        out_block, lse_block = attention_with_lse_reference(q, kv[0], kv[1])
+        out, lse = (out_block.float(), lse_block) if out is None else merge_attention(out, lse, out_block, lse_block)
+        if step < world - 1:
+            next_shape = (*kv.shape[:3], seq_lens[(rank - step - 1) % world], kv.shape[4])
+            kv = comm.exchange(kv, group, dst=(rank + 1) % world, src=(rank - 1) % world, recv_shape=next_shape)
     return out.to(q.dtype), lse
 
 

@@ -24,36 +24,31 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, la
     -> [B, H, J_r, D], attention over the keys of every sp rank. A degree of 1 skips its collectives."""
     inner = attention
     if layout.ring_degree > 1:
-        inner = partial(_ring_out, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap)
+        inner = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap)
     if layout.ulysses_degree == 1:
         return inner(q, k, v)
     return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner)
 
 
-def _ring_out(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool) -> Tensor:
+def _ring_attention_output(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool) -> Tensor:
+    """Ring attention's output alone: inside USP nothing merges it further, so its LSE is not needed."""
     return ring_attention(q, k, v, group, seq_lens, overlap)[0]
 
 
 class USPAttention:
-    """The `attention_fn` every FLUX block calls once parallelize_flux has installed it.
+    """The `attention_fn` the FLUX blocks call while a sequence-parallel forward runs.
 
-    It holds the process groups for its whole life and the `SequenceLayout` of the inputs now being
-    processed, which `SequenceParallelFlux.shard` sets, so no attention call needs a collective
-    to learn the other ranks' lengths. `ring_overlap = False` serialises the ring's transfers with
-    its compute (the benchmark's baseline for how much communication the overlap hides).
+    It holds the process groups and the `SequenceLayout` of the inputs it serves, both fixed at
+    construction, so no attention call needs a collective to learn the other ranks' lengths.
     """
 
-    def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int):
+    def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int, layout: SequenceLayout):
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.ring_rank, self.sp_rank = ring_rank, sp_rank
-        self.layout: SequenceLayout | None = None
-        self.ring_overlap = True
+        self.layout = layout
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.layout is None:
-            raise RuntimeError("sequence-parallel attention called before shard(): no layout of the token shards yet")
         expected = self.layout.joint_lens[self.sp_rank]
         if q.shape[2] != expected:
-            raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, shard() gave it {expected}")
-        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
-                             self.ring_overlap)
+            raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, its layout gives it {expected}")
+        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank)

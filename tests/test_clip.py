@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from helpers import rel_err
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import flux
 from flux.clip import CLIP_CONFIGS, ClipTextModel
-from flux.weights import CheckpointError
-from helpers import rel_err
+from weights import CheckpointError
 
 SMALL = dict(
     vocab_size=99,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from parallel import comm
 from parallel.context import ParallelContext
 

@@ -54,7 +54,7 @@ def test_png_matches_pillow(tmp_path):
         (["--device", "cuda:7"], "device cuda:7 does not exist"),
         (["--device", "warp-drive"], "is not a device"),
         (["--output", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
-        (["--vae-chunk", "0"], "--vae-chunk must be at least 1"),
+        (["--vae-chunk", "0"], "--vae-stripes must be at least 1"),  # --vae-chunk: the old spelling
         (["--transformer", "x.safetensors"], "--transformer cannot be used with --model tiny"),
     ],
 )

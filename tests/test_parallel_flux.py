@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from flux import CONFIGS, Flux
 from parallel import comm
 from parallel.apply import parallelize_flux
@@ -59,7 +59,8 @@ def _flux_matches(rank, world):
                 case = f"ulysses {ulysses} x ring {ring}, {txt_len} text + {grid[0] * grid[1]} image tokens"
                 out = sp_model.forward_full(**x)
                 _assert_rel_close(out, ref, case)
-                local = sp_model(*sp_model.shard(x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
+                layout = sp_model.layout(txt_len, grid[0] * grid[1])
+                local = sp_model(layout, *sp_model.shard(layout, x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
                                  x["timesteps"], x["y"], x["guidance"])
                 rows = ref.split(shard_sizes(ref.shape[1], world), dim=1)[rank]
                 _assert_rel_close(local, rows, case + " (local rows)")
@@ -82,7 +83,7 @@ def test_single_process_context_is_identity_without_communication():
     assert not stats.bytes
 
 
-def _config_mismatch_then_raise(rank, world):
+def _config_mismatch(rank, world):
     ctx = ParallelContext(ulysses_degree=world)
     odd = Flux(dataclasses.replace(PARAMS, num_heads=3, axes_dim=(8, 12, 12)))  # 3 heads, Ulysses degree 2
     with pytest.raises(ValueError) as error:
@@ -90,15 +91,24 @@ def _config_mismatch_then_raise(rank, world):
     assert ctx._mesh is None  # refused before building the mesh, the first collective
     messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
     assert messages == [messages[0]] * world and "num_heads 3 is not divisible by ulysses_degree 2" in messages[0]
-    # Then one rank fails while the other waits in a collective: the job must end, not hang.
+
+
+def test_mismatched_config_is_refused_identically_on_every_rank():
+    run_distributed(_config_mismatch, 2)
+
+
+def _one_rank_raises(rank, world):
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    sp_model = parallelize_flux(_model(), ctx)
+    # rank 0 waits in the first all-to-all for a peer that is gone (grad mode on, as a user who
+    # forgets torch.no_grad() runs it)
+    sp_model = parallelize_flux(_model(), ParallelContext(ulysses_degree=world))
     sp_model.forward_full(**_inputs(7, (5, 5)))
 
 
-def test_mismatched_config_and_failing_rank_end_the_job():
+def test_failing_rank_ends_the_job():
     start = time.perf_counter()
-    with pytest.raises(Exception, match="rank 1 fails on purpose"):
-        run_distributed(_config_mismatch_then_raise, 2, timeout_s=20.0)
+    with pytest.raises(RuntimeError, match="rank 1 failed first") as error:
+        run_distributed(_one_rank_raises, 2, timeout_s=20.0)
+    assert "rank 1 fails on purpose" in str(error.value)
     assert time.perf_counter() - start < 60.0

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-from distributed import run_distributed
 from flux.pipeline import FluxPipeline
 from parallel.context import ParallelContext
 

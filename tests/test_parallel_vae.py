@@ -7,13 +7,14 @@ per-stripe means (DistVAE's old bug) would be off by tens of percent on them, fa
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+from helpers import rel_err
+
 from parallel.context import ParallelContext
 from parallel.halo import DistGroupNorm, split_rows
-from parallel.vae import decode_in_stripes, decode_parallel
+from parallel.stripes import decode_in_stripes
+from parallel.vae import decode_parallel
 from vae import VAE_CONFIGS, AutoEncoder
-from helpers import rel_err
 
 TOL = 1e-5  # fp32: the sharded decode only reorders sums (halo rows, reductions), ~1e-7 in practice
 
@@ -35,14 +36,14 @@ def ramp_latent(height: int, width: int) -> torch.Tensor:
     return noise + torch.linspace(-3.0, 3.0, height)[:, None]  # [1, 16, h, w], bright at the bottom
 
 
-def _group_norm_on_ramp(rank, world, group):
+def _group_norm_on_ramp(rank, world):
     rows = split_rows(11, world)
     full = torch.randn(2, 8, 11, 5, generator=torch.Generator().manual_seed(3)) + 10 * torch.linspace(0, 1, 11)[:, None]
     norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
     local = full[:, :, sum(rows[:rank]) : sum(rows[: rank + 1])]
     with torch.no_grad():
         expected = norm(full)[:, :, sum(rows[:rank]) : sum(rows[: rank + 1])]
-        torch.testing.assert_close(DistGroupNorm(norm, group)(local), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(DistGroupNorm(norm, dist.group.WORLD)(local), expected, rtol=1e-5, atol=1e-5)
 
 
 def _decode(rank, world, group, name, height, width, attention):
@@ -58,10 +59,10 @@ def _decode(rank, world, group, name, height, width, attention):
     assert rel_err(image, expected) <= TOL, f"world {world}, {name} {height}x{width}, {attention}"
 
 
-def _too_few_rows(rank, world, group):
+def _too_few_rows(rank, world):
     rows = world - 1
     with pytest.raises(ValueError, match=f"a latent of \\[{rows}\\] rows cannot be split over {world} ranks"):
-        decode_parallel(tiny_vae(), torch.randn(1, 16, rows, 5), group)
+        decode_parallel(tiny_vae(), torch.randn(1, 16, rows, 5), dist.group.WORLD)
 
 
 # (model, latent height, width, mid-block attention) per world size: uneven stripes (13 rows over
@@ -73,21 +74,28 @@ CASES = {
 }
 
 
-def _all_worlds(rank, world):
-    """Worlds 2 and 3 run on subgroups of one 4-process job (spawning costs more than the checks);
-    world 4 goes through a ParallelContext, as the pipeline calls it."""
-    groups = {2: dist.new_group([0, 1]), 3: dist.new_group([0, 1, 2]), 4: ParallelContext(ring_degree=4)}
-    for size, group in groups.items():
-        if rank < size:
-            process_group = dist.group.WORLD if size == world else group
-            _group_norm_on_ramp(rank, size, process_group)
-            for case in CASES[size]:
-                _decode(rank, size, group, *case)
-            _too_few_rows(rank, size, group)
+def _decode_cases(rank, world):
+    """World 4 goes through a ParallelContext, as the pipeline calls it (its data replica's group)."""
+    group = dist.group.WORLD
+    if world == 4:
+        ctx = ParallelContext(ring_degree=4)
+        assert dist.get_process_group_ranks(ctx.group("replica")) == [0, 1, 2, 3]
+        group = ctx.group("replica")
+    for case in CASES[world]:
+        _decode(rank, world, group, *case)
 
 
-def test_parallel_decode_equals_single_device():
-    run_distributed(_all_worlds, 4)
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_parallel_decode_equals_single_device(world):
+    run_distributed(_decode_cases, world)
+
+
+def test_group_norm_statistics_are_global():
+    run_distributed(_group_norm_on_ramp, 3)
+
+
+def test_too_few_rows_refused_on_every_rank():
+    run_distributed(_too_few_rows, 3)
 
 
 @pytest.mark.parametrize("num_stripes", [2, 3, 7, 40])
@@ -107,5 +115,5 @@ def test_stripes_flux_widths():
 
 
 def test_stripe_count_is_checked():
-    with pytest.raises(ValueError, match="num_stripes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="stripes must be a positive integer \\(the number of row stripes\\), got 0"):
         decode_in_stripes(tiny_vae(), torch.randn(1, 16, 4, 4), 0)

@@ -1,6 +1,8 @@
 """The whole text-to-image path against diffusers' FluxPipeline on a small random pipeline it saves."""
 
+import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -10,16 +12,17 @@ from diffusers import FluxPipeline as DiffusersFluxPipeline
 from safetensors.torch import save_file
 from test_text_conditioner import clip_model
 from test_tokenizers import write_clip_files, write_t5_files
-from test_transformer import diffusers_model
+from test_transformer import diffusers_model, write_source
 from test_vae import diffusers_config, perturb
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux
 from flux import text_encoders as te
 from flux.checkpoint import diffusers_to_bfl
-from flux.pipeline import FluxPipeline, load_schedule
+from flux.pipeline import FluxPipeline
+from flux.pipeline_folder import check_pipeline_folder, load_schedule
 from flux.sampling import Schedule, get_schedule, pack, unpack
-from flux.weights import CheckpointError
+from weights import CheckpointError
 
 HEIGHT, WIDTH = 48, 80  # 3x5 packed tokens: not square, so a row/column mix-up shows
 PROMPTS = ["a red fox in the snow", ""]
@@ -83,6 +86,28 @@ def test_image_equals_diffusers(saved, steps):
     torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
 
 
+def test_true_cfg_equals_diffusers(saved):
+    """Negative prompts with true_cfg_scale > 1: two predictions per step, neg + scale * (pos - neg)."""
+    root, ref, variant = saved
+    noise = torch.randn(len(PROMPTS), 16, HEIGHT // 8, WIDTH // 8)
+    guidance = 4.0 if variant == "dev" else None
+    negatives = ["blurry", "a dog"]
+    ours = FluxPipeline.from_pretrained(root, dtype=torch.float32)
+    image = ours(PROMPTS, height=HEIGHT, width=WIDTH, num_steps=2, guidance=guidance, latents=noise,
+                 max_sequence_length=24, output_type="pt", negative_prompt=negatives, true_cfg_scale=3.0)
+    packed = DiffusersFluxPipeline._pack_latents(noise, noise.shape[0], 16, noise.shape[2], noise.shape[3])
+    with torch.no_grad():
+        expected = ref(PROMPTS, negative_prompt=negatives, true_cfg_scale=3.0, height=HEIGHT, width=WIDTH,
+                       num_inference_steps=2, guidance_scale=guidance or 3.5, latents=packed, max_sequence_length=24,
+                       output_type="pt").images
+    without_cfg = ours(PROMPTS, height=HEIGHT, width=WIDTH, num_steps=2, guidance=guidance, latents=noise,
+                       max_sequence_length=24, output_type="pt")
+    assert (image - without_cfg).abs().max() > 1e-2  # the negative branch changed the image
+    # fp32 end to end, as test_image_equals_diffusers; we run both branches as one batched forward,
+    # diffusers as two: rounding differences only
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
+
+
 def test_bfl_single_file_overrides_give_the_same_image(saved, tmp_path):
     root, ref, variant = saved
     params = flux.CONFIGS["tiny-dev" if variant == "dev" else "tiny"]
@@ -137,7 +162,7 @@ def test_tiny_pipeline_outputs():
 def test_vae_stripes_give_the_same_image():
     call = dict(prompt="a fox", height=64, width=48, num_steps=1, output_type="pt")
     plain = FluxPipeline.tiny()(**call)
-    torch.testing.assert_close(FluxPipeline.tiny(vae_chunks=3)(**call), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(FluxPipeline.tiny(vae_stripes=3)(**call), plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -158,9 +183,9 @@ def test_bad_calls(call, message):
         pipe(**{"prompt": "x", "height": 32, "width": 32, "num_steps": 1, **call})
 
 
-def test_bad_vae_chunks_refused_before_any_work():
-    with pytest.raises(ValueError, match="vae_chunks must be a positive integer"):
-        FluxPipeline.tiny(vae_chunks=0)
+def test_bad_vae_stripes_refused_before_any_work():
+    with pytest.raises(ValueError, match="vae_stripes must be a positive integer"):
+        FluxPipeline.tiny(vae_stripes=0)
 
 
 def test_guidance_on_schnell_warns_and_is_ignored():
@@ -194,3 +219,87 @@ def test_bad_scheduler_config(tmp_path, config, message):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         load_schedule(tmp_path, guidance_embed=True)
+
+
+# ---- model_index.json and the transformer's input channels: FLUX variants are refused at load ----
+
+
+def pipeline_folder(root, class_name="FluxPipeline", in_channels=64, kind="pipeline"):
+    """A folder holding only a tiny transformer (`kind` as test_transformer.write_source writes it) and,
+    for a pipeline folder, a model_index.json naming `class_name`: the refusals come before anything else is read."""
+    params = dataclasses.replace(flux.CONFIGS["tiny"], in_channels=in_channels, out_channels=in_channels)
+    root.mkdir(parents=True, exist_ok=True)
+    path = write_source(kind, diffusers_model(params), params, root)
+    if kind == "pipeline":
+        index = {"_class_name": class_name, "transformer": ["diffusers", "FluxTransformer2DModel"]}
+        (root / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.mark.parametrize("class_name, variant", [
+    ("FluxFillPipeline", "FLUX.1 Fill"),
+    ("FluxControlPipeline", "FLUX.1 Canny or Depth"),
+    ("FluxKontextPipeline", "FLUX.1 Kontext"),
+    ("FluxPriorReduxPipeline", "FLUX.1 Redux"),
+    ("FluxImg2ImgPipeline", "image to image"),
+    ("FluxInpaintPipeline", "inpainting"),
+    ("StableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
+])
+def test_variant_pipeline_folders_are_refused(tmp_path, class_name, variant):
+    pipeline_folder(tmp_path, class_name)
+    with pytest.raises(CheckpointError) as err:
+        FluxPipeline.from_pretrained(tmp_path, dtype=torch.float32)
+    message = str(err.value)
+    assert f"{tmp_path / 'model_index.json'} describes a {class_name}" in message and variant in message
+    assert "only FLUX.1 text to image (FluxPipeline)" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "channels, variant", [(384, "FLUX.1 Fill"), (128, "FLUX.1 Canny or Depth"), (96, "a FLUX variant")]
+)
+@pytest.mark.parametrize("kind", ["pipeline", "bfl"])
+def test_transformer_with_more_input_channels_is_refused(tmp_path, kind, channels, variant):
+    path = pipeline_folder(tmp_path, in_channels=channels, kind=kind)
+    assert flux.load_transformer(path, dtype=torch.float32).params.in_channels == channels  # a loadable transformer
+    source = tmp_path / "transformer" / "config.json" if kind == "pipeline" else path
+    with pytest.raises(CheckpointError) as err:
+        FluxPipeline.from_pretrained(tmp_path, dtype=torch.float32)
+    message = str(err.value)
+    assert message.startswith(f"{source}: the transformer takes {channels} input channels, not 64: it is {variant}")
+    assert "\n" not in message
+
+
+def test_transformer_override_with_more_input_channels_is_refused(tmp_path):
+    fill = pipeline_folder(tmp_path / "fill", in_channels=384, kind="bfl")
+    pipeline_folder(tmp_path / "plain")
+    check_pipeline_folder(tmp_path / "plain")  # the folder itself is a plain text-to-image one
+    refusal = f"^{re.escape(str(fill))}: the transformer takes 384 input channels, not 64: it is FLUX.1 Fill"
+    with pytest.raises(CheckpointError, match=refusal):
+        FluxPipeline.from_pretrained(tmp_path / "plain", dtype=torch.float32, transformer=fill)
+    module = flux.load_transformer(fill, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="^the transformer given: the transformer takes 384 input channels"):
+        FluxPipeline.from_pretrained(tmp_path / "plain", dtype=torch.float32, transformer=module)
+
+
+@pytest.mark.parametrize("text, fault", [
+    ("{not json", "cannot read"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"transformer": ["diffusers", "FluxTransformer2DModel"]}', "has no _class_name"),
+    ('{"_class_name": ["FluxPipeline"]}', "has no _class_name"),
+])
+def test_corrupt_model_index_is_refused(tmp_path, text, fault):
+    pipeline_folder(tmp_path)
+    (tmp_path / "model_index.json").write_text(text)
+    with pytest.raises(CheckpointError) as err:
+        FluxPipeline.from_pretrained(tmp_path, dtype=torch.float32)
+    message = str(err.value)
+    assert str(tmp_path / "model_index.json") in message and fault in message and "\n" not in message
+
+
+def test_plain_pipeline_folders_pass_the_check(saved, tmp_path):
+    check_pipeline_folder(saved[0])  # as diffusers' FluxPipeline.save_pretrained writes it
+    for kind in ("pipeline", "bfl", "component"):
+        path = pipeline_folder(tmp_path / kind, kind=kind)
+        check_pipeline_folder(tmp_path / kind if kind != "component" else path)
+        check_pipeline_folder(saved[0], transformer=path)
+    check_pipeline_folder(saved[0], transformer=flux.Flux(flux.CONFIGS["tiny"]))

@@ -2,8 +2,8 @@
 
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from kernels import attention_with_lse_reference
 from parallel import comm
 from parallel.ring import merge_attention, ring_attention

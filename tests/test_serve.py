@@ -132,7 +132,7 @@ def test_failed_generation_gets_500_and_the_service_stays_up(service, pipe, monk
     def out_of_memory(latents):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail on a second line")
 
-    monkeypatch.setattr(pipe, "_decode", out_of_memory)
+    monkeypatch.setattr(pipe.vae, "decode", out_of_memory)
     failed_before = service.jobs.failed
     reply = post(service.client, {"prompt": "a red fox", "steps": 1})
     assert reply.status_code == 500
@@ -172,8 +172,9 @@ def test_full_queue_gets_429_and_requests_run_in_arrival_order(pipe):
 def test_page_is_served_without_outside_resources(service):
     page = service.client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for element in ('id="prompt"', 'id="negative_prompt"', 'id="width"', 'id="height"', 'id="steps"', 'id="seed"',
-                    'id="generate"', 'id="progress"', 'id="recent"'):
+    for name in ("prompt", "negative_prompt", "width", "height", "steps", "seed", "true_cfg_scale", "generate",
+                 "progress", "recent"):
+        element = f'id="{name}"'
         assert element in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: everything comes from the app
 

@@ -174,21 +174,30 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
 
 
 
+class Flaky:
+    """A pipeline that raises for the seeds in `before` (before any collective) and in `after` (after the
+    last one), the way out-of-memory errors and bugs do."""
+
+    def __init__(self, pipe: FluxPipeline, rank: int, before: set, after: set):
+        self.pipe, self.rank, self.before, self.after = pipe, rank, before, after
+
+    def __call__(self, **kwargs):
+        if kwargs["seed"] in self.before:
+            raise RuntimeError(f"boom on rank {self.rank}")
+        images = self.pipe(**kwargs)
+        if kwargs["seed"] in self.after:
+            raise RuntimeError(f"boom on rank {self.rank}")
+        return images
+
+    last_run = property(lambda self: self.pipe.last_run)
+    progress = property(lambda self: self.pipe.progress, lambda self, f: setattr(self.pipe, "progress", f))
+
+
 def _failing_requests(rank: int, world_size: int, expected: torch.Tensor) -> None:
-    """Rank loop of two ranks, three requests: the 1st fails on both ranks, the 2nd on rank 1 only (after
-    the last collective), the 3rd succeeds. The ranks agree on each outcome and go on to the next."""
+    """Rank loop of two ranks, three requests: seed 0 fails on both ranks, seed 1 on rank 1 only (after the
+    last collective), seed 2 succeeds. The ranks agree on each outcome and go on to the next."""
     ctx = ParallelContext(ulysses_degree=2)
-    pipe = FluxPipeline.tiny(seed=0, parallel=ctx)  # decodes on rank 0 alone: rank 1's decode is a no-op
-    fails = {0: {0}, 1: {0, 1}}[rank]  # call numbers of _decode that raise on this rank
-    calls, decode = [], pipe._decode
-
-    def flaky_decode(latents):
-        calls.append(None)
-        if len(calls) - 1 in fails:
-            raise RuntimeError(f"boom on rank {rank}")
-        return decode(latents)
-
-    pipe._decode = flaky_decode
+    pipe = Flaky(FluxPipeline.tiny(seed=0, parallel=ctx), rank, before={0}, after={1} if rank == 1 else set())
     group = dist.new_group(backend="gloo")
     if rank != 0:
         serve.serve_ranks(pipe, None, group, torch.device("cpu"), 0.05)

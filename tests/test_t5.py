@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 import flux
 from flux.t5 import T5_CONFIGS, T5Params, relative_position_bucket
-from flux.weights import CheckpointError
-from helpers import rel_err
+from weights import CheckpointError
 
 # Small, but with more tokens than max_distance so that the exact, log-spaced and clipped buckets all occur.
 SMALL = dict(

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from helpers import rel_err
 from test_tokenizers import CORPUS, PROMPTS, train_spiece, write_clip_files, write_t5_files
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -13,8 +14,7 @@ from flux import text_encoders as te
 from flux.clip import CLIP_CONFIGS, ClipTextModel
 from flux.t5 import T5_CONFIGS, T5Encoder
 from flux.text_encoders import TextConditioner
-from flux.weights import CheckpointError
-from helpers import rel_err
+from weights import CheckpointError
 
 PROMPTS = PROMPTS[:3] + PROMPTS[4:6] + PROMPTS[-1:]  # plain, empty, whitespace, unicode and over-long prompts
 

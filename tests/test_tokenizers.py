@@ -15,7 +15,7 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 import flux
 from flux import text_encoders as te
 from flux import tokenizers as tk
-from flux.weights import CheckpointError
+from weights import CheckpointError
 
 CORPUS = (
     """\

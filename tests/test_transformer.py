@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from helpers import rel_err
 from safetensors.torch import save_file
 
 import flux
 from flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
-from flux.weights import CheckpointError
-from helpers import rel_err
+from weights import CheckpointError
 
 TINY = flux.CONFIGS["tiny"]
 
@@ -95,6 +95,23 @@ def test_parity_with_diffusers(kind, guidance, tmp_path):
     with torch.no_grad():
         ours = model(**x)
     # fp32, same operations up to summation order and fused kernels: 1e-5 is the issue's bound
+    assert rel_err(ours, reference_output(ref, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["schnell", "dev"])
+def test_position_ids_without_batch_dim(guidance):
+    """diffusers' transformer takes img_ids [L, 3] and txt_ids [S, 3] (one set for every image); so do we."""
+    params = dataclasses.replace(TINY, guidance_embed=guidance)
+    ref = diffusers_model(params)
+    model = flux.Flux(params).eval()
+    model.load_state_dict(diffusers_to_bfl(dict(ref.state_dict()), params))
+    x = inputs(params)
+    unbatched = {**x, "img_ids": x["img_ids"][0].clone(), "txt_ids": x["txt_ids"][0].clone()}
+    assert unbatched["img_ids"].shape == (24, 3) and unbatched["txt_ids"].shape == (7, 3)
+    with torch.no_grad():
+        ours = model(**unbatched)
+        assert torch.equal(ours, model(**x))  # the same positions for every image: the same computation
+    # fp32, same operations up to summation order and fused kernels (reference_output passes 2-D ids too)
     assert rel_err(ours, reference_output(ref, x)) <= 1e-5
 
 
@@ -207,9 +224,11 @@ def test_pickle_refused(tmp_path):
         flux.load_transformer(tmp_path / "diffusion_pytorch_model.bin")
 
 
-def test_unsupported_dtype(component):
-    with pytest.raises(CheckpointError, match="unsupported dtype"):
-        flux.load_transformer(component, dtype=torch.int8)
+def test_unsupported_dtype_or_device_is_the_callers_fault(component):
+    for bad in (dict(dtype=torch.int8), dict(device="warp-drive"), dict(device="cuda:99")):
+        with pytest.raises(ValueError, match="unsupported dtype|is not a device|does not exist") as err:
+            flux.load_transformer(component, **bad)
+        assert not isinstance(err.value, CheckpointError), bad  # the arguments are wrong, not the checkpoint
 
 
 def test_rope_axes_that_cannot_be_inferred(tmp_path):
@@ -225,7 +244,10 @@ def test_rope_axes_that_cannot_be_inferred(tmp_path):
 @pytest.mark.parametrize(
     "field, shape, message",
     [("txt", (2, 7, 32), r"txt must have shape \[2, 7, 64\]"), ("y", (3, 32), r"y must have shape \[2, 32\]"),
-     ("img_ids", (2, 5, 3), r"img_ids must have shape \[2, 24, 3\]")],
+     ("img_ids", (2, 5, 3), r"img_ids must have shape \[2, 24, 3\]"),
+     ("img_ids", (5, 3), r"img_ids must have shape \[2, 24, 3\] or \[24, 3\] \(from img \[2, 24, 64\]\), got \[5, 3\]"),
+     ("txt_ids", (7, 2), r"txt_ids must have shape \[2, 7, 3\] or \[7, 3\]"),
+     ("txt_ids", (3,), r"txt_ids must have shape \[2, 7, 3\] or \[7, 3\]")],
 )
 def test_forward_shape_errors(field, shape, message):
     x = inputs(TINY)

@@ -1,8 +1,8 @@
 """Ulysses attention on real gloo groups, against attention over the full sequence."""
 
 import torch
-
 from distributed import run_distributed
+
 from kernels import attention_reference
 from parallel import comm
 from parallel.ulysses import ulysses_attention

@@ -1,17 +1,19 @@
 """The FLUX autoencoder against diffusers' AutoencoderKL on the same random weights, from every source kind."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from helpers import rel_err
 from safetensors.torch import save_file
 
-from flux.weights import CheckpointError
 from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from vae.checkpoint import bfl_to_diffusers, diffusers_to_bfl
-from helpers import rel_err
+from weights import CheckpointError
 
 TINY = VAE_CONFIGS["tiny"]
 SCALE, SHIFT = 0.3611, 0.1159
@@ -144,3 +146,14 @@ def test_pickle_refused(tmp_path):
         load_autoencoder(tmp_path)
     with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
         load_autoencoder(tmp_path / "diffusion_pytorch_model.bin")
+
+
+
+def test_vae_and_weights_do_not_import_flux():
+    """The layering: weights/ is owned by neither model package; vae/ builds on it (and kernels/), never on flux/."""
+    root = Path(__file__).resolve().parents[1]
+    for file in [*root.glob("vae/*.py"), *root.glob("weights/*.py"), *root.glob("kernels/*.py")]:
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("flux", "parallel")], (file, names)

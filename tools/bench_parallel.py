@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/distributed.py: free_port
 from bench_transformer import MEDIUM, make_inputs, make_models  # noqa: E402
 from distributed import free_port  # noqa: E402
+
 from kernels import attention  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.apply import parallelize_flux  # noqa: E402
 from parallel.context import ParallelContext, bind_to_cores  # noqa: E402
+from parallel.ring import ring_attention  # noqa: E402
+from parallel.swap import attention_swaps, swapped  # noqa: E402
 
 WORLD = 2
 
@@ -70,35 +73,31 @@ def count_diffusers_bytes(counter: dict) -> None:
 
 def make_variants(rank, ours, ref, ref_cp, x):
     """name -> (ranks that run it, function). One copy of our weights serves the one-rank baseline and
-    every strategy: each call only sets the blocks' attention_fn; the wrappers are built once."""
-    contexts = {"ulysses": ParallelContext(ulysses_degree=WORLD), "ring": ParallelContext(ring_degree=WORLD)}
-    wrapped = {name: parallelize_flux(ours, ctx) for name, ctx in contexts.items()}
-    blocks = (*ours.double_blocks, *ours.single_blocks)
+    every strategy: the sequence-parallel views swap the blocks' attention only during their call."""
+    wrapped = {name: parallelize_flux(ours, ParallelContext(**{f"{name}_degree": WORLD})) for name in ("ulysses", "ring")}
 
-    def run(attention_fn, sp_model=None):
-        for block in blocks:
-            block.attention_fn = attention_fn
-        return ours(**x) if sp_model is None else sp_model.forward_full(**x)
+    def with_attention(sp_model, attention_fn):
+        """shard, forward with attention_fn at the seam, gather: forward_full with another attention."""
+        layout = sp_model.layout(x["txt"].shape[1], x["img"].shape[1])
+        local = sp_model.shard(layout, x["img"], x["img_ids"], x["txt"], x["txt_ids"])
+        with swapped(attention_swaps(ours, attention_fn)):
+            out = ours(*local, x["timesteps"], x["y"], x.get("guidance"))
+        return sp_model.gather(layout, out)
 
-    def ours_single():
-        return run(attention)
-
-    def ours_no_exchange():
-        return run(ulysses_work_without_exchange, wrapped["ulysses"])
-
-    def ours_sp(strategy, overlap=True):
-        sp_model = wrapped[strategy]
-        sp_model.attention.ring_overlap = overlap
-        return run(sp_model.attention, sp_model)
+    def ring_not_overlapped():
+        sp_model = wrapped["ring"]
+        lens = sp_model.layout(x["txt"].shape[1], x["img"].shape[1]).ring_lens
+        group = sp_model.ctx.group("ring")
+        return with_attention(sp_model, lambda q, k, v: ring_attention(q, k, v, group, lens, overlap=False)[0])
 
     return {
-        "ours 1 rank": (1, ours_single),
+        "ours 1 rank": (1, lambda: ours(**x)),
         "diffusers 1 rank": (1, lambda: diffusers_call(ref, x)),
-        "ours ulysses": (WORLD, lambda: ours_sp("ulysses")),
-        "ours ring": (WORLD, lambda: ours_sp("ring")),
-        "ours ring, not overlapped": (WORLD, lambda: ours_sp("ring", overlap=False)),
+        "ours ulysses": (WORLD, lambda: wrapped["ulysses"].forward_full(**x)),
+        "ours ring": (WORLD, lambda: wrapped["ring"].forward_full(**x)),
+        "ours ring, not overlapped": (WORLD, ring_not_overlapped),
         "diffusers ulysses": (WORLD, lambda: diffusers_call(ref_cp, x)),
-        NO_EXCHANGE: (WORLD, ours_no_exchange),
+        NO_EXCHANGE: (WORLD, lambda: with_attention(wrapped["ulysses"], ulysses_work_without_exchange)),
     }
 
 

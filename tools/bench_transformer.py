@@ -21,7 +21,7 @@ from flux.checkpoint import bfl_to_diffusers  # noqa: E402
 from flux.configs import CONFIGS  # noqa: E402
 from flux.model import Flux  # noqa: E402
 from flux.sampling import make_img_ids  # noqa: E402
-from flux.weights import seeded_init  # noqa: E402
+from weights import seeded_init  # noqa: E402
 
 MEDIUM = dataclasses.replace(
     CONFIGS["schnell"], hidden_size=768, num_heads=12, depth=4, depth_single_blocks=8, axes_dim=(8, 28, 28)

@@ -77,9 +77,10 @@ def latent(px: int) -> torch.Tensor:
 
 
 def _rank_worker(rank, world, folder, px, dtype, result_file):
+    import torch.distributed as dist
+
     from parallel.vae import decode_parallel
     from vae import load_autoencoder
-    import torch.distributed as dist
 
     ae = load_autoencoder(Path(folder) / "ae.safetensors", dtype=getattr(torch, dtype))
     loaded = reset_peak()

@@ -1,8 +1,12 @@
-"""Generate an image with FLUX.1 on one device or many.
+"""Generate images with FLUX.1 on one device or many.
 
     python tools/generate.py --model tiny --prompt "a red fox" --output fox.png
     python tools/generate.py --model black-forest-labs/FLUX.1-schnell --prompt "..." --device cuda
     torchrun --nproc_per_node 4 tools/generate.py --ulysses-degree 2 --ring-degree 2 --use-parallel-vae ...
+    torchrun --nproc_per_node 4 tools/generate.py --prompt "a fox" --negative-prompt "blurry" --true-cfg-scale 4 \
+        --cfg-degree 2 --data-parallel-degree 2 --num-images-per-prompt 2 --output fox.png   # fox-0.png ... fox-1.png
+
+One image is written to --output as given; several to NAME-0.png, NAME-1.png, ... in prompt order.
 
 Usage errors exit with status 2, loading errors with 1, each with one sentence on stderr.
 """
@@ -21,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
 from flux.sampling import check_image_size  # noqa: E402
-from flux.weights import CheckpointError, check_device  # noqa: E402
-from parallel.context import ParallelContext, init_distributed  # noqa: E402
+from parallel.context import ParallelContext, close_distributed, init_distributed  # noqa: E402
+from weights import CheckpointError, check_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +34,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(p)
-    p.add_argument("--prompt", default="a photo of a forest with mist swirling around the tree trunks")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="the prompt; give it several times for several prompts (default: a forest in mist)")
+    p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
+                   help="true CFG: what the image should not show (with --true-cfg-scale > 1)")
+    p.add_argument("--true-cfg-scale", "--true_cfg_scale", dest="true_cfg_scale", type=float, default=1.0,
+                   help="true CFG scale: neg + scale * (pos - neg) every step (default 1: off)")
+    p.add_argument("--num-images-per-prompt", "--num_images_per_prompt", dest="num_images_per_prompt", type=int,
+                   default=1)
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
     p.add_argument("--steps", type=int, default=None, help="default 4 (schnell) or 28 (dev)")
@@ -55,15 +66,22 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--ulysses-degree", "--ulysses_degree", dest="ulysses_degree", type=int, default=1)
     p.add_argument("--ring-degree", "--ring_degree", dest="ring_degree", type=int, default=1)
+    p.add_argument("--cfg-degree", "--cfg_degree", dest="cfg_degree", type=int, default=1,
+                   help="2: the negative and the positive CFG branch on two halves of the ranks")
+    p.add_argument("--use-cfg-parallel", "--use_cfg_parallel", dest="cfg_degree", action="store_const", const=2,
+                   help="the same as --cfg-degree 2 (xDiT's spelling)")
+    p.add_argument("--data-parallel-degree", "--data_parallel_degree", dest="data_degree", type=int, default=1,
+                   help="split the images over N replicas of the model")
     p.add_argument("--use-parallel-vae", "--use_parallel_vae", dest="use_parallel_vae", action="store_true",
-                   help="decode the image across all ranks (exact halo exchange)")
-    p.add_argument("--vae-chunk", "--vae_chunk", dest="vae_chunk", type=int, default=None,
+                   help="decode the image across all ranks of a replica (exact halo exchange)")
+    p.add_argument("--vae-stripes", "--vae-chunk", "--vae_chunk", dest="vae_stripes", type=int, default=None,
                    help="decode on one device in N row stripes (exact, lower peak memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
 
 
 def apply_defaults(args) -> None:
     """The defaults that depend on the model: image size and dtype."""
+    args.prompt = args.prompt or ["a photo of a forest with mist swirling around the tree trunks"]
     tiny = args.model == "tiny"
     for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
         if getattr(args, name) is None:
@@ -82,6 +100,16 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
+    if args.num_images_per_prompt < 1:
+        parser.error(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
+    true_cfg = args.negative_prompt is not None and args.true_cfg_scale > 1
+    if args.cfg_degree == 2 and not true_cfg:
+        parser.error("--cfg-degree 2 runs the negative and the positive branch on two halves of the ranks: "
+                     "it needs --negative-prompt and --true-cfg-scale > 1")
+    images = len(args.prompt) * args.num_images_per_prompt
+    if args.data_degree > images:
+        parser.error(f"--data-parallel-degree {args.data_degree} is more than the {images} image(s) asked for: "
+                     "each replica needs at least one")
     check_pipeline_usage(parser, args)
     for flag in ("output", "report"):
         path = getattr(args, flag)
@@ -94,11 +122,16 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
     for flag in ("transformer", "vae"):
         if args.model == "tiny" and getattr(args, flag):
             parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
-    if args.vae_chunk is not None and args.vae_chunk < 1:
-        parser.error(f"--vae-chunk must be at least 1, got {args.vae_chunk}")
+    if args.vae_stripes is not None and args.vae_stripes < 1:
+        parser.error(f"--vae-stripes must be at least 1, got {args.vae_stripes}")
+    for flag, value in (("--cfg-degree", args.cfg_degree), ("--data-parallel-degree", args.data_degree)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.cfg_degree > 2:
+        parser.error(f"--cfg-degree must be 1 or 2 (one group of ranks per CFG branch), got {args.cfg_degree}")
     try:
         check_device(args.device)
-    except CheckpointError as err:
+    except ValueError as err:
         parser.error(f"--device: {err}")
 
 
@@ -144,7 +177,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
-    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_chunks=args.vae_chunk)
+    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_stripes=args.vae_stripes)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
         return FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
@@ -158,7 +191,8 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
     seconds). A ValueError is the command line's fault (e.g. heads not divisible by --ulysses-degree),
     a CheckpointError (a ValueError too) a file's."""
     device = init_distributed(args.device, timeout_s=args.timeout)
-    ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+                          cfg_degree=args.cfg_degree, data_degree=args.data_degree)
     start = time.perf_counter()
     pipe = load_pipeline(args, device, ctx)
     return pipe, ctx, device, time.perf_counter() - start
@@ -166,6 +200,16 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        code = generate(args)
+    except BaseException:
+        close_distributed(wait=False)
+        raise
+    close_distributed(wait=code == 0)
+    return code
+
+
+def generate(args) -> int:
     try:
         pipe, ctx, device, load_s = build_pipeline(args)
     except CheckpointError as err:  # a file's fault
@@ -180,33 +224,52 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
-                      seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt")
+                      seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt",
+                      negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
+                      num_images_per_prompt=args.num_images_per_prompt)
     except ValueError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
     total_s = time.perf_counter() - start
     if not ctx.is_main:
         return 0
-    write_png(args.output, images[0])
+    paths = output_paths(args.output, len(images))
+    for path, image in zip(paths, images):
+        write_png(path, image)
+    report = make_report(args, pipe.last_run, ctx, device, paths, load_s, total_s)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
     run = pipe.last_run
-    report = {
-        "model": args.model, "prompt": args.prompt, "height": args.height, "width": args.width,
+    print(f"wrote {', '.join(paths)} ({args.width}x{args.height}, {run['num_steps']} steps, world {ctx.world_size}) "
+          f"in {total_s:.2f} s (text {run['text_encoding_s']:.2f} s, denoise {sum(run['steps_s']):.2f} s, "
+          f"vae {run.get('vae_decode_s', 0):.2f} s), peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def output_paths(output: str, count: int) -> list[str]:
+    """--output itself for one image; NAME-0.png, NAME-1.png, ... for several, in prompt order."""
+    if count == 1:
+        return [output]
+    path = Path(output)
+    return [str(path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")) for i in range(count)]
+
+
+def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str], load_s: float, total_s: float) -> dict:
+    return {
+        "model": args.model, "prompts": args.prompt, "negative_prompt": args.negative_prompt,
+        "true_cfg_scale": run["true_cfg_scale"], "num_images_per_prompt": args.num_images_per_prompt,
+        "images": paths, "height": args.height, "width": args.width,
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
-        "seed": args.seed, "dtype": args.dtype,
-        "device": str(device), "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
-        "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "vae_chunk": args.vae_chunk,
+        "seed": args.seed, "dtype": args.dtype, "device": str(device), "world_size": ctx.world_size,
+        "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree, "cfg_degree": ctx.cfg_degree,
+        "data_degree": ctx.data_degree, "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},
         "peak_memory_bytes": peak_memory_bytes(device),
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
+        "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),
     }
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output} ({args.width}x{args.height}, {run['num_steps']} steps, world {ctx.world_size}) in {total_s:.2f} s "
-          f"(text {run['text_encoding_s']:.2f} s, denoise {sum(run['steps_s']):.2f} s, vae {run.get('vae_decode_s', 0):.2f} s), "
-          f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
-    return 0
 
 
 if __name__ == "__main__":

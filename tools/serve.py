@@ -40,7 +40,8 @@ from serve_app import Job, JobQueue, create_app  # noqa: E402
 from serve_request import Limits  # noqa: E402
 
 from flux.sampling import check_image_size  # noqa: E402
-from flux.weights import CheckpointError  # noqa: E402
+from parallel.context import close_distributed  # noqa: E402
+from weights import CheckpointError  # noqa: E402
 
 OK, FAILED, FATAL = 0, 1, 2  # a job's outcome on one rank; the ranks agree on the worst
 
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=Limits.max_size, help="pixels per side a request may ask for")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="steps a request may ask for")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between rank 0's messages when idle")
+    p.set_defaults(prompt=None)  # generate.apply_defaults also fills in generate.py's --prompt; unused here
     args = p.parse_args(argv)
     apply_defaults(args)
     check_pipeline_usage(p, args)
@@ -70,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0 < args.heartbeat < args.timeout:
         p.error(f"--heartbeat must be above 0 and below --timeout ({args.timeout}), got {args.heartbeat}")
+    if args.data_degree > 1:  # generate.py splits a batch over replicas; a request here is one image
+        p.error("--data-parallel-degree must be 1: each request is one image, so there is nothing to split")
     if not 0 <= args.port < 65536:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
     return args
@@ -190,8 +194,7 @@ def main(argv=None) -> int:
         code = serve_main_rank(args, pipe, ctx, group, device, load_s)
     else:
         code = serve_other_rank(args, pipe, group, device)
-    if code == 0 and dist.is_initialized():
-        dist.destroy_process_group()  # now, not at exit, where gloo's threads would abort the interpreter
+    close_distributed(wait=code == 0)  # now, not at exit, where gloo's threads would abort the interpreter
     return code
 
 

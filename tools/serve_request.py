@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from flux.pipeline import FluxPipeline
+from flux.pipeline import FluxPipeline, expand_prompts
 from flux.sampling import check_image_size
 
 # field -> the JSON type it takes; every field but the prompt may be left out or null
@@ -95,7 +95,8 @@ def parse_request(body: bytes, pipe: FluxPipeline, size: tuple[int, int], limits
     cfg_scale = get("true_cfg_scale", 1.0)
     if cfg_scale < 1:
         raise ValueError(f"'true_cfg_scale' must be at least 1 (1 turns true CFG off), got {cfg_scale}")
-    pipe.check_call(prompt, height, width, steps, max_len, None)  # the model's own limits, e.g. T5's length
+    prompts, negatives = expand_prompts(prompt, negative, cfg_scale, 1)
+    pipe.check_call(prompts, negatives, height, width, steps, max_len, None)  # the model's limits, e.g. T5's
     params = {"prompt": prompt, "height": height, "width": width, "num_steps": steps, "guidance": get("guidance"),
               "seed": seed, "max_sequence_length": max_len}
     if has_true_cfg(pipe):

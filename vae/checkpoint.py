@@ -5,26 +5,22 @@ Our parameter names are the black-forest-labs ones; diffusers checkpoints go thr
 highest), and its attention projections are linears where ours are 1x1 convolutions.
 """
 
-import dataclasses
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from flux.weights import (
+from vae.autoencoder import AutoEncoder, AutoEncoderParams
+from weights import (
     DIFFUSERS_STEM,
     CheckpointError,
-    check_device,
-    check_dtype,
-    load_strict,
-    read_json,
-    read_safetensors,
+    CheckpointFormat,
+    block_count,
+    known_fields,
+    load_checkpoint,
     resolve,
-    single_file_fields,
-    weight_files,
 )
-from vae.autoencoder import AutoEncoder, AutoEncoderParams
 
 BFL_FILE = "ae.safetensors"
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -32,8 +28,16 @@ _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2
 
 
 def _mid_pairs(side: str) -> list[tuple[str, str]]:
-    pairs = [(f"{side}.mid.block_{i + 1}.{b}", f"{side}.mid_block.resnets.{i}.{d}") for i in range(2) for b, d in _RESNET.items()]
+    pairs = [
+        (f"{side}.mid.block_{i + 1}.{b}", f"{side}.mid_block.resnets.{i}.{d}")
+        for i in range(2)
+        for b, d in _RESNET.items()
+    ]
     return pairs + [(f"{side}.mid.attn_1.{b}", f"{side}.mid_block.attentions.0.{d}") for b, d in _ATTN.items()]
+
+
+def _resnet_pairs(bfl: str, diffusers: str, count: int) -> list[tuple[str, str]]:
+    return [(f"{bfl}.{j}.{b}", f"{diffusers}.{j}.{d}") for j in range(count) for b, d in _RESNET.items()]
 
 
 def _module_pairs(p: AutoEncoderParams) -> list[tuple[str, str]]:
@@ -43,10 +47,10 @@ def _module_pairs(p: AutoEncoderParams) -> list[tuple[str, str]]:
     pairs += [(f"{s}.norm_out", f"{s}.conv_norm_out") for s in ("encoder", "decoder")]
     pairs += _mid_pairs("encoder") + _mid_pairs("decoder")
     for i in range(levels):
-        pairs += [(f"encoder.down.{i}.block.{j}.{b}", f"encoder.down_blocks.{i}.resnets.{j}.{d}") for j in range(p.num_res_blocks) for b, d in _RESNET.items()]
+        pairs += _resnet_pairs(f"encoder.down.{i}.block", f"encoder.down_blocks.{i}.resnets", p.num_res_blocks)
         pairs.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
         up = levels - 1 - i  # diffusers' up_blocks[0] is our up[levels - 1]
-        pairs += [(f"decoder.up.{i}.block.{j}.{b}", f"decoder.up_blocks.{up}.resnets.{j}.{d}") for j in range(p.num_res_blocks + 1) for b, d in _RESNET.items()]
+        pairs += _resnet_pairs(f"decoder.up.{i}.block", f"decoder.up_blocks.{up}.resnets", p.num_res_blocks + 1)
         pairs.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
     return pairs
 
@@ -80,39 +84,38 @@ def bfl_to_diffusers(state: dict[str, Tensor], p: AutoEncoderParams) -> dict[str
     return out
 
 
-def _count(shapes: dict, pattern: str) -> int:
-    return 1 + max(int(m.group(1)) for k in shapes if (m := re.match(pattern, k)))
-
-
-def params_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> dict:
+def fields_from_bfl_keys(shapes: dict[str, list[int]], source: str) -> dict:
     """AutoEncoderParams fields for widths and depths, from a BFL state dict's shapes (header only);
     the rest (groups, scale, shift) keep FLUX's defaults."""
     try:
         ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-        levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+        levels = block_count(shapes, r"encoder\.down\.(\d+)\.")
         widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
-        params = dict(
+        fields = dict(
             in_channels=in_channels,
             ch=ch,
             out_ch=shapes["decoder.conv_out.weight"][0],
             ch_mult=tuple(w // ch for w in widths),
-            num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+            num_res_blocks=block_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
             z_channels=shapes["decoder.conv_in.weight"][1],
         )
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{source} does not look like a FLUX autoencoder in the black-forest-labs layout (no {err})") from None
+        raise CheckpointError(
+            f"{source} does not look like a FLUX autoencoder in the black-forest-labs layout (no {err})"
+        ) from None
     if any(w % ch for w in widths):
         raise CheckpointError(f"{source}: level widths {widths} are not multiples of the first conv's {ch} channels")
-    return params
+    return fields
 
 
-def params_from_config(config: dict, source: str) -> dict:
+def fields_from_config(config: dict, source: str) -> dict:
     """AutoEncoderParams fields from a diffusers AutoencoderKL `config.json`, or one with our field names."""
     if "block_out_channels" not in config:
-        fields = {f.name for f in dataclasses.fields(AutoEncoderParams)}
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        return known_fields(AutoEncoderParams, config)
     if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
-        raise CheckpointError(f"{source}: quant convs (use_quant_conv / use_post_quant_conv) are not part of the FLUX autoencoder")
+        raise CheckpointError(
+            f"{source}: quant convs (use_quant_conv / use_post_quant_conv) are not part of the FLUX autoencoder"
+        )
     if not config.get("mid_block_add_attention", True) or config.get("act_fn", "silu") != "silu":
         raise CheckpointError(f"{source}: only the FLUX layout (SiLU, mid-block attention) is supported")
     widths = config["block_out_channels"]
@@ -134,31 +137,39 @@ def params_from_config(config: dict, source: str) -> dict:
 
 
 def find_autoencoder(path: Path) -> tuple[str, Path]:
-    """('bfl', file) or ('diffusers', component folder) for any accepted source path."""
+    """('bfl', file) or ('diffusers', component folder) for any accepted local path."""
     if path.is_file():
         return "bfl", path
     if (path / "model_index.json").is_file() and (path / "vae").is_dir():
         return "diffusers", path / "vae"
-    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*")):  # pickles too: weight_files refuses them
+    if (path / "config.json").is_file() and any(path.glob(f"{DIFFUSERS_STEM}*")):  # pickles too: weight_files refuses
         return "diffusers", path
     if (path / BFL_FILE).is_file():
         return "bfl", path / BFL_FILE
     raise CheckpointError(f"{path} is neither a diffusers pipeline or vae folder nor a folder with {BFL_FILE}")
 
 
-def _resolve(src: str | Path) -> Path:
-    if Path(src).expanduser().exists():
-        return Path(src).expanduser()
-    path = resolve(src, allow_patterns=["model_index.json", "vae/*"])  # the hub: fetch one copy only
-    if (path / "vae").is_dir():
-        return path
-    return resolve(src, allow_patterns=[BFL_FILE, "config.json"])
+def locate_autoencoder(src: str | Path) -> tuple[str, Path]:
+    """('bfl', file) or ('diffusers', component folder) for a local path or a hub repo id. From the hub,
+    one copy only: the repo's vae/ folder when it has one, else its ae.safetensors."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        path = resolve(src, allow_patterns=["model_index.json", "vae/*"])
+        if not (path / "vae").is_dir():
+            path = resolve(src, allow_patterns=[BFL_FILE, "config.json"])
+    return find_autoencoder(path)
 
 
-def _fields(kind: str, path: Path) -> dict:
-    if kind == "diffusers":
-        return params_from_config(read_json(path / "config.json"), str(path / "config.json"))
-    return single_file_fields(path, params_from_bfl_keys, params_from_config)
+AUTOENCODER = CheckpointFormat(
+    name="autoencoder",
+    locate=locate_autoencoder,
+    fields_from_bfl_keys=fields_from_bfl_keys,
+    fields_from_config=fields_from_config,
+    make_params=AutoEncoderParams,
+    diffusers_to_bfl=diffusers_to_bfl,
+    build=AutoEncoder,
+    bfl_hint=" (a BFL file implies 32 groups: put a config.json with norm_groups beside it, or pass config=)",
+)
 
 
 def load_autoencoder(
@@ -170,18 +181,4 @@ def load_autoencoder(
     """The FLUX autoencoder from a BFL `ae.safetensors` (a `config.json` beside it overrides what the
     shapes imply), a diffusers vae or pipeline folder, a folder holding `ae.safetensors`, or a hub
     repo id. `config` overrides the checkpoint's parameters (an AutoEncoderParams or a dict of fields)."""
-    dtype, device = check_dtype(dtype), check_device(device)
-    kind, path = find_autoencoder(_resolve(src))
-    fields = _fields(kind, path)
-    if config is not None:
-        fields.update(dataclasses.asdict(config) if isinstance(config, AutoEncoderParams) else config)
-    try:
-        params = AutoEncoderParams(**fields)
-    except (ValueError, TypeError) as err:
-        hint = " (a BFL file implies 32 groups: put a config.json with norm_groups beside it, or pass config=)" if kind == "bfl" else ""
-        raise CheckpointError(f"{path}: the autoencoder parameters are invalid: {err}{hint}") from None
-    files = [path] if kind == "bfl" else weight_files(path, DIFFUSERS_STEM)
-    state = read_safetensors(files, dtype, device)
-    if kind == "diffusers":
-        state = diffusers_to_bfl(state, params)
-    return load_strict(lambda: AutoEncoder(params), state, str(path))
+    return load_checkpoint(AUTOENCODER, src, dtype, device, config)

@@ -1,0 +1,147 @@
+"""The one entry point the pipeline calls: every axis of the mesh, composed around the denoising loop.
+
+    denoiser = parallelize(transformer, ctx)                  # once; the transformer is not modified
+    run = denoiser.start(img, img_ids, conds, guidance, true_cfg_scale)   # per generation
+    img_local = denoise(run.velocity, run.img, timesteps)     # flux/sampling.py's loop
+    img = run.finish(img_local)
+
+- sp (ring x ulysses): the tokens of each image are sharded over the sp group (parallel/apply.py);
+  between steps a rank keeps only its rows, since the Euler update is elementwise.
+- cfg: true classifier-free guidance runs the transformer on the negative and the positive
+  conditioning. With cfg_degree 2 the two halves of the mesh run one branch each (cfg rank 0 the
+  negative, rank 1 the positive, as xDiT orders them), exchange their predictions with one
+  all-gather per step, and all apply the same combination, so the latents stay identical
+  everywhere. On one cfg rank both branches run as one forward on the doubled batch.
+- data: each replica makes a contiguous chunk of the batch (`batch_slice`); the images meet on
+  global rank 0 at the end (`gather_batch`). Noise is drawn per image, so image i is the same
+  whichever replica makes it.
+- The parallel VAE decodes across all ranks of one replica (`decode`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from parallel import comm
+from parallel.apply import parallelize_flux
+from parallel.context import ParallelContext
+from parallel.halo import split_rows
+from parallel.sequence import shard_sizes
+from parallel.stripes import decode_in_stripes
+from parallel.vae import decode_parallel
+
+BRANCHES = ("negative", "positive")  # in cfg rank order
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One branch's text conditioning, for the whole batch of this replica."""
+
+    txt: Tensor  # [B, S, context_in_dim] T5 hidden states
+    txt_ids: Tensor  # [B, S, 3]
+    y: Tensor  # [B, vec_in_dim] CLIP pooled output
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext) -> "ParallelDenoiser":
+    """The denoiser for `model` on every axis of ctx. Call it on every rank (it builds ctx's mesh)."""
+    return ParallelDenoiser(model, ctx)
+
+
+class ParallelDenoiser:
+    def __init__(self, model: nn.Module, ctx: ParallelContext):
+        self.model, self.ctx = model, ctx
+        self.sp = parallelize_flux(model, ctx)  # validates the heads before the mesh is built
+
+    def branches(self, true_cfg: bool) -> tuple[str, ...]:
+        """The CFG branches this rank computes: the text encoders need only encode these."""
+        if not true_cfg:
+            return ("positive",)
+        return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
+
+    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool) -> None:
+        """One sentence per impossible request, raised identically on every rank before any collective."""
+        ctx = self.ctx
+        if ctx.cfg_degree == 2 and not true_cfg:
+            raise ValueError("cfg_degree 2 runs the negative and the positive branch on two halves of the mesh: "
+                             "it needs a negative prompt and true_cfg_scale > 1")
+        if batch < ctx.data_degree:
+            raise ValueError(f"{batch} image(s) cannot be split over {ctx.data_degree} data-parallel replicas: "
+                             "each replica needs at least one image")
+        self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
+
+    def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
+              true_cfg_scale: float | None) -> "Generation":
+        """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
+        the conditioning of each branch in self.branches(true_cfg_scale is not None)."""
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale)
+
+
+class Generation:
+    """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
+
+    def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
+                 guidance: float | None, true_cfg_scale: float | None):
+        self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
+        self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
+        batch = img.shape[0]
+        # one forward for every branch on this rank: the conditioning stacked along the batch
+        txt = torch.cat([conds[b].txt for b in self.branches])
+        txt_ids = torch.cat([conds[b].txt_ids for b in self.branches])
+        self.y = torch.cat([conds[b].y for b in self.branches])
+        self.layout = self.sp.layout(txt.shape[1], img.shape[1])
+        self.img, img_ids_l, self.txt, self.txt_ids = self.sp.shard(self.layout, img, img_ids, txt, txt_ids)
+        self.img_ids = img_ids_l.repeat(len(self.branches), 1, 1)
+        rows = len(self.branches) * batch
+        self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
+
+    def velocity(self, img_local: Tensor, t: float) -> Tensor:
+        """The (guided) velocity [B, I_r, C] of this rank's rows at time t, identical on all cfg ranks."""
+        n = len(self.branches)
+        t_vec = torch.full((n * img_local.shape[0],), t, device=img_local.device)
+        preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec, self.y,
+                        self.guidance).float().chunk(n)
+        if self.scale is None:
+            return preds[0]
+        if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
+            preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
+        negative, positive = preds[0], preds[1]
+        return negative + self.scale * (positive - negative)
+
+    def finish(self, img_local: Tensor) -> Tensor:
+        """This rank's rows -> the full [B, L, C] on every rank of the replica."""
+        return self.sp.gather(self.layout, img_local)
+
+
+def batch_slice(total: int, ctx: ParallelContext) -> slice:
+    """The contiguous chunk of a batch of `total` images that this rank's data replica makes."""
+    sizes = shard_sizes(total, ctx.data_degree)
+    start = sum(sizes[: ctx.rank("data")])
+    return slice(start, start + sizes[ctx.rank("data")])
+
+
+def gather_batch(images: Tensor | None, total: int, ctx: ParallelContext) -> Tensor | None:
+    """Each replica's images [b_r, ...] on its main rank -> all `total` images, in order, on global rank 0."""
+    if images is None or not ctx.is_replica_main:
+        return None
+    if ctx.data_degree > 1:
+        images = comm.all_gather(images.contiguous(), ctx.group("data"), dim=0,
+                                 sizes=shard_sizes(total, ctx.data_degree))
+    return images if ctx.is_main else None
+
+
+def check_decode(latent_rows: int, ctx: ParallelContext, parallel_vae: bool) -> None:
+    """The parallel VAE needs a latent row per rank of the replica (raised before any collective)."""
+    if parallel_vae and ctx.replica_size > 1:
+        split_rows(latent_rows, ctx.replica_size)
+
+
+def decode(vae: nn.Module, latents: Tensor, ctx: ParallelContext, parallel_vae: bool,
+           stripes: int | None) -> Tensor | None:
+    """latents [b, 16, h, w], the same on every rank of the replica -> its images [b, 3, 8h, 8w] on the
+    replica's main rank (None elsewhere): across the replica, in stripes on one device, or whole."""
+    if parallel_vae and ctx.replica_size > 1:
+        return decode_parallel(vae, latents, ctx.group("replica"))
+    if not ctx.is_replica_main:
+        return None
+    return decode_in_stripes(vae, latents, stripes) if stripes else vae.decode(latents)
