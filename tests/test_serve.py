@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import ROOT, Service
+from serving import ROOT, Service, serve
 
 sys.path.insert(0, str(ROOT / "tools"))
 from generate import encode_png  # noqa: E402
@@ -184,3 +184,22 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--height", "100"], "--height 100 is not a multiple of 16"),
+        (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+        (["--heartbeat", "0"], "--heartbeat must be above 0 and below --timeout (300.0), got 0.0"),
+        (["--heartbeat", "400"], "--heartbeat must be above 0 and below --timeout"),
+        (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
+        (["--data-parallel-degree", "2"], "--data-parallel-degree must be 1: each request is one image"),
+        (["--vae-stripes", "0"], "--vae-stripes must be at least 1"),  # generate.py's own checks apply too
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serve.parse_args(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
