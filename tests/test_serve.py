@@ -16,7 +16,7 @@ from serving import ROOT, Service, serve
 
 sys.path.insert(0, str(ROOT / "tools"))
 from generate import encode_png  # noqa: E402
-from serve_request import Limits, has_true_cfg  # noqa: E402
+from serve_request import Limits  # noqa: E402
 
 from flux.pipeline import FluxPipeline  # noqa: E402
 
@@ -114,18 +114,14 @@ def test_bad_request_gets_400_and_never_reaches_the_ranks(service, body, sentenc
     assert (service.jobs.served, service.jobs.failed, service.jobs.waiting) == (*before, 0)
 
 
-def test_negative_prompt(service, pipe):
-    """Until FluxPipeline takes a negative prompt, asking for one is a 400; once it does, it is passed on."""
+def test_negative_prompt_runs_true_cfg(service, pipe):
     body = {"prompt": "a red fox", "negative_prompt": "blurry", "true_cfg_scale": 2.0, "steps": 2, "seed": 1}
     reply = post(service.client, body)
-    if not has_true_cfg(pipe):
-        assert reply.status_code == 400
-        assert "need a pipeline with true classifier-free guidance" in reply.json()["error"]
-        return
     assert reply.status_code == 200
     image = pipe("a red fox", negative_prompt="blurry", true_cfg_scale=2.0, height=SIZE[0], width=SIZE[1],
                  num_steps=2, seed=1, output_type="pt")[0]
     assert reply.content == encode_png(image)
+    assert reply.content != expected_png(pipe, 1)  # the negative prompt changed the image
 
 
 def test_failed_generation_gets_500_and_the_service_stays_up(service, pipe, monkeypatch):

@@ -215,7 +215,8 @@ def _failing_requests(rank: int, world_size: int, expected: torch.Tensor) -> Non
 
 
 def request(seed: int) -> dict:
-    return dict(prompt="a red fox", height=32, width=32, num_steps=2, guidance=None, seed=seed, max_sequence_length=16)
+    return dict(prompt="a red fox", negative_prompt=None, true_cfg_scale=1.0, height=32, width=32, num_steps=2,
+                guidance=None, seed=seed, max_sequence_length=16)
 
 
 def test_ranks_agree_on_a_failed_request_and_go_on():

@@ -4,7 +4,6 @@
 resolved, or raises ValueError with one sentence naming the field at fault (the service answers 400).
 """
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -24,11 +23,6 @@ class Limits:
     max_prompt_length: int = 2000  # characters
     max_size: int = 2048  # pixels per side
     max_steps: int = 100
-
-
-def has_true_cfg(pipe: FluxPipeline) -> bool:
-    """Whether this pipeline version takes a negative prompt (true classifier-free guidance)."""
-    return "negative_prompt" in inspect.signature(pipe.__call__).parameters
 
 
 def load_json_object(body: bytes) -> dict:
@@ -97,11 +91,6 @@ def parse_request(body: bytes, pipe: FluxPipeline, size: tuple[int, int], limits
         raise ValueError(f"'true_cfg_scale' must be at least 1 (1 turns true CFG off), got {cfg_scale}")
     prompts, negatives = expand_prompts(prompt, negative, cfg_scale, 1)
     pipe.check_call(prompts, negatives, height, width, steps, max_len, None)  # the model's limits, e.g. T5's
-    params = {"prompt": prompt, "height": height, "width": width, "num_steps": steps, "guidance": get("guidance"),
-              "seed": seed, "max_sequence_length": max_len}
-    if has_true_cfg(pipe):
-        params.update(negative_prompt=negative, true_cfg_scale=cfg_scale)
-    elif negative or cfg_scale != 1:
-        raise ValueError("'negative_prompt' and 'true_cfg_scale' need a pipeline with true classifier-free guidance, "
-                         "which this version does not have")
-    return params
+    return {"prompt": prompt, "negative_prompt": negative, "true_cfg_scale": cfg_scale, "height": height,
+            "width": width, "num_steps": steps, "guidance": get("guidance"), "seed": seed,
+            "max_sequence_length": max_len}
