@@ -18,7 +18,9 @@ setup(
     ],
     extras_require={
         # diffusers and transformers are test-only oracles: library code never imports them.
-        "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf"],
+        "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf", "fastapi", "uvicorn", "httpx", "selenium"],
         "bench": ["matplotlib"],
+        # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)
+        "serve": ["fastapi", "uvicorn"],
     },
 )

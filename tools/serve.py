@@ -1,0 +1,246 @@
+"""Serve FLUX.1 over HTTP: the model loads once, every rank runs each request together.
+
+    python tools/serve.py --model tiny --port 8000
+    torchrun --nproc_per_node 2 tools/serve.py --model tiny --ulysses-degree 2 --use-parallel-vae --port 8000
+
+Takes every model and parallel flag of tools/generate.py. Rank 0 serves the API and the page on
+--host:--port and queues the requests (serve_app.py); the rank loop below hands each one to every
+rank as a JSON message over a gloo group (a broadcast), and all ranks run the pipeline on it. While
+no request waits, rank 0 sends a heartbeat every --heartbeat seconds, so an idle rank never waits
+on a collective longer than that, and the death of any rank fails the next collective (within
+--timeout) instead of leaving a hung service: the rank that sees it exits non-zero, which makes
+torchrun stop the job. SIGTERM (or Ctrl-C) stops taking requests, finishes the running one, answers
+the queued ones 503 and exits 0 on every rank.
+"""
+
+import argparse
+import datetime
+import json
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_worker import reset_peak_memory  # noqa: E402
+from generate import (  # noqa: E402
+    add_pipeline_arguments,
+    apply_defaults,
+    build_pipeline,
+    check_pipeline_usage,
+    peak_memory_bytes,
+)
+from serve_app import Job, JobQueue, create_app  # noqa: E402
+from serve_request import Limits  # noqa: E402
+
+from flux.sampling import check_image_size  # noqa: E402
+from parallel.context import close_distributed  # noqa: E402
+from weights import CheckpointError  # noqa: E402
+
+OK, FAILED, FATAL = 0, 1, 2  # a job's outcome on one rank; the ranks agree on the worst
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pipeline_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
+    p.add_argument("--height", type=int, default=None, help="of requests without one (default as generate.py)")
+    p.add_argument("--width", type=int, default=None, help="of requests without one (default as generate.py)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting besides the running one; more get 429")
+    p.add_argument("--max-prompt-length", type=int, default=Limits.max_prompt_length, help="characters")
+    p.add_argument("--max-size", type=int, default=Limits.max_size, help="pixels per side a request may ask for")
+    p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="steps a request may ask for")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between rank 0's messages when idle")
+    p.set_defaults(prompt=None)  # generate.apply_defaults also fills in generate.py's --prompt; unused here
+    args = p.parse_args(argv)
+    apply_defaults(args)
+    check_pipeline_usage(p, args)
+    for name in ("height", "width"):
+        try:
+            check_image_size(name, getattr(args, name))
+        except ValueError as err:
+            p.error(f"--{err}")
+    for flag in ("max_queue", "max_prompt_length", "max_size", "max_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 < args.heartbeat < args.timeout:
+        p.error(f"--heartbeat must be above 0 and below --timeout ({args.timeout}), got {args.heartbeat}")
+    if args.data_degree > 1:  # generate.py splits a batch over replicas; a request here is one image
+        p.error("--data-parallel-degree must be 1: each request is one image, so there is nothing to split")
+    if not 0 <= args.port < 65536:
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    return args
+
+
+def broadcast_message(message: dict | None, group) -> dict:
+    """Rank 0's message to every rank, as JSON bytes (never a pickle): its length, then the bytes."""
+    if group is None:
+        return message
+    data = torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8) if message else None
+    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(length, src=0, group=group)
+    if data is None:
+        data = torch.empty(int(length), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=group)
+    return json.loads(bytes(data.tolist()))
+
+
+def agree(status: int, group) -> int:
+    """The worst outcome over every rank, so that all of them take the same next step."""
+    if group is None:
+        return status
+    worst = torch.tensor([status])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return int(worst)
+
+
+def run_job(pipe, params: dict, job: Job | None, group, device: torch.device) -> None:
+    """Every rank runs the pipeline on `params`; rank 0 (which holds `job`) resolves the job.
+
+    An ordinary error, raised on every rank at the same point or on one rank after its last collective,
+    fails this request only. An error inside a collective (a timeout, a rank gone) leaves the ranks out of
+    step: then every rank raises, and the job ends non-zero. (An ordinary error on one rank while the
+    others wait in a collective becomes such a timeout.)"""
+    reset_peak_memory(device)
+    if job is not None:
+        pipe.progress = job.on_progress
+    start, status, problem = time.perf_counter(), OK, ""
+    try:
+        images = pipe(**params, output_type="pt")
+    except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
+        traceback.print_exc()
+        status = FATAL if isinstance(err, dist.DistError) else FAILED
+        problem = ": ".join([type(err).__name__, *str(err).splitlines()[:1]])
+    total_s = time.perf_counter() - start
+    status = agree(status, group)
+    if job is not None:
+        answer(job, status, problem, images if status == OK else None, pipe.last_run, total_s, device)
+    if status == FATAL:
+        raise RuntimeError("a rank failed inside a collective: the ranks are out of step, so the job ends")
+
+
+def answer(job: Job, status: int, problem: str, images, run: dict, total_s: float, device) -> None:
+    if status != OK:
+        job.fail(500, f"the generation failed: {problem or 'on another rank (see its log)'}")
+        return
+    stages = {"queue_s": time.perf_counter() - job.arrived - total_s, "text_encoding_s": run["text_encoding_s"],
+              "steps_s": run["steps_s"], "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"),
+              "total_s": total_s}
+    params = job.params
+    job.finish(image=images[0], width=params["width"], height=params["height"], seed=params["seed"],
+               steps=run["num_steps"], guidance=run["guidance"], max_sequence_length=run["max_sequence_length"],
+               stages=stages, peak_memory_bytes=peak_memory_bytes(device))
+
+
+def next_message(jobs: JobQueue, heartbeat_s: float) -> tuple[Job | None, dict]:
+    """Rank 0: the next job's message, a heartbeat after `heartbeat_s` without one, or stop."""
+    if not jobs.accepting:
+        jobs.close(503, "the service is shutting down: this request was not started")
+        return None, {"kind": "stop"}
+    job = jobs.take(heartbeat_s)
+    if job is None:
+        return None, {"kind": "heartbeat"}
+    return job, {"kind": "job", "params": job.params}
+
+
+def serve_ranks(pipe, jobs: JobQueue | None, group, device: torch.device, heartbeat_s: float) -> None:
+    """Every rank: act on rank 0's messages, in order, until it says stop. `jobs` only on rank 0."""
+    while True:
+        job, message = next_message(jobs, heartbeat_s) if jobs is not None else (None, None)
+        message = broadcast_message(message, group)
+        if message["kind"] == "stop":
+            return
+        if message["kind"] == "job":
+            run_job(pipe, message["params"], job, group, device)
+            if jobs is not None:
+                jobs.current = None
+
+
+def start_http(app, host: str, port: int):
+    """uvicorn on a thread of its own (it then leaves the signals to us); returns (server, thread, port)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        return server, thread, None
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        pipe, ctx, device, load_s = build_pipeline(args)
+    except CheckpointError as err:  # a file's fault
+        print(f"serve.py: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # the command line's fault
+        print(f"serve.py: error: {err}", file=sys.stderr)
+        return 2
+    timeout = datetime.timedelta(seconds=args.timeout)
+    # the control messages go over gloo on every backend (NCCL would need a GPU tensor and a sync per message)
+    group = dist.new_group(backend="gloo", timeout=timeout) if ctx.is_distributed else None
+    if ctx.is_main:
+        code = serve_main_rank(args, pipe, ctx, group, device, load_s)
+    else:
+        code = serve_other_rank(args, pipe, group, device)
+    close_distributed(wait=code == 0)  # now, not at exit, where gloo's threads would abort the interpreter
+    return code
+
+
+def serve_other_rank(args, pipe, group, device: torch.device) -> int:
+    # only rank 0 decides when to stop: torchrun forwards a SIGTERM to every rank, and this one waits for rank 0's
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve_ranks(pipe, None, group, device, args.heartbeat)
+    except RuntimeError as err:  # rank 0 or a peer is gone, or a collective timed out
+        print(f"serve.py: error: rank {dist.get_rank()} stops: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float) -> int:
+    jobs = JobQueue(args.max_queue)
+    info = {"model": args.model, "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
+            "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "load_s": load_s}
+    limits = Limits(args.max_prompt_length, args.max_size, args.max_steps)
+    server, thread, port = start_http(create_app(pipe, jobs, info, (args.height, args.width), limits),
+                                      args.host, args.port)
+    if port is None:
+        print(f"serve.py: error: cannot listen on {args.host}:{args.port} (see the message above)", file=sys.stderr)
+        broadcast_message({"kind": "stop"}, group)
+        return 1
+
+    def stop(signum, frame):  # only flags: the rank loop finishes the running request, then stops
+        jobs.accepting = False
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serve.py: {args.model} (world {ctx.world_size}) on http://{args.host}:{port}", flush=True)
+    try:
+        serve_ranks(pipe, jobs, group, device, args.heartbeat)
+    except RuntimeError as err:  # a collective failed: a rank is gone or timed out
+        print(f"serve.py: error: rank 0 stops: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    finally:  # answer whoever still waits
+        if jobs.current is not None and not jobs.current.outcome.done():
+            jobs.current.fail(500, "the service stopped during this request: a rank failed")
+        jobs.close(503, "the service stopped: a rank failed")
+        server.should_exit = True
+        thread.join(timeout=10)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
