@@ -1,19 +1,17 @@
 """tools/serve.py's API and rank loop inside the test process, on threads, over loopback."""
 
-import sys
 import threading
 from pathlib import Path
 
 import httpx
+import serve
 import torch
+from serve_app import JobQueue, create_app
+from serve_request import Limits
+
+from flux.pipeline import FluxPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import serve  # noqa: E402
-from serve_app import JobQueue, create_app  # noqa: E402
-from serve_request import Limits  # noqa: E402
-
-from flux.pipeline import FluxPipeline  # noqa: E402
 
 
 class Service:

@@ -6,19 +6,16 @@ images come from calling that pipeline directly. tests/test_serve_ranks.py start
 
 import base64
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import ROOT, Service, serve
+from generate import encode_png
+from serve_request import Limits
+from serving import Service, serve
 
-sys.path.insert(0, str(ROOT / "tools"))
-from generate import encode_png  # noqa: E402
-from serve_request import Limits  # noqa: E402
-
-from flux.pipeline import FluxPipeline  # noqa: E402
+from flux.pipeline import FluxPipeline
 
 SIZE = (64, 48)  # (height, width) of requests without one: small, and not square, to catch a swap
 LIMITS = Limits(max_prompt_length=100)

@@ -9,23 +9,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import generate as tools_generate
 import httpx
 import numpy as np
 import pytest
+import serve
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
 from helpers import rel_err
 from PIL import Image
+from serve_app import JobQueue
 
 from flux.pipeline import FluxPipeline
 from parallel.context import ParallelContext
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import generate as tools_generate  # noqa: E402
-import serve  # noqa: E402
-from serve_app import JobQueue  # noqa: E402
 
 SERVE = str(ROOT / "tools" / "serve.py")
 TINY = ["--model", "tiny", "--port", "0", "--heartbeat", "0.5", "--timeout", "20"]

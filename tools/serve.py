@@ -21,27 +21,17 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import peak_memory_bytes, reset_peak_memory
+from generate import add_pipeline_arguments, apply_defaults, build_pipeline, check_pipeline_usage
+from serve_app import Job, JobQueue, create_app
+from serve_request import Limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_worker import reset_peak_memory  # noqa: E402
-from generate import (  # noqa: E402
-    add_pipeline_arguments,
-    apply_defaults,
-    build_pipeline,
-    check_pipeline_usage,
-    peak_memory_bytes,
-)
-from serve_app import Job, JobQueue, create_app  # noqa: E402
-from serve_request import Limits  # noqa: E402
-
-from flux.sampling import check_image_size  # noqa: E402
-from parallel.context import close_distributed  # noqa: E402
-from weights import CheckpointError  # noqa: E402
+from flux.sampling import check_image_size
+from parallel.context import close_distributed
+from weights import CheckpointError
 
 OK, FAILED, FATAL = 0, 1, 2  # a job's outcome on one rank; the ranks agree on the worst
 
