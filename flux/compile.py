@@ -49,6 +49,25 @@ def set_attention_backend(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def prepare_transformer(model: nn.Module, attention_backend: str | None = None, fp8: bool = False,
+                        compile: bool = False) -> nn.Module:
+    """What FluxPipeline does with its `attention_backend`, `fp8` and `compile` options, in this order,
+    in place, before the sequence-parallel attention is installed: check and quantize, choose the
+    attention kernel, compile the blocks. Every refusal is one ValueError before any work."""
+    from flux.quantize import check_fp8, quantize_fp8
+
+    weight = model.img_in.weight
+    if fp8:
+        check_fp8(weight.device)
+    if attention_backend is not None:
+        check_backend(attention_backend, weight.device, weight.dtype)
+    if fp8:
+        quantize_fp8(model)
+    if attention_backend is not None:
+        set_attention_backend(model, attention_backend)
+    return compile_blocks(model) if compile else model
+
+
 def compile_counters() -> dict[str, int]:
     """Dynamo's counts so far in this process: graphs compiled and frames traced (benchmarks, tests)."""
     from torch._dynamo.utils import counters

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flux.checkpoint import load_transformer
+from flux.compile import prepare_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
@@ -57,7 +58,12 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_chunks: int | None = None,
+        compile: bool = False,
+        attention_backend: str | None = None,
+        fp8: bool = False,
     ):
+        """compile: regional torch.compile of the blocks; attention_backend: one of kernels.BACKENDS (default:
+        kernels.default_backend's rule); fp8: FP8 block linears (GPUs with FP8 tensor cores). flux/compile.py."""
         if vae_chunks is not None and (not isinstance(vae_chunks, int) or vae_chunks < 1):
             raise ValueError(f"vae_chunks must be a positive integer (the number of row stripes), got {vae_chunks!r}")
         self.transformer, self.vae, self.text, self.schedule = transformer, vae, text, schedule
@@ -65,6 +71,7 @@ class FluxPipeline:
         self.parallel_vae = parallel_vae
         self.vae_chunks = vae_chunks
         self.sp_transformer = None
+        prepare_transformer(transformer, attention_backend, fp8, compile)  # before the parallel attention
         if self.parallel.sp_degree > 1:
             from parallel.apply import parallelize_flux
 
@@ -85,10 +92,11 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_chunks: int | None = None,
+        **options,
     ) -> "FluxPipeline":
         """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
         folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
-        parallel, parallel_vae, vae_chunks: see __init__."""
+        parallel, parallel_vae, vae_chunks, and `options` (compile, attention_backend, fp8): see __init__."""
         from vae import AutoEncoder, load_autoencoder
 
         dtype, device = check_dtype(dtype), check_device(device)
@@ -102,7 +110,7 @@ class FluxPipeline:
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
         )
         schedule = load_schedule(root, model.params.guidance_embed)
-        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_chunks)
+        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_chunks, **options)
 
     @classmethod
     def tiny(
@@ -113,6 +121,7 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_chunks: int | None = None,
+        **options,
     ) -> "FluxPipeline":
         """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds,
         identically on every rank. It shows the machinery, not image quality."""
@@ -122,7 +131,7 @@ class FluxPipeline:
         model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
         ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
         text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
-        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_chunks)
+        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_chunks, **options)
 
     @property
     def device(self) -> torch.device:

@@ -7,14 +7,14 @@ results exactly (Milakov & Gimelshein 2018, "Online normalizer calculation for s
 Both take a `backend`, one of BACKENDS. Every backend computes exact attention: they differ only
 in the order of the sums (fp32 rounding), in speed, and in the devices and dtypes they serve.
     math        the fp32 reference below: materialises the score matrix; any device and dtype
-    sdpa        F.scaled_dot_product_attention, PyTorch picks the kernel (attention_with_lse: `auto`)
+    sdpa        F.scaled_dot_product_attention, PyTorch picks the kernel (attention_with_lse: as `auto`)
     flash       PyTorch's flash attention: the CPU kernel (any float dtype), or CUDA half precision
     efficient   PyTorch's memory-efficient attention (CUDA, any float dtype)
     cudnn       cuDNN attention (CUDA half precision)
     flash_attn  the flash-attn package's kernel, flash attention 2 (CUDA half precision; optional extra)
     flash3      flash-attention 3's `flash_attn_interface` (Hopper, half precision; optional extra)
-`auto` is `default_backend(device, dtype)`. Only `math` gives an lse that carries gradients, so
-attention_with_lse uses it whenever autograd records the call.
+`auto` (the default) follows `default_backend(device, dtype)`'s rule. Only `math` gives an lse that
+carries gradients, so attention_with_lse uses it whenever autograd records the call.
 """
 
 import importlib.util
@@ -35,10 +35,11 @@ _SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 _PACKAGES = {"flash_attn": "flash_attn", "flash3": "flash_attn_interface"}  # backend -> module it imports
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
     """softmax(q k^T / sqrt(D)) v for q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D]."""
-    if backend == "auto":
-        backend = default_backend(q.device, q.dtype)
+    if backend == "auto":  # PyTorch's dispatcher picks the rule's kernel too, and falls back where that
+        # kernel cannot serve the shapes (CUDA flash beyond head_dim 256: the VAE's one 512-wide head)
+        backend = "flash3" if default_backend(q.device, q.dtype) == "flash3" else "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend in _SDPA_KERNELS:  # the public entry point, restricted to one kernel (it checks strides)
@@ -59,7 +60,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return attention_with_lse_reference(q, k, v)
     if backend in ("auto", "sdpa"):
-        backend = default_backend(q.device, q.dtype)
+        backend = _lse_default(q)
     # The raw kernels assume the standard [B, H, L, D] strides (the public SDPA checks this, they
     # do not): a permuted view such as the VAE's "b c h w -> b 1 (h w) c" gives NaNs on the CPU.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -135,7 +136,7 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
     H100, Shah et al. 2024, arXiv:2407.08608), else PyTorch's flash attention (2); CUDA fp32: the
     memory-efficient kernel (flash has no fp32). cuDNN is offered but never the default: PyTorch's
     own priority order ranks it last (torch._C._get_sdp_priority_order()). CPU: PyTorch's flash
-    kernel, the one SDPA picks there. Elsewhere the math reference.
+    kernel, the one SDPA picks there. Elsewhere whatever SDPA picks (its LSE: the math reference).
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype in _HALF:
@@ -143,7 +144,15 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
         return "flash3" if hopper and _installed("flash3") else "flash"
     if device.type == "cuda":
         return "efficient"
-    return "flash" if device.type == "cpu" else "math"
+    return "flash" if device.type == "cpu" else "sdpa"
+
+
+def _lse_default(q: Tensor) -> str:
+    """default_backend, where that kernel gives an LSE for q's shape: CUDA flash serves head_dim <= 256."""
+    backend = default_backend(q.device, q.dtype)
+    if backend == "flash" and q.is_cuda and q.shape[-1] > 256:
+        return "efficient"
+    return "math" if backend == "sdpa" else backend
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -183,7 +192,7 @@ def _installed(name: str) -> bool:
 
 def attention_for(name: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The `attention_fn` a block holds to run `name` (check_backend it first)."""
-    return attention if name == "sdpa" else partial(attention, backend=name)
+    return partial(attention, backend=name)
 
 
 def is_kernel_attention(attention_fn) -> bool:
@@ -199,11 +208,11 @@ def attend(attention_fn: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, 
     are traced into the block's graph, and anything else (a sequence-parallel attention running
     collectives and P2P transfers) runs eagerly behind one graph break, so its process groups and
     Python-side bookkeeping never reach the compiler and swapping it never recompiles."""
-    if is_kernel_attention(attention_fn):
+    if is_kernel_attention(attention_fn) or not torch.compiler.is_compiling():
         return attention_fn(q, k, v)
-    return _eager_attention(attention_fn, q, k, v)
+    # only reached while dynamo traces (so torch._dynamo is already imported, not at import time)
+    return torch.compiler.disable(_call)(attention_fn, q, k, v)
 
 
-@torch.compiler.disable
-def _eager_attention(attention_fn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _call(attention_fn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attention_fn(q, k, v)

@@ -7,6 +7,8 @@ share graphs: every block of a class, and every later resolution, reuses the fir
 
 import copy
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from flux import Flux
 from flux.compile import compile_blocks, compile_counters, set_attention_backend
 from parallel.apply import parallelize_flux
 from parallel.context import ParallelContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # generate.py
 
 GRIDS = [(5, 5), (6, 4)]  # two resolutions (25 and 24 image tokens): the second must reuse the graphs
 
@@ -84,3 +88,39 @@ def test_attention_backend_is_installed_in_every_block_and_checked():
         _assert_rel_close(model(**x), ref, "math attention backend")
     with pytest.raises(ValueError, match="attention backend 'cudnn' runs on CUDA in float16/bfloat16 only"):
         set_attention_backend(model, "cudnn")
+
+
+def test_pipeline_options_install_the_backend_compile_the_blocks_and_refuse_fp8_here():
+    from flux.pipeline import FluxPipeline
+
+    call = dict(prompt="a red fox", height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
+    pipe = FluxPipeline.tiny()
+    ref = pipe(**call)
+    parts = (pipe.vae, pipe.text, pipe.schedule)
+    with_math = FluxPipeline(copy.deepcopy(pipe.transformer), *parts, attention_backend="math")
+    assert all(b.attention_fn.keywords == {"backend": "math"} for b in with_math.transformer.single_blocks)
+    _assert_rel_close(with_math(**call), ref, "pipeline, math attention")
+    compiled = FluxPipeline(copy.deepcopy(pipe.transformer), *parts, compile=True)  # compiles on its first call
+    blocks = (*compiled.transformer.double_blocks, *compiled.transformer.single_blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)  # the inductor test above runs such blocks
+    with pytest.raises(ValueError, match="--fp8 needs an NVIDIA GPU with FP8 tensor cores"):
+        FluxPipeline(copy.deepcopy(pipe.transformer), *parts, fp8=True)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fp8"], "--fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or later"),
+        (["--attention-backend", "cudnn"], "attention backend 'cudnn' runs on CUDA in float16/bfloat16 only; "
+                                           "available on cpu for float32: math, sdpa, flash"),
+        (["--attention-backend", "flash3"], "attention backend 'flash3' needs the flash_attn_interface package"),
+        (["--attention-backend", "fast"], "attention backend 'fast' is unknown; available on cpu"),
+    ],
+)
+def test_generate_refuses_unusable_speed_options_in_one_sentence(argv, message, capsys):
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

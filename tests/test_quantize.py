@@ -69,6 +69,8 @@ def test_int8_linear_rounds_each_weight_to_its_row_step():
 
 def test_int8_t5_changes_the_prompt_embedding_little_and_stores_a_quarter_of_the_fp32_bytes():
     t5 = seeded_init(T5Encoder(T5_CONFIGS["tiny"]), 0).eval()
+    for block in t5.encoder.block:  # T5 initialises q at d_kv^-1/2 of our draw (tools/bench_quantize.py)
+        block.layer[0].SelfAttention.q.weight.data.mul_(t5.params.d_kv**-0.5)
     ids = torch.randint(0, 512, (2, 16))
     linear_bytes = sum(m.weight.numel() * 4 for m in t5.modules() if isinstance(m, nn.Linear))
     with torch.no_grad():
@@ -78,6 +80,6 @@ def test_int8_t5_changes_the_prompt_embedding_little_and_stores_a_quarter_of_the
     int8_bytes = sum(b.numel() * b.element_size() for m in quantized.modules() if isinstance(m, Int8Linear)
                      for b in m.buffers())
     assert int8_bytes < 0.3 * linear_bytes  # 1 byte per weight plus one fp32 scale per row
-    # 8 bits per weight: about 0.5% per GEMM on Gaussian weights, amplified by the random T5's peaked
-    # attention (unscaled scores of std 8 here); measured 4e-2 (tools/bench_quantize.py: XXL width too)
-    assert 1e-4 < err < 1e-1, err
+    # 8 bits per weight, one scale per row of Gaussian weights: about 0.7% rms per weight, so some 3%
+    # after the 14 GEMMs of 2 layers; measured 2.7e-2 (tools/bench_quantize.py: XXL width too)
+    assert 1e-3 < err < 5e-2, err

@@ -47,15 +47,28 @@ def fp8_errors(img_tokens: int, txt_tokens: int, device: torch.device) -> dict:
     return {"bf16 vs fp32": rel_err(bf16, exact), "fp8 vs fp32": rel_err(fp8, exact), "fp8 vs bf16": rel_err(fp8, bf16)}
 
 
+def t5_like_init(t5: T5Encoder) -> T5Encoder:
+    """seeded_init, then the query weights scaled by d_kv^-1/2: T5 has no 1/sqrt(d) in its attention and
+    initialises q with std (d_model d_kv)^-1/2 instead (transformers' T5PreTrainedModel._init_weights).
+    Without it the random scores have std sqrt(d_kv) = 8 and every softmax is nearly one-hot."""
+    seeded_init(t5, 0)
+    with torch.no_grad():
+        for block in t5.encoder.block:
+            block.layer[0].SelfAttention.q.weight.mul_(t5.params.d_kv**-0.5)
+    return t5
+
+
 def t5_errors(params, length: int, device: torch.device) -> dict:
-    t5 = seeded_init(T5Encoder(params), 0).eval().to(device)
+    t5 = t5_like_init(T5Encoder(params)).eval().to(device)
     ids = torch.randint(0, params.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
-    errors = {}
     with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16):
-            exact = t5.to(dtype)(ids)
-            errors[str(dtype).removeprefix("torch.")] = rel_err(quantize_int8_weights(copy.deepcopy(t5))(ids), exact)
-    return errors
+        exact = t5(ids)
+        int8 = quantize_int8_weights(copy.deepcopy(t5))(ids)
+        bf16_t5 = copy.deepcopy(t5).to(torch.bfloat16)
+        bf16 = bf16_t5(ids)
+        int8_bf16 = quantize_int8_weights(bf16_t5)(ids)
+    return {"bf16 vs fp32": rel_err(bf16, exact), "int8 vs fp32": rel_err(int8, exact),
+            "int8 (bf16 scales) vs bf16": rel_err(int8_bf16, bf16)}
 
 
 def xxl_linear_bytes() -> dict:

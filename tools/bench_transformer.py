@@ -111,7 +111,9 @@ def build_columns(ours, ref, names, device, dtype) -> tuple[dict, dict]:
 
 
 def default_columns(device, dtype) -> list[str]:
-    others = [b for b in available_backends(device, dtype) if b != default_backend(device, dtype)]
+    # `compiled` runs the default, `auto`: PyTorch's SDPA (with default_backend's kernel) or flash3
+    auto = "flash3" if default_backend(device, dtype) == "flash3" else "sdpa"
+    others = [b for b in available_backends(device, dtype) if b != auto]
     return ["eager", "compiled", *[f"compiled+{b}" for b in others], "compiled+fp8", "diffusers",
             "diffusers-compiled"]
 

@@ -20,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux.pipeline import FluxPipeline  # noqa: E402
+from flux.quantize import check_fp8, quantize_int8_weights  # noqa: E402
 from flux.sampling import check_image_size  # noqa: E402
 from flux.weights import CheckpointError, check_device  # noqa: E402
+from kernels import BACKENDS, check_backend  # noqa: E402
 from parallel.context import ParallelContext, init_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode the image across all ranks (exact halo exchange)")
     p.add_argument("--vae-chunk", "--vae_chunk", dest="vae_chunk", type=int, default=None,
                    help="decode on one device in N row stripes (exact, lower peak memory)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
+    p.add_argument("--attention-backend", default=None, metavar="NAME",
+                   help=f"one of {', '.join(BACKENDS)}; attention kernel (default: the fastest available, kernels.default_backend)")
+    p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
+    p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
@@ -85,6 +92,13 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         check_device(args.device)
     except CheckpointError as err:
         parser.error(f"--device: {err}")
+    try:
+        if args.attention_backend:
+            check_backend(args.attention_backend, torch.device(args.device), DTYPES[args.dtype])
+        if args.fp8:
+            check_fp8(torch.device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def write_png(path: str, image: torch.Tensor) -> None:
@@ -125,13 +139,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
-    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_chunks=args.vae_chunk)
+    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_chunks=args.vae_chunk, compile=args.compile,
+                   attention_backend=args.attention_backend, fp8=args.fp8)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        return FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
-    return FluxPipeline.from_pretrained(
-        args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
-    )
+        pipe = FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
+    else:
+        pipe = FluxPipeline.from_pretrained(
+            args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
+        )
+    if args.t5_int8:
+        quantize_int8_weights(pipe.text.t5)
+    return pipe
 
 
 def main(argv=None) -> int:
