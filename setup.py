@@ -20,5 +20,8 @@ setup(
         # diffusers and transformers are test-only oracles: library code never imports them.
         "test": ["pytest", "diffusers", "transformers", "protobuf"],
         "bench": ["matplotlib"],
+        # attention backend `flash_attn` (CUDA); flash-attention 3 (`flash3`, module flash_attn_interface)
+        # is installed from source, the flash-attention repository's hopper/ folder
+        "flash-attn": ["flash-attn"],
     },
 )

@@ -3,7 +3,8 @@
 Regional: each double and single block is compiled on its own, not the whole model. Blocks of
 one class run the same code on parameters of the same shapes, so dynamo traces and inductor
 compiles each class once and every other block of the class reuses that code (the "regional
-compilation" recipe of the PyTorch tutorials): two compilations for FLUX's 57 blocks. The
+compilation" recipe of the PyTorch tutorials): three graphs for FLUX's 57 blocks (the first double
+block gets one of its own: its input is img_in's output, a view, which dynamo guards on). The
 embedders, the RoPE table and the final layer run once per step and stay eager, as does anything a
 caller wraps around the model (a step cache deciding whether to run the blocks at all).
 

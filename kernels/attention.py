@@ -33,6 +33,8 @@ _HALF = (torch.float16, torch.bfloat16)
 _SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 _PACKAGES = {"flash_attn": "flash_attn", "flash3": "flash_attn_interface"}  # backend -> module it imports
+# looked up once (find_spec does not import the package): a constant while torch.compile traces `attention`
+_INSTALLED = {name: importlib.util.find_spec(module) is not None for name, module in _PACKAGES.items()}
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
@@ -140,8 +142,8 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype in _HALF:
-        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        return "flash3" if hopper and _installed("flash3") else "flash"
+        hopper = _INSTALLED["flash3"] and torch.cuda.get_device_capability(device) >= (9, 0)
+        return "flash3" if hopper else "flash"
     if device.type == "cuda":
         return "efficient"
     return "flash" if device.type == "cpu" else "sdpa"
@@ -173,7 +175,7 @@ def _problem(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     half_cuda = device.type == "cuda" and dtype in _HALF
     if name not in BACKENDS:
         return "is unknown"
-    if name in _PACKAGES and not _installed(name):
+    if name in _PACKAGES and not _INSTALLED[name]:
         return f"needs the {_PACKAGES[name]} package, which is not installed"
     if name == "flash" and not (device.type == "cpu" or half_cuda):
         return "runs on the CPU, or on CUDA in float16/bfloat16 only"
@@ -184,10 +186,6 @@ def _problem(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     if name == "flash3" and torch.cuda.get_device_capability(device) < (9, 0):
         return "needs a Hopper (compute capability 9.0) or later GPU"
     return None
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(_PACKAGES[name]) is not None
 
 
 def attention_for(name: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:

@@ -18,6 +18,8 @@ device or dtype are listed as "not measured" with the reason):
     diffusers            FluxTransformer2DModel, eager
     diffusers-compiled   FluxTransformer2DModel.compile_repeated_blocks (its regional compilation)
 Compile time is the first call's extra time over a warm call. Errors are relative to ours eager.
+CPU ms is the process's CPU time per call (time.process_time): on a shared machine it counts the work
+done, not the wait for a core; with --threads 1 it is the cleanest figure (OpenMP threads spin).
 """
 
 import argparse
@@ -125,9 +127,11 @@ def call(model, x):
                  timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
 
 
-def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dict]:
-    """-> name -> median seconds, name -> first-call seconds, name -> output (all columns alternated)."""
-    first, outputs, times = {}, {}, {name: [] for name in columns}
+def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dict, dict]:
+    """-> name -> median wall seconds, name -> median CPU seconds of this process, name -> first-call wall
+    seconds, name -> output; every repeat runs each column once, in turn."""
+    first, outputs = {}, {}
+    wall, cpu = {name: [] for name in columns}, {name: [] for name in columns}
     with torch.inference_mode():
         for name, model in columns.items():  # the first call compiles
             sync()
@@ -138,11 +142,13 @@ def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dic
         for _ in range(repeats):
             for name, model in columns.items():
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call(model, x)
                 sync()
-                times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}, first, outputs
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    median = statistics.median
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, first, outputs
 
 
 def parse_args():
@@ -188,14 +194,15 @@ def main():
     names = args.columns or (["eager", "diffusers"] if args.no_compile else default_columns(device, dtype))
     columns, skipped = build_columns(ours, ref, names, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    med, first, outputs = measure(columns, x, args.repeats, sync)
+    med, med_cpu, first, outputs = measure(columns, x, args.repeats, sync)
 
     print(f"{args.config} config ({params.depth}+{params.depth_single_blocks} blocks), {x['img'].shape[1]} image + "
           f"{args.txt_tokens} text tokens, {args.dtype} on {device}, {args.threads} threads, {args.repeats} "
           f"alternated repeats, torch {torch.__version__}, default attention {default_backend(device, dtype)}")
-    base = med.get("eager")
+    base, base_cpu = med.get("eager"), med_cpu.get("eager")
     flops = forward_flops(params, x["img"].shape[1], args.txt_tokens)
-    print(f"{'column':22} {'median ms':>10} {'vs eager':>9} {'compile s':>10} {'rel err':>8}"
+    print(f"{'column':22} {'median ms':>10} {'vs eager':>9} {'CPU ms':>9} {'vs eager':>9} {'compile s':>10} "
+          f"{'rel err':>8}"
           + (f" {'MFU':>6}" if args.peak_tflops else ""))
     for name in names:
         if name in skipped:
@@ -204,8 +211,10 @@ def main():
         ref_out = outputs.get("eager", outputs[name])
         err = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
         speedup = f"{base / med[name]:8.2f}x" if base else "        -"
+        speedup_cpu = f"{base_cpu / med_cpu[name]:8.2f}x" if base_cpu else "        -"
         mfu = f" {flops / med[name] / (args.peak_tflops * 1e12):6.1%}" if args.peak_tflops else ""
-        print(f"{name:22} {med[name] * 1e3:10.1f} {speedup} {max(first[name] - med[name], 0):10.1f} {err:8.1e}{mfu}")
+        print(f"{name:22} {med[name] * 1e3:10.1f} {speedup} {med_cpu[name] * 1e3:9.1f} {speedup_cpu} "
+              f"{max(first[name] - med[name], 0):10.1f} {err:8.1e}{mfu}")
 
 
 

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode on one device in N row stripes (exact, lower peak memory)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
     p.add_argument("--attention-backend", default=None, metavar="NAME",
-                   help=f"one of {', '.join(BACKENDS)}; attention kernel (default: the fastest available, kernels.default_backend)")
+                   help=f"attention kernel, one of {', '.join(BACKENDS)} (default: kernels.default_backend's rule)")
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
