@@ -62,7 +62,8 @@ def build(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
     if args.model != "tiny" and args.model in CONFIGS:
         return random_pipeline(args.model, dtype, device, parallel=ctx)
     options = argparse.Namespace(model=args.model, dtype=args.dtype, transformer=None, vae=None,
-                                 use_parallel_vae=False, vae_chunk=None)
+                                 use_parallel_vae=False, vae_chunk=None, compile=False, attention_backend=None,
+                                 fp8=False, t5_int8=False)
     return load_pipeline(options, device, ctx)  # tiny or a checkpoint, as tools/generate.py loads them
 
 
