@@ -22,5 +22,8 @@ setup(
         "bench": ["matplotlib"],
         # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)
         "serve": ["fastapi", "uvicorn"],
+        # attention backend `flash_attn` (CUDA); flash-attention 3 (`flash3`, module flash_attn_interface)
+        # is installed from source, the flash-attention repository's hopper/ folder
+        "flash-attn": ["flash-attn"],
     },
 )

@@ -1,7 +1,8 @@
 """Building blocks of the FLUX.1 MMDiT (Esser et al. 2024, "Scaling Rectified Flow Transformers").
 
 Parameter names follow the black-forest-labs checkpoints, so their state dicts load as they are.
-Every block applies RoPE to q and k, then calls `self.attention_fn(q, k, v)` on [B, H, L, D]:
+Every block applies RoPE to q and k, then calls `self.attention_fn(q, k, v)` on [B, H, L, D]
+(through kernels.attend, which keeps a parallel attention out of torch.compile's graphs):
 that call is the one seam the sequence-parallel strategies replace.
 """
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kernels import apply_rope, attention, rms_norm
+from kernels import apply_rope, attend, attention, rms_norm
 
 PE = tuple[Tensor, Tensor]  # RoPE tables from kernels.rope_table, each [B, 1, L, head_dim // 2, 2]
 
@@ -129,7 +130,7 @@ class DoubleStreamBlock(nn.Module):
         q = apply_rope(torch.cat((txt_q, img_q), dim=2), *pe)
         k = apply_rope(torch.cat((txt_k, img_k), dim=2), *pe)
         v = torch.cat((txt_v, img_v), dim=2)
-        out = rearrange(self.attention_fn(q, k, v), "B H L D -> B L (H D)")
+        out = rearrange(attend(self.attention_fn, q, k, v), "B H L D -> B L (H D)")
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_out)
@@ -160,13 +161,21 @@ class SingleStreamBlock(nn.Module):
         # blocks of its weight: each output is then contiguous (no copy after a split), and on CPUs
         # the two narrower GEMMs run faster than one 5376-wide one (measured: tools/bench_transformer.py)
         hidden = 3 * self.hidden_size
-        qkv = F.linear(x_mod, self.linear1.weight[:hidden], self.linear1.bias[:hidden])
-        mlp_in = F.linear(x_mod, self.linear1.weight[hidden:], self.linear1.bias[hidden:])
+        qkv = linear_rows(self.linear1, x_mod, slice(None, hidden))
+        mlp_in = linear_rows(self.linear1, x_mod, slice(hidden, None))
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k)
-        attn = self.attention_fn(apply_rope(q, *pe), apply_rope(k, *pe), v)
+        attn = attend(self.attention_fn, apply_rope(q, *pe), apply_rope(k, *pe), v)
         attn = rearrange(attn, "B H L D -> B L (H D)")
         return x + mod.gate * self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+
+
+def linear_rows(linear: nn.Module, x: Tensor, rows: slice) -> Tensor:
+    """linear(x)[..., rows] as one GEMM over those rows of the weight: an nn.Linear, or an FP8Linear
+    (flux/quantize.py), which keeps its weight in its own format."""
+    if isinstance(linear, nn.Linear):
+        return F.linear(x, linear.weight[rows], linear.bias[rows])
+    return linear.forward_rows(x, rows)
 
 
 class LastLayer(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flux.checkpoint import load_transformer
+from flux.compile import prepare_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.pipeline_folder import check_pipeline_folder, load_schedule
@@ -42,7 +43,9 @@ class FluxPipeline:
 
     parallel: the mesh (sequence, CFG and data parallelism); every rank builds the pipeline and calls
     it with the same arguments. parallel_vae: decode across all ranks of a data replica. vae_stripes:
-    decode on one device in that many exact row stripes (lower peak memory)."""
+    decode on one device in that many exact row stripes (lower peak memory). compile: regional
+    torch.compile of the blocks; attention_backend: one of kernels.BACKENDS (default: the rule in
+    kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py."""
 
     def __init__(
         self,
@@ -53,6 +56,9 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_stripes: int | None = None,
+        compile: bool = False,
+        attention_backend: str | None = None,
+        fp8: bool = False,
     ):
         if vae_stripes is not None and (not isinstance(vae_stripes, int) or vae_stripes < 1):
             raise ValueError(f"vae_stripes must be a positive integer (the number of row stripes), got {vae_stripes!r}")
@@ -60,7 +66,9 @@ class FluxPipeline:
         self.parallel = parallel or ParallelContext()
         self.parallel_vae = parallel_vae
         self.vae_stripes = vae_stripes
-        self.denoiser = parallelize(transformer, self.parallel)  # the transformer itself is never modified
+        prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
+        # the transformer itself is never modified by the parallel strategies
+        self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
         self.last_run: dict = {}
         self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar
 
@@ -77,10 +85,12 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_stripes: int | None = None,
+        **options,
     ) -> "FluxPipeline":
         """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
         folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
-        parallel, parallel_vae, vae_stripes: see the class docstring."""
+        parallel, parallel_vae, vae_stripes and `options` (compile, attention_backend, fp8): see the class
+        docstring."""
         dtype, device = check_dtype(dtype), check_device(device)
         overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
@@ -93,7 +103,7 @@ class FluxPipeline:
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
         )
         schedule = load_schedule(root, model.params.guidance_embed)
-        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes)
+        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, **options)
 
     @classmethod
     def tiny(
@@ -104,6 +114,7 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_stripes: int | None = None,
+        **options,
     ) -> "FluxPipeline":
         """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds,
         identically on every rank. It shows the machinery, not image quality."""
@@ -111,7 +122,8 @@ class FluxPipeline:
         model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
         ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
         text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
-        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes)
+        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes,
+                   **options)
 
     @property
     def device(self) -> torch.device:

@@ -24,25 +24,27 @@ from parallel.swap import attention_swaps, swapped
 from parallel.usp import USPAttention
 
 
-def parallelize_flux(model: nn.Module, ctx: ParallelContext) -> "SequenceParallelFlux":
-    """The sequence-parallel view of `model` over ctx's sp group (ctx.ulysses_degree x ctx.ring_degree).
-    `model` is not modified. Call it on every rank: the first call builds ctx's mesh, a collective.
-    With an sp degree of 1 the view runs the model as it is and does no communication."""
+def parallelize_flux(model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto") -> "SequenceParallelFlux":
+    """The sequence-parallel view of `model` over ctx's sp group (ctx.ulysses_degree x ctx.ring_degree),
+    its attention run with kernels backend `attention_backend`. `model` is not modified. Call it on
+    every rank: the first call builds ctx's mesh, a collective. With an sp degree of 1 the view runs
+    the model as it is (its own attention_fn) and does no communication."""
     heads = model.params.num_heads
     # Checked on every rank from the same config, before the first collective (building the mesh).
     if heads % ctx.ulysses_degree:
         raise ValueError(f"num_heads {heads} is not divisible by ulysses_degree {ctx.ulysses_degree}: "
                          "every Ulysses rank must receive a whole number of heads")
-    return SequenceParallelFlux(model, ctx)
+    return SequenceParallelFlux(model, ctx, attention_backend)
 
 
 class SequenceParallelFlux(nn.Module):
     """A FLUX transformer whose tokens are sharded over ctx's sp group. Made by parallelize_flux."""
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext):
+    def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
         super().__init__()
         self.model = model
         self.ctx = ctx
+        self.attention_backend = attention_backend
         self.sp_rank = ctx.rank("sp")
         self._attention: dict[SequenceLayout, USPAttention] = {}  # one per layout: the same object every step
 
@@ -85,7 +87,7 @@ class SequenceParallelFlux(nn.Module):
         if layout not in self._attention:
             ctx = self.ctx
             self._attention[layout] = USPAttention(ctx.group("ulysses"), ctx.group("ring"), ctx.rank("ring"),
-                                                   self.sp_rank, layout)
+                                                   self.sp_rank, layout, self.attention_backend)
         return self._attention[layout]
 
     def _check_local(self, layout: SequenceLayout, img_len: int, txt_len: int | None) -> None:

@@ -37,6 +37,7 @@ def ring_attention(
     group,
     seq_lens: list[int],  # L_j of every rank j of `group`, in group rank order
     overlap: bool = True,
+    backend: str = "auto",  # kernels.attention_with_lse's backend for each block
 ) -> tuple[Tensor, Tensor]:
     """Attention of this rank's queries over every rank's keys -> (out [B, H, L_r, D] in q's dtype,
     lse [B, H, L_r] fp32). Shards may differ in length: every rank knows them all from seq_lens.
@@ -58,7 +59,7 @@ def ring_attention(
             kv_next, hop = _post_next(kv, group, seq_lens[(rank - step - 1) % world])
             if not overlap:
                 hop.wait()
-        out_block, lse_block = attention_with_lse(q, kv[0], kv[1])
+        out_block, lse_block = attention_with_lse(q, kv[0], kv[1], backend)
         out, lse = (out_block.float(), lse_block) if out is None else merge_attention(out, lse, out_block, lse_block)
         if not last:
             if overlap:

@@ -43,15 +43,16 @@ class Conditioning:
     y: Tensor  # [B, vec_in_dim] CLIP pooled output
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext) -> "ParallelDenoiser":
-    """The denoiser for `model` on every axis of ctx. Call it on every rank (it builds ctx's mesh)."""
-    return ParallelDenoiser(model, ctx)
+def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto") -> "ParallelDenoiser":
+    """The denoiser for `model` on every axis of ctx; its sequence-parallel attention runs kernels
+    backend `attention_backend`. Call it on every rank (it builds ctx's mesh)."""
+    return ParallelDenoiser(model, ctx, attention_backend)
 
 
 class ParallelDenoiser:
-    def __init__(self, model: nn.Module, ctx: ParallelContext):
+    def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
         self.model, self.ctx = model, ctx
-        self.sp = parallelize_flux(model, ctx)  # validates the heads before the mesh is built
+        self.sp = parallelize_flux(model, ctx, attention_backend)  # validates the heads before the mesh is built
 
     def branches(self, true_cfg: bool) -> tuple[str, ...]:
         """The CFG branches this rank computes: the text encoders need only encode these."""

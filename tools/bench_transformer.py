@@ -1,27 +1,43 @@
-"""Forward latency of our FLUX transformer against diffusers' FluxTransformer2DModel, same weights.
+"""Forward latency of our FLUX transformer, eager and compiled, against diffusers' FluxTransformer2DModel.
 
     python tools/bench_transformer.py [--repeats 7] [--img-tokens 1024] [--txt-tokens 128] [--threads N]
+                                      [--columns eager compiled ...] [--no-compile]
                                       [--device cuda --dtype bfloat16] [--config schnell --depth 2 --single 4]
+    # on one GPU: FLUX.1-schnell size, bf16, 1024 and 2048 px (4096 and 16384 image tokens), MFU vs the peak
+    python tools/bench_transformer.py --device cuda --dtype bfloat16 --config schnell --img-tokens 4096 \\
+        --txt-tokens 512 --peak-tflops 989 --repeats 10
 
 One process, fp32 on the CPU by default, a medium config (hidden 768, 12 heads of 64, 4 double + 8 single
-blocks). The two models run alternately, each call timed separately; the median is reported.
+blocks). The same random weights in every column; within each repeat every column runs once, in turn
+(alternated), each call timed on its own; the median is reported. Columns (those that cannot run on this
+device or dtype are listed as "not measured" with the reason):
+    eager                ours, kernels' default attention
+    compiled             ours, flux.compile.compile_blocks (regional, dynamic shapes), default attention
+    compiled+<backend>   compiled, every other attention backend available here (kernels.available_backends)
+    compiled+fp8         compiled, flux.quantize.quantize_fp8 (GPUs with FP8 tensor cores only)
+    diffusers            FluxTransformer2DModel, eager
+    diffusers-compiled   FluxTransformer2DModel.compile_repeated_blocks (its regional compilation)
+Compile time is the first call's extra time over a warm call. Errors are relative to ours eager.
+CPU ms is the process's CPU time per call (time.process_time): on a shared machine it counts the work
+done, not the wait for a core; with --threads 1 it is the cleanest figure (OpenMP threads spin).
 """
 
 import argparse
+import copy
 import dataclasses
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flux.checkpoint import bfl_to_diffusers  # noqa: E402
-from flux.configs import CONFIGS  # noqa: E402
-from flux.model import Flux  # noqa: E402
-from flux.sampling import make_img_ids  # noqa: E402
-from weights import seeded_init  # noqa: E402
+from flux.checkpoint import bfl_to_diffusers
+from flux.compile import compile_blocks, set_attention_backend
+from flux.configs import CONFIGS
+from flux.model import Flux
+from flux.quantize import fp8_supported, quantize_fp8
+from flux.sampling import make_img_ids
+from kernels import BACKENDS, available_backends, default_backend
+from weights import seeded_init
 
 MEDIUM = dataclasses.replace(
     CONFIGS["schnell"], hidden_size=768, num_heads=12, depth=4, depth_single_blocks=8, axes_dim=(8, 28, 28)
@@ -54,7 +70,85 @@ def make_inputs(params, img_tokens, txt_tokens):
     )
 
 
-def main():
+def forward_flops(params, img_tokens: int, txt_tokens: int) -> float:
+    """Multiply-adds x 2 of one forward: the blocks' linears (2 x tokens x weights) and attention
+    (q k^T and p v: 4 x L^2 x hidden per block); embedders and final layer are negligible."""
+    h, m, length = params.hidden_size, params.mlp_hidden_dim, img_tokens + txt_tokens
+    double_weights = 2 * (3 * h * h + h * h + 2 * h * m)  # per stream: qkv, proj, mlp in and out
+    single_weights = h * (3 * h + m) + (h + m) * h
+    linear = 2 * length * (params.depth * double_weights / 2 + params.depth_single_blocks * single_weights)
+    attention = 4 * length**2 * h * (params.depth + params.depth_single_blocks)
+    return linear + attention
+
+
+def build_columns(ours, ref, names, device, dtype) -> tuple[dict, dict]:
+    """name -> model to call, and name -> why it was not measured."""
+    skipped, columns = {}, {}
+    for name in names:
+        if name == "eager":
+            columns[name] = ours
+        elif name == "compiled":
+            columns[name] = compile_blocks(copy.deepcopy(ours))
+        elif name == "compiled+fp8":
+            if fp8_supported(device):
+                columns[name] = compile_blocks(quantize_fp8(copy.deepcopy(ours)))
+            else:
+                skipped[name] = f"no FP8 tensor cores on {device}"
+        elif name.startswith("compiled+"):
+            backend = name.removeprefix("compiled+")
+            if backend in available_backends(device, dtype):
+                columns[name] = compile_blocks(set_attention_backend(copy.deepcopy(ours), backend))
+            else:
+                skipped[name] = f"attention backend {backend} not available on {device} for {dtype}"
+        elif name == "diffusers":
+            columns[name] = ref
+        elif name == "diffusers-compiled":
+            compiled_ref = copy.deepcopy(ref)
+            compiled_ref.compile_repeated_blocks(dynamic=True)
+            columns[name] = compiled_ref
+    return columns, skipped
+
+
+def default_columns(device, dtype) -> list[str]:
+    # `compiled` runs the default, `auto`: PyTorch's SDPA (with default_backend's kernel) or flash3
+    auto = "flash3" if default_backend(device, dtype) == "flash3" else "sdpa"
+    others = [b for b in available_backends(device, dtype) if b != auto]
+    return ["eager", "compiled", *[f"compiled+{b}" for b in others], "compiled+fp8", "diffusers",
+            "diffusers-compiled"]
+
+
+def call(model, x):
+    if isinstance(model, Flux):
+        return model(**x)
+    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                 timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
+
+
+def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dict, dict]:
+    """-> name -> median wall seconds, name -> median CPU seconds of this process, name -> first-call wall
+    seconds, name -> output; every repeat runs each column once, in turn."""
+    first, outputs = {}, {}
+    wall, cpu = {name: [] for name in columns}, {name: [] for name in columns}
+    with torch.inference_mode():
+        for name, model in columns.items():  # the first call compiles
+            sync()
+            start = time.perf_counter()
+            outputs[name] = call(model, x).float()
+            sync()
+            first[name] = time.perf_counter() - start
+        for _ in range(repeats):
+            for name, model in columns.items():
+                sync()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                call(model, x)
+                sync()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    median = statistics.median
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, first, outputs
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--img-tokens", type=int, default=1024)
@@ -65,49 +159,60 @@ def main():
     parser.add_argument("--config", default="medium", help="'medium', or a preset (schnell, dev) at full width")
     parser.add_argument("--depth", type=int, default=None, help="double blocks (default: the config's)")
     parser.add_argument("--single", type=int, default=None, help="single blocks (default: the config's)")
+    parser.add_argument("--columns", nargs="+", default=None, help="default: every column (see above)")
+    parser.add_argument("--no-compile", action="store_true", help="only the eager columns (the old two-column run)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak: adds an MFU column")
     args = parser.parse_args()
     if args.config != "medium" and args.config not in CONFIGS:
         parser.error(f"--config {args.config!r} is neither 'medium' nor one of {sorted(CONFIGS)}")
-    for flag in ("repeats", "img_tokens", "txt_tokens", "depth", "single"):
+    for flag in ("repeats", "img_tokens", "txt_tokens", "depth", "single", "peak_tflops"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None and value <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    known = ("eager", "compiled", "compiled+fp8", "diffusers", "diffusers-compiled")
+    bad = [c for c in args.columns or [] if c not in known and c.removeprefix("compiled+") not in BACKENDS]
+    if bad:
+        parser.error(f"--columns {' '.join(bad)}: unknown; choose from {', '.join(known)} or compiled+<backend>")
+    return args
+
+
+def main():
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     params = MEDIUM if args.config == "medium" else CONFIGS[args.config]
-    params = dataclasses.replace(params, depth=args.depth if args.depth is not None else params.depth,
-                                 depth_single_blocks=args.single if args.single is not None else params.depth_single_blocks)
-    dtype = getattr(torch, args.dtype)
-    ours, ref = (m.to(args.device, dtype) for m in make_models(params))
-    x = {k: v.to(args.device, dtype if k in ("img", "txt", "y") else torch.float32)
+    depth = args.depth if args.depth is not None else params.depth
+    single = args.single if args.single is not None else params.depth_single_blocks
+    params = dataclasses.replace(params, depth=depth, depth_single_blocks=single)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    ours, ref = (m.to(device, dtype) for m in make_models(params))
+    x = {k: v.to(device, dtype if k in ("img", "txt", "y") else torch.float32)
          for k, v in make_inputs(params, args.img_tokens, args.txt_tokens).items()}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    names = args.columns or (["eager", "diffusers"] if args.no_compile else default_columns(device, dtype))
+    columns, skipped = build_columns(ours, ref, names, device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    med, med_cpu, first, outputs = measure(columns, x, args.repeats, sync)
 
-    def run_ours():
-        return ours(**x)
-
-    def run_ref():
-        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                   timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
-
-    times = {"ours": [], "diffusers": []}
-    with torch.inference_mode():
-        ref_out = run_ref().float()  # also the warm-up, of both
-        err = ((run_ours().float() - ref_out).norm() / ref_out.norm()).item()
-        for _ in range(args.repeats):
-            for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.config} config ({params.depth}+{params.depth_single_blocks} blocks), {x['img'].shape[1]} image + "
-          f"{args.txt_tokens} text tokens, {args.dtype} on {args.device}, {args.threads} threads, "
-          f"{args.repeats} alternated repeats, torch {torch.__version__}")
-    print(f"ours      median {med['ours'] * 1e3:8.1f} ms")
-    print(f"diffusers median {med['diffusers'] * 1e3:8.1f} ms")
-    print(f"ratio ours/diffusers {med['ours'] / med['diffusers']:.3f}   (output rel err {err:.1e})")
+          f"{args.txt_tokens} text tokens, {args.dtype} on {device}, {args.threads} threads, {args.repeats} "
+          f"alternated repeats, torch {torch.__version__}, default attention {default_backend(device, dtype)}")
+    base, base_cpu = med.get("eager"), med_cpu.get("eager")
+    flops = forward_flops(params, x["img"].shape[1], args.txt_tokens)
+    print(f"{'column':22} {'median ms':>10} {'vs eager':>9} {'CPU ms':>9} {'vs eager':>9} {'compile s':>10} "
+          f"{'rel err':>8}"
+          + (f" {'MFU':>6}" if args.peak_tflops else ""))
+    for name in names:
+        if name in skipped:
+            print(f"{name:22} not measured: {skipped[name]}")
+            continue
+        ref_out = outputs.get("eager", outputs[name])
+        err = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
+        speedup = f"{base / med[name]:8.2f}x" if base else "        -"
+        speedup_cpu = f"{base_cpu / med_cpu[name]:8.2f}x" if base_cpu else "        -"
+        mfu = f" {flops / med[name] / (args.peak_tflops * 1e12):6.1%}" if args.peak_tflops else ""
+        print(f"{name:22} {med[name] * 1e3:10.1f} {speedup} {med_cpu[name] * 1e3:9.1f} {speedup_cpu} "
+              f"{max(first[name] - med[name], 0):10.1f} {err:8.1e}{mfu}")
+
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ import torch
 from common import peak_memory_bytes
 
 from flux.pipeline import FluxPipeline
+from flux.quantize import check_fp8, quantize_int8_weights
 from flux.sampling import check_image_size
+from kernels import BACKENDS, check_backend
 from parallel.context import ParallelContext, close_distributed, init_distributed
 from weights import CheckpointError, check_device
 
@@ -76,6 +78,11 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode the image across all ranks of a replica (exact halo exchange)")
     p.add_argument("--vae-stripes", "--vae-chunk", "--vae_chunk", dest="vae_stripes", type=int, default=None,
                    help="decode on one device in N row stripes (exact, lower peak memory)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
+    p.add_argument("--attention-backend", default=None, metavar="NAME",
+                   help=f"attention kernel, one of {', '.join(BACKENDS)} (default: kernels.default_backend's rule)")
+    p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
+    p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
 
 
@@ -133,6 +140,13 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
         check_device(args.device)
     except ValueError as err:
         parser.error(f"--device: {err}")
+    try:
+        if args.attention_backend:
+            check_backend(args.attention_backend, torch.device(args.device), DTYPES[args.dtype])
+        if args.fp8:
+            check_fp8(torch.device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def write_png(path: str, image: torch.Tensor) -> None:
@@ -167,13 +181,18 @@ class Progress:
 
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
-    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_stripes=args.vae_stripes)
+    options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_stripes=args.vae_stripes,
+                   compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        return FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
-    return FluxPipeline.from_pretrained(
-        args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
-    )
+        pipe = FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
+    else:
+        pipe = FluxPipeline.from_pretrained(
+            args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
+        )
+    if args.t5_int8:
+        quantize_int8_weights(pipe.text.t5)
+    return pipe
 
 
 def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, float]:
