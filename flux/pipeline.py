@@ -18,7 +18,7 @@ from flux.checkpoint import load_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.pipeline_folder import check_pipeline_folder, load_schedule
-from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
+from flux.sampling import Schedule, check_image_size, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
 from flux.tokenizers import as_prompt_list
 from parallel import (
@@ -129,7 +129,8 @@ class FluxPipeline:
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
             raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
                              "(the T5 tokenizer's model_max_length)")
-        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None)
+        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None,
+                            rows=height // 16)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
         expected = (len(prompts), 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != expected:
@@ -227,7 +228,7 @@ class FluxPipeline:
                 self.progress(step + 1, len(timesteps) - 1)
 
         with count_comm() as stats:
-            img = generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step))
+            img = generation.denoise(timesteps, on_step)
         steps = max(1, len(timesteps) - 1)
         self.last_run["comm_bytes_per_step"] = {k: v / steps for k, v in stats.bytes.items()}
         self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}
