@@ -8,6 +8,9 @@ Two references, both single-process:
   and stale patches whichever rank holds it.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -156,3 +159,17 @@ def _refused(rank, world, options, message):
 def test_pipefusion_refusals_are_identical_on_every_rank():
     run_distributed(_refused, 2, dict(num_pipeline_patch=7), "more than the 6 rows of image tokens")
     run_distributed(_refused, 2, dict(pipefusion_stage_sizes=(1, 2)), "must be 2 positive block counts adding up")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    (["--num-pipeline-patch", "0"], "--num-pipeline-patch must be at least 1, got 0"),
+    (["--pipefusion_parallel_degree", "0"], "--pipefusion-degree must be at least 1, got 0"),
+])
+def test_generate_usage_errors(argv, message, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
