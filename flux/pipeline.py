@@ -30,6 +30,8 @@ from parallel import (
     decode,
     gather_batch,
     parallelize,
+    release_other_stages,
+    stage_filter,
 )
 from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from weights import check_device, check_dtype, module_or_load, resolve, seeded_init
@@ -87,7 +89,8 @@ class FluxPipeline:
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
         check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
 
-        model = module_or_load(transformer, Flux, "transformer", partial(load_transformer, dtype=dtype, device=device), root)
+        load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
+        model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
         text = TextConditioner.from_pretrained(
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
@@ -109,13 +112,16 @@ class FluxPipeline:
         identically on every rank. It shows the machinery, not image quality."""
         dtype, device = check_dtype(dtype), check_device(device)
         model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
+        if parallel is not None and (keep := stage_filter(parallel)) is not None:
+            model = release_other_stages(model, keep(model.params))  # a PipeFusion rank holds its stage only
         ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
         text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
         return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        # the first held parameter: a later PipeFusion stage holds no embedder (the rest is on the meta device)
+        return next(p.device for p in self.transformer.parameters() if not p.is_meta)
 
     def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
                    max_sequence_length: int, latents: Tensor | None) -> None:

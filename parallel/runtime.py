@@ -30,7 +30,7 @@ from parallel.context import ParallelContext
 from parallel.halo import split_rows
 from parallel.pipefusion import PipeFusionGeneration, patch_bounds
 from parallel.sequence import shard_sizes
-from parallel.stages import split_stages, stage_parameter_names
+from parallel.stages import split_stages, stage_prefixes
 from parallel.stripes import decode_in_stripes
 from parallel.vae import decode_parallel
 
@@ -60,13 +60,13 @@ class ParallelDenoiser:
 
     def parameter_bytes(self) -> int:
         """Bytes of the transformer's parameters this rank computes with: its stage's under PipeFusion."""
-        names = None
+        prefixes = ("",)  # every name
         if self.ctx.uses_pipefusion:
             stage = self.ctx.rank("pipefusion")
-            names = set(stage_parameter_names(self.model, self.stages[stage], stage == 0,
-                                              stage == self.ctx.pipefusion_degree - 1))
+            prefixes = stage_prefixes(self.model.params, self.stages[stage], stage == 0,
+                                      stage == self.ctx.pipefusion_degree - 1)
         return sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
-                   if names is None or name in names)
+                   if name.startswith(prefixes))
 
     def branches(self, true_cfg: bool) -> tuple[str, ...]:
         """The CFG branches this rank computes: the text encoders need only encode these."""

@@ -63,15 +63,43 @@ def _balanced_sizes(costs: list[int], degree: int) -> list[int]:
     return [cuts[s + 1] - cuts[s] for s in range(degree)]
 
 
-def stage_parameter_names(model: nn.Module, blocks: range, first: bool, last: bool) -> list[str]:
-    """The parameters a stage needs: its blocks, the embedders on the first, the final layer on the last."""
-    depth = model.params.depth
+def stage_prefixes(params, blocks: range, first: bool, last: bool) -> tuple[str, ...]:
+    """The parameter names a stage needs begin with these: its blocks, the embedders on the first stage,
+    the final layer on the last."""
+    depth = params.depth
     prefixes = [f"double_blocks.{i}." if i < depth else f"single_blocks.{i - depth}." for i in blocks]
     if first:
         prefixes += ["img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in."]
     if last:
         prefixes += ["final_layer."]
-    return [name for name, _ in model.named_parameters() if name.startswith(tuple(prefixes))]
+    return tuple(prefixes)
+
+
+def stage_filter(ctx):
+    """For loaders: keep(params) -> a test on parameter names, true for this rank's PipeFusion stage.
+    None without stages (every rank holds the whole model). The split is validated before this rank's
+    stage index is asked for (which builds ctx's mesh, a collective), so a bad split is refused
+    identically on every rank."""
+    if ctx.pipefusion_degree == 1:
+        return None
+
+    def keep(params):
+        ranges = split_stages(params, ctx.pipefusion_degree, ctx.pipefusion_stage_sizes)
+        stage = ctx.rank("pipefusion")
+        prefixes = stage_prefixes(params, ranges[stage], stage == 0, stage == len(ranges) - 1)
+        return lambda name: name.startswith(prefixes)
+
+    return keep
+
+
+def release_other_stages(model: nn.Module, keep) -> nn.Module:
+    """Move the parameters `keep` rejects to the meta device, in place, freeing their memory: for models
+    built in memory (seeded tiny weights); checkpoints load only the stage's tensors instead."""
+    for name, param in list(model.named_parameters()):
+        if not keep(name):
+            owner = model.get_submodule(name.rpartition(".")[0])
+            setattr(owner, name.rpartition(".")[2], nn.Parameter(param.to("meta"), requires_grad=False))
+    return model
 
 
 def stage_blocks(model: nn.Module, blocks: range) -> list[nn.Module]:

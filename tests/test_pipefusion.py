@@ -98,6 +98,12 @@ def _check_rank(rank, world, degrees, cases, expected_file):
         # block sees the same patches as on one device. Bitwise in practice; 1e-5 is the project's bar.
         torch.testing.assert_close(out, expected[name], rtol=1e-5, atol=1e-5, msg=name)
         assert pipe.last_run["comm_bytes_per_step_by_axis"]["pipefusion"] > 0
+    # each rank holds only its stage's parameters; together the stages hold the model once
+    held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
+    assert held == pipe.denoiser.parameter_bytes()
+    full = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    every_rank = comm.all_gather_object(held, dist.group.WORLD)  # each group of stages holds one model
+    assert held < full and sum(every_rank) == full * world // degrees["pipefusion_degree"]
 
 
 def _expected(cases, tmp_path) -> str:
@@ -173,3 +179,35 @@ def test_generate_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", "tiny", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_a_stage_loads_only_its_tensors(layout, tmp_path):
+    from flux.checkpoint import bfl_to_diffusers, load_transformer
+    from flux.model import Flux
+    from parallel.stages import stage_prefixes
+    from weights import seeded_init
+
+    params = CONFIGS["tiny"]
+    model = seeded_init(Flux(params), 0)
+    state = model.state_dict()
+    if layout == "bfl":
+        path = tmp_path / "flux1-tiny.safetensors"
+        save_file(state, path)
+        (tmp_path / "config.json").write_text('{"axes_dim": [2, 2, 4]}')
+    else:
+        path = tmp_path / "transformer"
+        path.mkdir()
+        save_file(bfl_to_diffusers(state, params), path / "diffusion_pytorch_model.safetensors")
+        (path / "config.json").write_text(
+            '{"_class_name": "FluxTransformer2DModel", "in_channels": 64, "num_layers": 2, "num_single_layers": 2, '
+            '"attention_head_dim": 8, "num_attention_heads": 12, "joint_attention_dim": 64, '
+            '"pooled_projection_dim": 32, "guidance_embeds": false, "axes_dims_rope": [2, 2, 4]}')
+    prefixes = stage_prefixes(params, range(1, 3), first=False, last=False)  # the middle stage of 3
+    stage = load_transformer(path, dtype=torch.float32, keep=lambda p: lambda name: name.startswith(prefixes))
+    for name, param in stage.named_parameters():
+        if name.startswith(prefixes):
+            torch.testing.assert_close(param, state[name], rtol=0, atol=0)
+        else:
+            assert param.is_meta, name
+    assert any(not p.is_meta for p in stage.parameters()) and any(p.is_meta for p in stage.parameters())
