@@ -139,6 +139,10 @@ class PipeFusionGeneration:
                                  self.num_stages)
         by_slot = {m.slot: m for m in schedule}  # what stage 0 runs in each slot
         ends_step = {max((m for m in schedule if m.step == s), key=lambda m: m.slot) for s in range(len(timesteps) - 1)}
+        if self.num_stages > 1:
+            # every stage starts from the same noise anyway; this collective makes the group's first
+            # NCCL call one that all its ranks join, as batch_isend_irecv requires (torch.distributed docs)
+            comm.broadcast(self.img, self.ctx.group("pipefusion"), src=0)
         inbox = None
         for slot in range(schedule[-1].slot + self.num_stages):
             message = by_slot.get(slot - self.stage)

@@ -211,3 +211,25 @@ def test_a_stage_loads_only_its_tensors(layout, tmp_path):
         else:
             assert param.is_meta, name
     assert any(not p.is_meta for p in stage.parameters()) and any(p.is_meta for p in stage.parameters())
+
+
+def test_cost_model_pipefusion():
+    """Weights per device fall with the stages; PipeFusion wins on PCIe L40s and loses on NVLinked H100s
+    (xDiT docs/performance/flux.md); on 24 GB cards only PipeFusion holds FLUX.1-dev."""
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import cost_model as cm
+    import plan
+
+    w = plan.make_workload("dev", 1024, "bf16", steps=28)
+    one = cm.stage_weight_bytes(w, 1)[0]
+    two = cm.stage_weight_bytes(w, 2)
+    assert sum(two) == one and max(two) < 0.66 * one  # 19 double + 9 single blocks on stage 0: 0.653
+    assert cm.pipefusion_or_ulysses(w, plan.PRESETS["l40-pcie"], 8)["choice"] == "pipefusion"
+    assert cm.pipefusion_or_ulysses(w, plan.PRESETS["h100-nvlink"], 4)["choice"] == "ulysses"
+    small = dataclasses.replace(plan.PRESETS["l40-pcie"], memory_gib=24)
+    verdict = cm.pipefusion_or_ulysses(w, small, 4)
+    assert verdict["choice"] == "pipefusion" and not verdict["ulysses"]["fits"]
+    warm = cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=28)["denoise_s"]
+    assert warm > cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=1)["denoise_s"]  # the bubbles
