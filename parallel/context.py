@@ -61,10 +61,6 @@ class ParallelContext:
         if sizes is not None and len(sizes) != self.pipefusion_degree:
             raise ValueError(f"pipefusion_stage_sizes {list(sizes)} has {len(sizes)} block counts for "
                              f"pipefusion_degree {self.pipefusion_degree}: give one per stage")
-        if self.uses_pipefusion and self.sp_degree > 1:
-            raise ValueError(f"PipeFusion (pipefusion_degree {self.pipefusion_degree}, num_pipeline_patch "
-                             f"{patches}) with sequence parallelism (ulysses x ring = {self.sp_degree}) is not "
-                             "supported yet: use one of them")
 
     @property
     def uses_pipefusion(self) -> bool:

@@ -87,28 +87,39 @@ def make_schedule(num_steps: int, warmup_steps: int, patches: list[tuple[int, in
 
 
 class StaleKV:
-    """A block's attention_fn under PipeFusion: fresh text K/V, the image K/V buffer for the rest."""
+    """A block's attention_fn under PipeFusion: fresh text K/V, the image K/V buffer for the rest.
 
-    def __init__(self, img_len: int):
-        self.img_len = img_len
+    With an sp group inside the stage, each sp rank holds a shard of the text and of the patch; the
+    fresh K/V shards are all-gathered over the group, so every sp rank keeps the whole buffer and
+    attends its own queries to every key, in the single-device key order (xDiT replicates the fresh
+    K/V over the sp group likewise)."""
+
+    def __init__(self, img_len: int, group=None, rank: int = 0):
+        self.img_len, self.group, self.rank = img_len, group, rank  # the sp group and this rank's index in it
         self.keys = self.values = None  # [B, H, L, D]: the image K/V of each patch's latest pass
         self.filled = 0  # image tokens [0, filled) have been written
-        self.txt_len = self.start = self.end = 0
+        self.txt_sizes, self.patch_sizes, self.start, self.end = [0], [0], 0, 0
 
-    def set_patch(self, txt_len: int, start: int, end: int) -> None:
-        self.txt_len, self.start, self.end = txt_len, start, end
+    def set_patch(self, txt_sizes: list[int], patch_sizes: list[int], start: int, end: int) -> None:
+        """Text and patch tokens per sp rank (one entry without sp); the patch is image tokens [start, end)."""
+        self.txt_sizes, self.patch_sizes, self.start, self.end = txt_sizes, patch_sizes, start, end
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v [B, H, S + patch, D] of [txt; patch] -> attention over [txt; whole image]."""
-        text = self.txt_len
+        """q, k, v [B, H, S_r + P_r, D] of this rank's [txt; patch] -> attention over [txt; whole image]."""
+        text = self.txt_sizes[self.rank]
+        kv = torch.stack((k, v))  # [2, B, H, S_r + P_r, D]
+        kv_txt, kv_img = kv[:, :, :, :text], kv[:, :, :, text:]
+        if self.group is not None:
+            kv_txt = comm.all_gather(kv_txt.contiguous(), self.group, dim=3, sizes=self.txt_sizes)
+            kv_img = comm.all_gather(kv_img.contiguous(), self.group, dim=3, sizes=self.patch_sizes)
         if self.keys is None:
             shape = (*k.shape[:2], self.img_len, k.shape[3])
             self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
-        self.keys[:, :, self.start : self.end] = k[:, :, text:]
-        self.values[:, :, self.start : self.end] = v[:, :, text:]
+        self.keys[:, :, self.start : self.end] = kv_img[0]
+        self.values[:, :, self.start : self.end] = kv_img[1]
         self.filled = max(self.filled, self.end)
-        keys = torch.cat((k[:, :, :text], self.keys[:, :, : self.filled]), dim=2)
-        values = torch.cat((v[:, :, :text], self.values[:, :, : self.filled]), dim=2)
+        keys = torch.cat((kv_txt[0], self.keys[:, :, : self.filled]), dim=2)
+        values = torch.cat((kv_txt[1], self.values[:, :, : self.filled]), dim=2)
         return attention(q, keys, values)
 
 
@@ -121,14 +132,18 @@ class PipeFusionGeneration:
         stacked along the batch ([negative; positive] when both are on this rank)."""
         self.model, self.ctx, self.blocks, self.scale = model, ctx, blocks, true_cfg_scale
         self.stage, self.num_stages, self.branches = ctx.rank("pipefusion"), ctx.pipefusion_degree, branches
+        self.sp_rank, self.sp_group = ctx.rank("sp"), ctx.group("sp") if ctx.sp_degree > 1 else None
         self.img = img.float().clone()  # full latents, kept current on the first and the last stage
         self.img_ids = img_ids.repeat(branches, 1, 1)
-        self.txt, self.txt_ids, self.y = cond.txt, cond.txt_ids, cond.y
+        # sp inside a stage: this rank's contiguous shard of the text (and, per message, of the patch)
+        self.txt_sizes = shard_sizes(cond.txt.shape[1], ctx.sp_degree)
+        text = slice(sum(self.txt_sizes[: self.sp_rank]), sum(self.txt_sizes[: self.sp_rank + 1]))
+        self.txt, self.txt_ids, self.y = cond.txt[:, text], cond.txt_ids[:, text], cond.y
         rows = self.txt.shape[0]
         self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
         grid_rows = int(img_ids[0, -1, 1].item()) + 1  # row-major position ids: the last token is in the last row
         self.patches = patch_bounds(grid_rows, img.shape[1] // grid_rows, ctx.patches)
-        self.kv = [StaleKV(img.shape[1]) for _ in blocks]
+        self.kv = [StaleKV(img.shape[1], self.sp_group, self.sp_rank) for _ in blocks]
         self.swaps = [(b, "attention_fn", kv) for b, kv in zip(stages.stage_blocks(model, blocks), self.kv)]
         self.txt_h = self.vec = None  # this step's text input and conditioning vector at this stage
         self.block_txt = [None] * len(blocks)  # each block's text input in this step's first patch
@@ -154,9 +169,16 @@ class PipeFusionGeneration:
             comm.broadcast(self.img, self.ctx.group("pipefusion"), src=self.num_stages - 1)
         return self.img
 
+    def _shard(self, message: Message) -> tuple[list[int], int, int]:
+        """(patch tokens per sp rank, this rank's first and end token): contiguous shards of the patch."""
+        sizes = shard_sizes(message.end - message.start, self.ctx.sp_degree)
+        first = message.start + sum(sizes[: self.sp_rank])
+        return sizes, first, first + sizes[self.sp_rank]
+
     def _run(self, message: Message, inbox: Tensor | None, timesteps: list[float]) -> Tensor | None:
         """This stage's blocks on one message; the last stage updates the patch's latents instead."""
-        model, start, end, text = self.model, message.start, message.end, self.txt.shape[1]
+        model, text = self.model, self.txt.shape[1]
+        patch_sizes, start, end = self._shard(message)  # this sp rank's image tokens
         if self.stage == 0:
             if message.patch == 0:
                 t = torch.full((self.txt.shape[0],), timesteps[message.step], device=self.img.device)
@@ -168,7 +190,7 @@ class PipeFusionGeneration:
         else:
             img_h = inbox
         for kv in self.kv:
-            kv.set_patch(text, start, end)
+            kv.set_patch(self.txt_sizes, patch_sizes, message.start, message.end)
         pe = stages.rope(model, self.txt_ids, self.img_ids[:, start:end])
         txt_h = self.txt_h
         with swapped(self.swaps):
@@ -180,7 +202,10 @@ class PipeFusionGeneration:
         if self.stage < self.num_stages - 1:
             return torch.cat((txt_h, self.vec[:, None], img_h), dim=1) if message.patch == 0 else img_h
         velocity = self._guided(stages.final(model, img_h, self.vec).float())
-        self.img[:, start:end] += (timesteps[message.step + 1] - timesteps[message.step]) * velocity
+        if self.sp_group is not None:  # every sp rank of the last stage updates (and sends back) the whole patch
+            velocity = comm.all_gather(velocity, self.sp_group, dim=1, sizes=patch_sizes)
+        step = timesteps[message.step + 1] - timesteps[message.step]
+        self.img[:, message.start : message.end] += step * velocity
         return None
 
     def _guided(self, pred: Tensor) -> Tensor:
@@ -206,7 +231,7 @@ class PipeFusionGeneration:
             p2p.send(self.img[:, message.start : message.end], dst=0)
         arriving = by_slot.get(slot - (stage - 1)) if stage > 0 else None  # what the previous stage just ran
         if arriving is not None:
-            rows = arriving.end - arriving.start + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
+            rows = self._shard(arriving)[0][self.sp_rank] + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
             shape = (self.txt.shape[0], rows, self.model.params.hidden_size)
             inbox = p2p.recv(shape, self.model.img_in.weight.dtype, self.img.device, src=stage - 1)
         returned = by_slot.get(slot - last) if stage == 0 else None  # what the last stage just updated

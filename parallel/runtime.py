@@ -79,7 +79,10 @@ class ParallelDenoiser:
         rows: the image's rows of tokens (height / 16), for PipeFusion's patches."""
         ctx = self.ctx
         if ctx.uses_pipefusion and rows is not None:
-            patch_bounds(rows // ctx.sp_degree, img_len // rows, ctx.patches)
+            if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
+                raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
+                                 f"{rows} rows of image tokens (height / 16): every sp rank needs a row of every patch")
+            patch_bounds(rows, img_len // rows, ctx.patches)
         if ctx.cfg_degree == 2 and not true_cfg:
             raise ValueError("cfg_degree 2 runs the negative and the positive branch on two halves of the mesh: "
                              "it needs a negative prompt and true_cfg_scale > 1")

@@ -104,6 +104,7 @@ def _check_rank(rank, world, degrees, cases, expected_file):
     full = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
     every_rank = comm.all_gather_object(held, dist.group.WORLD)  # each group of stages holds one model
     assert held < full and sum(every_rank) == full * world // degrees["pipefusion_degree"]
+    return pipe
 
 
 def _expected(cases, tmp_path) -> str:
@@ -151,6 +152,27 @@ CFG = dict(negative_prompt="blurry", true_cfg_scale=2.5)
 def test_pipefusion_composes_with_cfg_data_and_the_parallel_vae(degrees, cases, tmp_path):
     world = degrees.get("cfg_degree", 1) * degrees.get("data_degree", 1) * degrees["pipefusion_degree"]
     run_distributed(_check_rank, world, degrees, cases, _expected(cases, tmp_path))
+
+
+def _check_sp_rank(rank, world, degrees, cases, expected_file):
+    last = _check_rank(rank, world, degrees, cases, expected_file)
+    assert last.last_run["comm_bytes_per_step"]["all_gather"] > 0  # the fresh K/V shards, over the sp group
+    pipe = tiny_pipeline(parallel=ParallelContext(**degrees, num_pipeline_patch=4))
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        pipe(**CALL)  # 4 patches x 2 sp ranks need 8 rows; the image has 6
+    assert not stats.calls and "every sp rank needs a row of every patch" in str(error.value)
+
+
+@pytest.mark.parametrize("degrees, cases", [
+    (dict(pipefusion_degree=2, ulysses_degree=2), {"exact-M3": (dict(num_pipeline_patch=3, warmup_steps=3), CALL),
+                                                   "stale-M2-W1": (dict(num_pipeline_patch=2, warmup_steps=1), CALL)}),
+    (dict(pipefusion_degree=2, ring_degree=2), {"cfg-stale-M3-W0": (dict(num_pipeline_patch=3, warmup_steps=0),
+                                                                    dict(CALL, **CFG))}),
+])
+def test_pipefusion_with_sequence_parallel_stages(degrees, cases, tmp_path):
+    """2 sp ranks inside each of 2 stages: each holds a shard of every patch and of the text."""
+    cases = {name: (options, dict(call)) for name, (options, call) in cases.items()}
+    run_distributed(_check_sp_rank, 4, degrees, cases, _expected(cases, tmp_path))
 
 
 def _refused(rank, world, options, message):
