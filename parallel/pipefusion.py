@@ -29,9 +29,10 @@ Stale keys and values (`StaleKV`, installed on each block's attention seam for t
 per-block buffer of the image K/V of the whole image. A patch writes its fresh rows, then attends
 to [its fresh text K/V; the buffer]: patches already run this step are fresh, the later ones are
 from the previous step. Before the buffer has seen the whole image once (warmup_steps 0), a patch
-attends to the image tokens written so far. With warmup_steps >= the number of steps every step is
-one whole-image message: the buffer holds only fresh values, and the result is exactly the
-single-device one.
+attends to the image tokens written so far. With sp ranks inside a stage, each holds a shard of the
+text and of every patch, and the fresh K/V shards are all-gathered into every rank's whole buffer.
+With warmup_steps >= the number of steps every step is one whole-image message: the buffer holds only
+fresh values, and the result is exactly the single-device one.
 """
 
 from dataclasses import dataclass
