@@ -4,6 +4,7 @@ Our parameter names are the black-forest-labs ones, so a BFL file loads as it is
 checkpoints go through `diffusers_to_bfl` (split q/k/v fused back, norm_out's halves swapped).
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -251,9 +252,31 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     config: FluxParams | dict | None = None,
+    keep: Callable[[FluxParams], Callable[[str], bool]] | None = None,
 ) -> Flux:
     """FLUX.1 transformer from a BFL single file, a diffusers component or pipeline folder, or a hub repo id.
 
     `config` overrides what the checkpoint says or implies (a FluxParams, or a dict of its fields).
+    `keep(params)` -> a test on our parameter names: load only those (a pipeline stage); the tensors of
+    other blocks are never read and their parameters stay on the meta device.
     """
-    return load_checkpoint(TRANSFORMER, src, dtype, device, config)
+    if keep is None:
+        return load_checkpoint(TRANSFORMER, src, dtype, device, config)
+
+    def select(params: FluxParams, kind: str):
+        ours = keep(params)
+        if kind == "bfl":
+            return ours, ours
+        return (lambda key: (prefix := _bfl_prefix(key)) is None or ours(prefix)), ours
+
+    return load_checkpoint(TRANSFORMER, src, dtype, device, config, select)
+
+
+def _bfl_prefix(diffusers_key: str) -> str | None:
+    """Enough of our name for a diffusers key to decide whether it is read: a block's keys map to that
+    block's prefix; None for the few small tensors outside the blocks (read, and filtered after renaming)."""
+    for theirs, ours in (("single_transformer_blocks.", "single_blocks."), ("transformer_blocks.", "double_blocks.")):
+        if diffusers_key.startswith(theirs):
+            index = diffusers_key[len(theirs):].split(".", 1)[0]
+            return f"{ours}{index}."
+    return None

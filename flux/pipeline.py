@@ -19,7 +19,7 @@ from flux.compile import prepare_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.pipeline_folder import check_pipeline_folder, load_schedule
-from flux.sampling import Schedule, check_image_size, denoise, get_noise, get_schedule, make_img_ids, pack, unpack
+from flux.sampling import Schedule, check_image_size, get_noise, get_schedule, make_img_ids, pack, unpack
 from flux.text_encoders import TextConditioner
 from flux.tokenizers import as_prompt_list
 from parallel import (
@@ -31,6 +31,8 @@ from parallel import (
     decode,
     gather_batch,
     parallelize,
+    release_other_stages,
+    stage_filter,
 )
 from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from weights import check_device, check_dtype, module_or_load, resolve, seeded_init
@@ -97,7 +99,8 @@ class FluxPipeline:
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
         check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
 
-        model = module_or_load(transformer, Flux, "transformer", partial(load_transformer, dtype=dtype, device=device), root)
+        load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
+        model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
         text = TextConditioner.from_pretrained(
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
@@ -120,6 +123,8 @@ class FluxPipeline:
         identically on every rank. It shows the machinery, not image quality."""
         dtype, device = check_dtype(dtype), check_device(device)
         model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
+        if parallel is not None and (keep := stage_filter(parallel)) is not None:
+            model = release_other_stages(model, keep(model.params))  # a PipeFusion rank holds its stage only
         ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
         text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
         return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes,
@@ -127,7 +132,8 @@ class FluxPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        # the first held parameter: a later PipeFusion stage holds no embedder (the rest is on the meta device)
+        return next(p.device for p in self.transformer.parameters() if not p.is_meta)
 
     def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
                    max_sequence_length: int, latents: Tensor | None) -> None:
@@ -141,7 +147,8 @@ class FluxPipeline:
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
             raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
                              "(the T5 tokenizer's model_max_length)")
-        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None)
+        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None,
+                            rows=height // 16)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
         expected = (len(prompts), 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != expected:
@@ -239,7 +246,7 @@ class FluxPipeline:
                 self.progress(step + 1, len(timesteps) - 1)
 
         with count_comm() as stats:
-            img = generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step))
+            img = generation.denoise(timesteps, on_step)
         steps = max(1, len(timesteps) - 1)
         self.last_run["comm_bytes_per_step"] = {k: v / steps for k, v in stats.bytes.items()}
         self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}

@@ -12,6 +12,7 @@ from parallel.runtime import (
     gather_batch,
     parallelize,
 )
+from parallel.stages import release_other_stages, stage_filter
 from parallel.stripes import decode_in_stripes
 from parallel.vae import decode_parallel
 
@@ -30,5 +31,7 @@ __all__ = [
     "init_distributed",
     "parallelize",
     "parallelize_flux",
+    "release_other_stages",
+    "stage_filter",
     "sync_gradients",
 ]

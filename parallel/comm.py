@@ -188,6 +188,15 @@ def all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
+def broadcast(x: Tensor, group, src: int) -> Tensor:
+    """Rank src's x on every rank of the group, in place (src is a rank within the group); returns x."""
+    start = time.perf_counter()
+    dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)
+    sent = _nbytes([x]) * (dist.get_world_size(group) - 1) if dist.get_rank(group) == src else 0
+    _record("broadcast", group, sent, start)
+    return x
+
+
 def all_gather_object(obj, group) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)

@@ -29,6 +29,11 @@ class ParallelContext:
     pipefusion_degree: int = 1
     cfg_degree: int = 1
     data_degree: int = 1
+    # PipeFusion (parallel/pipefusion.py): image patches per step (None: one per stage, as xDiT), the
+    # steps that run the whole image synchronously first, and optional block counts per stage
+    num_pipeline_patch: int | None = None
+    warmup_steps: int = 1
+    pipefusion_stage_sizes: tuple[int, ...] | None = None
     _mesh: object = field(default=None, init=False, repr=False)
     _flat: dict = field(default_factory=dict, init=False, repr=False)  # name -> flattened sub-mesh
 
@@ -37,8 +42,7 @@ class ParallelContext:
             degree = getattr(self, f"{axis}_degree")
             if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
                 raise ValueError(f"{axis}_degree must be a positive integer, got {degree!r}")
-        if self.pipefusion_degree > 1:
-            raise ValueError(f"pipefusion_degree {self.pipefusion_degree}: PipeFusion is not implemented yet (use 1)")
+        self._check_pipefusion()
         if self.cfg_degree > 2:
             raise ValueError(f"cfg_degree must be 1 or 2 (one rank group per CFG branch), got {self.cfg_degree}")
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -46,6 +50,28 @@ class ParallelContext:
         if self.world_size != world:
             raise ValueError(f"the parallel degrees multiply to {self.world_size} ({product}), "
                              f"but the world size is {world}")
+
+    def _check_pipefusion(self) -> None:
+        patches = self.num_pipeline_patch
+        if patches is not None and (not isinstance(patches, int) or isinstance(patches, bool) or patches < 1):
+            raise ValueError(f"num_pipeline_patch must be a positive integer, got {patches!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        sizes = self.pipefusion_stage_sizes
+        if sizes is not None and len(sizes) != self.pipefusion_degree:
+            raise ValueError(f"pipefusion_stage_sizes {list(sizes)} has {len(sizes)} block counts for "
+                             f"pipefusion_degree {self.pipefusion_degree}: give one per stage")
+
+    @property
+    def uses_pipefusion(self) -> bool:
+        """PipeFusion's schedule runs with more than one stage, or on one device when patches are given
+        (the single-device reference of its stale-activation arithmetic)."""
+        return self.pipefusion_degree > 1 or self.num_pipeline_patch is not None
+
+    @property
+    def patches(self) -> int:
+        """PipeFusion's patches per step: num_pipeline_patch, or one per stage."""
+        return self.num_pipeline_patch or self.pipefusion_degree
 
     @property
     def world_size(self) -> int:

@@ -2,8 +2,7 @@
 
     denoiser = parallelize(transformer, ctx)                  # once; the transformer is not modified
     run = denoiser.start(img, img_ids, conds, guidance, true_cfg_scale)   # per generation
-    img_local = denoise(run.velocity, run.img, timesteps)     # flux/sampling.py's loop
-    img = run.finish(img_local)
+    img = run.denoise(timesteps, on_step)                     # flux/sampling.py's loop, or PipeFusion's
 
 - sp (ring x ulysses): the tokens of each image are sharded over the sp group (parallel/apply.py);
   between steps a rank keeps only its rows, since the Euler update is elementwise.
@@ -15,6 +14,8 @@
 - data: each replica makes a contiguous chunk of the batch (`batch_slice`); the images meet on
   global rank 0 at the end (`gather_batch`). Noise is drawn per image, so image i is the same
   whichever replica makes it.
+- pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
+  them (parallel/pipefusion.py); its generation drives its own denoising loop.
 - The parallel VAE decodes across all ranks of one replica (`decode`).
 """
 
@@ -27,7 +28,9 @@ from parallel import comm
 from parallel.apply import parallelize_flux
 from parallel.context import ParallelContext
 from parallel.halo import split_rows
+from parallel.pipefusion import PipeFusionGeneration, patch_bounds
 from parallel.sequence import shard_sizes
+from parallel.stages import split_stages, stage_prefixes
 from parallel.stripes import decode_in_stripes
 from parallel.vae import decode_parallel
 
@@ -52,7 +55,19 @@ def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str =
 class ParallelDenoiser:
     def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
         self.model, self.ctx = model, ctx
+        # PipeFusion's block range per stage, from the config alone: refused identically on every rank
+        self.stages = split_stages(model.params, ctx.pipefusion_degree, ctx.pipefusion_stage_sizes)
         self.sp = parallelize_flux(model, ctx, attention_backend)  # validates the heads before the mesh is built
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the transformer's parameters this rank computes with: its stage's under PipeFusion."""
+        prefixes = ("",)  # every name
+        if self.ctx.uses_pipefusion:
+            stage = self.ctx.rank("pipefusion")
+            prefixes = stage_prefixes(self.model.params, self.stages[stage], stage == 0,
+                                      stage == self.ctx.pipefusion_degree - 1)
+        return sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
+                   if name.startswith(prefixes))
 
     def branches(self, true_cfg: bool) -> tuple[str, ...]:
         """The CFG branches this rank computes: the text encoders need only encode these."""
@@ -60,9 +75,15 @@ class ParallelDenoiser:
             return ("positive",)
         return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
 
-    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool) -> None:
-        """One sentence per impossible request, raised identically on every rank before any collective."""
+    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None) -> None:
+        """One sentence per impossible request, raised identically on every rank before any collective.
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches."""
         ctx = self.ctx
+        if ctx.uses_pipefusion and rows is not None:
+            if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
+                raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
+                                 f"{rows} rows of image tokens (height / 16): every sp rank needs a row of every patch")
+            patch_bounds(rows, img_len // rows, ctx.patches)
         if ctx.cfg_degree == 2 and not true_cfg:
             raise ValueError("cfg_degree 2 runs the negative and the positive branch on two halves of the mesh: "
                              "it needs a negative prompt and true_cfg_scale > 1")
@@ -75,6 +96,13 @@ class ParallelDenoiser:
               true_cfg_scale: float | None) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
         the conditioning of each branch in self.branches(true_cfg_scale is not None)."""
+        if self.ctx.uses_pipefusion:
+            branches = tuple(b for b in BRANCHES if b in conds)
+            stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
+                                     for f in ("txt", "txt_ids", "y")))
+            blocks = self.stages[self.ctx.rank("pipefusion")]
+            return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
+                                        true_cfg_scale)
         return Generation(self, img, img_ids, conds, guidance, true_cfg_scale)
 
 
@@ -108,6 +136,11 @@ class Generation:
             preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
         negative, positive = preds[0], preds[1]
         return negative + self.scale * (positive - negative)
+
+    def denoise(self, timesteps: list[float], on_step=None) -> Tensor:
+        """Every step (flux/sampling.py's Euler loop) -> the final latents [B, L, C] on every rank of the replica."""
+        from flux.sampling import denoise  # here: flux.pipeline imports this package while it loads
+        return self.finish(denoise(self.velocity, self.img, timesteps, on_step))
 
     def finish(self, img_local: Tensor) -> Tensor:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""

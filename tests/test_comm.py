@@ -89,7 +89,7 @@ def test_single_process_context():
     assert ctx.group("sp") is None and ctx.rank("sp") == 0 and not ctx.is_distributed
     with pytest.raises(ValueError, match="world size is 1"):
         ParallelContext(ulysses_degree=2)
-    with pytest.raises(ValueError, match="not implemented"):
+    with pytest.raises(ValueError, match="world size is 1"):  # PipeFusion is implemented (issue 15): degrees only
         ParallelContext(pipefusion_degree=2)
 
 

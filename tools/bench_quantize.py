@@ -16,14 +16,10 @@ counted from its shapes (24 layers), which is where the saving is.
 import argparse
 import copy
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import MEDIUM, make_inputs
+from torch import nn
 
 from flux.model import Flux
 from flux.quantize import quantize_fp8, quantize_int8_weights

@@ -25,10 +25,9 @@ from pathlib import Path
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flux.pipeline import FluxPipeline  # noqa: E402
+from flux.pipeline import FluxPipeline
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a forest with mist swirling around the tree trunks"
 
 

@@ -3,6 +3,7 @@
     python tools/generate.py --model tiny --prompt "a red fox" --output fox.png
     python tools/generate.py --model black-forest-labs/FLUX.1-schnell --prompt "..." --device cuda
     torchrun --nproc_per_node 4 tools/generate.py --ulysses-degree 2 --ring-degree 2 --use-parallel-vae ...
+    torchrun --nproc_per_node 2 tools/generate.py --pipefusion-degree 2 --num-pipeline-patch 4 --warmup-steps 1 ...
     torchrun --nproc_per_node 4 tools/generate.py --prompt "a fox" --negative-prompt "blurry" --true-cfg-scale 4 \
         --cfg-degree 2 --data-parallel-degree 2 --num-images-per-prompt 2 --output fox.png   # fox-0.png ... fox-1.png
 
@@ -27,6 +28,7 @@ from flux.pipeline import FluxPipeline
 from flux.quantize import check_fp8, quantize_int8_weights
 from flux.sampling import check_image_size
 from kernels import BACKENDS, check_backend
+from parallel import comm
 from parallel.context import ParallelContext, close_distributed, init_distributed
 from weights import CheckpointError, check_device
 
@@ -72,6 +74,14 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="2: the negative and the positive CFG branch on two halves of the ranks")
     p.add_argument("--use-cfg-parallel", "--use_cfg_parallel", dest="cfg_degree", action="store_const", const=2,
                    help="the same as --cfg-degree 2 (xDiT's spelling)")
+    p.add_argument("--pipefusion-degree", "--pipefusion_parallel_degree", dest="pipefusion_degree", type=int,
+                   default=1, help="PipeFusion: the transformer's blocks in N pipeline stages, one per rank")
+    p.add_argument("--num-pipeline-patch", "--num_pipeline_patch", dest="num_pipeline_patch", type=int, default=None,
+                   help="PipeFusion: row bands of the image per step (default: one per stage)")
+    p.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=1,
+                   help="PipeFusion: first steps run on the whole image, exactly (>= --steps: exact throughout)")
+    p.add_argument("--pipefusion-stage-sizes", "--attn_layer_num_for_pp", dest="pipefusion_stage_sizes", type=int,
+                   nargs="+", default=None, help="PipeFusion: blocks per stage (default: balanced by cost)")
     p.add_argument("--data-parallel-degree", "--data_parallel_degree", dest="data_degree", type=int, default=1,
                    help="split the images over N replicas of the model")
     p.add_argument("--use-parallel-vae", "--use_parallel_vae", dest="use_parallel_vae", action="store_true",
@@ -131,9 +141,13 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
     if args.vae_stripes is not None and args.vae_stripes < 1:
         parser.error(f"--vae-stripes must be at least 1, got {args.vae_stripes}")
-    for flag, value in (("--cfg-degree", args.cfg_degree), ("--data-parallel-degree", args.data_degree)):
+    for flag, value in (("--cfg-degree", args.cfg_degree), ("--data-parallel-degree", args.data_degree),
+                        ("--pipefusion-degree", args.pipefusion_degree),
+                        ("--num-pipeline-patch", 1 if args.num_pipeline_patch is None else args.num_pipeline_patch)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
     if args.cfg_degree > 2:
         parser.error(f"--cfg-degree must be 1 or 2 (one group of ranks per CFG branch), got {args.cfg_degree}")
     try:
@@ -200,8 +214,11 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
     seconds). A ValueError is the command line's fault (e.g. heads not divisible by --ulysses-degree),
     a CheckpointError (a ValueError too) a file's."""
     device = init_distributed(args.device, timeout_s=args.timeout)
+    stage_sizes = tuple(args.pipefusion_stage_sizes) if args.pipefusion_stage_sizes else None
     ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                          cfg_degree=args.cfg_degree, data_degree=args.data_degree)
+                          cfg_degree=args.cfg_degree, data_degree=args.data_degree,
+                          pipefusion_degree=args.pipefusion_degree, num_pipeline_patch=args.num_pipeline_patch,
+                          warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes)
     start = time.perf_counter()
     pipe = load_pipeline(args, device, ctx)
     return pipe, ctx, device, time.perf_counter() - start
@@ -240,12 +257,14 @@ def generate(args) -> int:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
     total_s = time.perf_counter() - start
+    ranks = rank_figures(pipe, ctx, device)
     if not ctx.is_main:
         return 0
     paths = output_paths(args.output, len(images))
     for path, image in zip(paths, images):
         write_png(path, image)
     report = make_report(args, pipe.last_run, ctx, device, paths, load_s, total_s)
+    report["ranks"] = ranks
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
     run = pipe.last_run
@@ -253,6 +272,18 @@ def generate(args) -> int:
           f"in {total_s:.2f} s (text {run['text_encoding_s']:.2f} s, denoise {sum(run['steps_s']):.2f} s, "
           f"vae {run.get('vae_decode_s', 0):.2f} s), peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
     return 0
+
+
+def rank_figures(pipe: FluxPipeline, ctx: ParallelContext, device) -> list[dict]:
+    """Every rank's parameter bytes (held, and used by its PipeFusion stage), peak memory and bytes sent
+    per step, in global rank order (a collective: every rank calls it)."""
+    held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
+    mine = {"parameter_bytes": held, "stage_parameter_bytes": pipe.denoiser.parameter_bytes(),
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "comm_bytes_per_step": pipe.last_run.get("comm_bytes_per_step", {})}
+    if not ctx.is_distributed:
+        return [mine]
+    return comm.all_gather_object(mine, None)
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -271,7 +302,10 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
         "seed": args.seed, "dtype": args.dtype, "device": str(device), "world_size": ctx.world_size,
         "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree, "cfg_degree": ctx.cfg_degree,
-        "data_degree": ctx.data_degree, "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
+        "data_degree": ctx.data_degree, "pipefusion_degree": ctx.pipefusion_degree,
+        "num_pipeline_patch": ctx.patches if ctx.uses_pipefusion else None,
+        "warmup_steps": ctx.warmup_steps if ctx.uses_pipefusion else None,
+        "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},

@@ -70,9 +70,10 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{folder} has no {stem}.safetensors nor {stem}.safetensors.index.json")
 
 
-def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """All tensors of `files`, each cast to `dtype` (floating point only) and moved to `device` one by one,
-    so that peak memory is the converted state dict, not an fp32 copy of it."""
+def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device, keep=None) -> dict[str, Tensor]:
+    """All tensors of `files` (those whose name `keep` accepts, when given: the others are never read), each
+    cast to `dtype` (floating point only) and moved to `device` one by one, so that peak memory is the
+    converted state dict, not an fp32 copy of it."""
     state = {}
     for file in files:
         if file.suffix in PICKLE_SUFFIXES:
@@ -81,7 +82,7 @@ def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device
             )
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
+                for key in (k for k in handle.keys() if keep is None or keep(k)):
                     tensor = handle.get_tensor(key)
                     cast = dtype if tensor.is_floating_point() else tensor.dtype
                     state[key] = tensor.to(device=device, dtype=cast)

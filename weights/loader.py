@@ -53,11 +53,16 @@ def single_file_fields(file: Path, fmt: CheckpointFormat) -> dict:
 
 
 def load_checkpoint(
-    fmt: CheckpointFormat, src: str | Path, dtype: torch.dtype, device: torch.device | str, overrides=None
+    fmt: CheckpointFormat, src: str | Path, dtype: torch.dtype, device: torch.device | str, overrides=None,
+    select=None,
 ) -> nn.Module:
     """The model of format `fmt` from `src`, in eight steps: check the dtype and device; find the files;
     read the fields; apply `overrides` (a params dataclass or a dict of its fields); build the params;
-    read the tensors, cast one by one; rename diffusers keys to ours; assign them strictly."""
+    read the tensors, cast one by one; rename diffusers keys to ours; assign them strictly.
+
+    select(params, kind) -> (keep_file_key, keep_our_key), optional: load only part of the model (a
+    pipeline stage). Tensors the first rejects are never read; the model's parameters the second
+    rejects stay on the meta device."""
     dtype, device = check_dtype(dtype), check_device(device)
     kind, path = fmt.locate(src)
     if kind == "bfl":
@@ -68,7 +73,10 @@ def load_checkpoint(
     if overrides is not None:
         fields.update(dataclasses.asdict(overrides) if dataclasses.is_dataclass(overrides) else overrides)
     params = build_params(fmt.make_params, fields, str(path), fmt.bfl_hint if kind == "bfl" else "")
-    state = read_safetensors(files, dtype, device)
+    keep_file_key, keep = select(params, kind) if select is not None else (None, None)
+    state = read_safetensors(files, dtype, device, keep_file_key)
     if kind == "diffusers":
         state = fmt.diffusers_to_bfl(state, params)
-    return load_strict(lambda: fmt.build(params), state, str(path))
+    if keep is not None:
+        state = {k: v for k, v in state.items() if keep(k)}
+    return load_strict(lambda: fmt.build(params), state, str(path), keep)

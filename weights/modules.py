@@ -55,11 +55,12 @@ def _few(keys) -> str:
     return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
-def load_strict(build: Callable[[], nn.Module], state: dict[str, Tensor], source: str) -> nn.Module:
-    """Build the module on the meta device and assign `state` to it: every key must match, shapes too."""
+def load_strict(build: Callable[[], nn.Module], state: dict[str, Tensor], source: str, keep=None) -> nn.Module:
+    """Build the module on the meta device and assign `state` to it: every key must match, shapes too.
+    With `keep`, only the names it accepts are expected; the other parameters stay on the meta device."""
     with torch.device("meta"):
         model = build()
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if keep is None or keep(k)}
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing:
         raise CheckpointError(f"{source} is missing {len(missing)} weights the model needs: {_few(missing)}")
@@ -70,7 +71,7 @@ def load_strict(build: Callable[[], nn.Module], state: dict[str, Tensor], source
             raise CheckpointError(
                 f"{source}: {key} has shape {list(state[key].shape)}, the config expects {list(param.shape)}"
             )
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=keep is None, assign=True)  # with keep: checked above
     return model.eval().requires_grad_(False)
 
 

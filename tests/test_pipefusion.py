@@ -1,0 +1,257 @@
+"""PipeFusion: stages, schedule, stale K/V, and real multi-stage runs against one process.
+
+Two references, both single-process:
+- the plain pipeline: with warmup_steps >= the number of steps PipeFusion runs the whole image
+  through the stages every step and must give exactly its result;
+- PipeFusion's arithmetic on one device (ParallelContext(num_pipeline_patch=M), one stage): the
+  multi-stage runs with stale activations must reproduce it, since each block sees the same fresh
+  and stale patches whichever rank holds it.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from safetensors.torch import load_file, save_file
+
+from flux.configs import CONFIGS
+from flux.layers import DoubleStreamBlock, SingleStreamBlock
+from flux.pipeline import FluxPipeline
+from parallel import comm
+from parallel.context import ParallelContext
+from parallel.pipefusion import make_schedule, patch_bounds
+from parallel.stages import block_cost, split_stages
+
+# 6 rows x 2 columns of image tokens: patch counts 1..6, 4 and 5 uneven
+CALL = dict(prompt="a red fox", height=96, width=32, num_steps=3, max_sequence_length=7, output_type="latent")
+
+
+def tiny_pipeline(**options) -> FluxPipeline:
+    return FluxPipeline.tiny(seed=0, **options)
+
+
+def test_a_double_block_costs_a_single_block_per_token():
+    params = CONFIGS["tiny"]
+    double = DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
+    single = SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
+    # per token: one stream's linear weights (an image token never meets the text weights)
+    image_stream = [double.img_attn.qkv, double.img_attn.proj, double.img_mlp[0], double.img_mlp[2]]
+    assert block_cost(params, "double") == sum(m.weight.numel() for m in image_stream)
+    assert block_cost(params, "single") == single.linear1.weight.numel() + single.linear2.weight.numel()
+    assert block_cost(CONFIGS["dev"], "double") == block_cost(CONFIGS["dev"], "single") == 12 * 3072**2
+
+
+def test_split_stages():
+    tiny, dev = CONFIGS["tiny"], CONFIGS["dev"]  # 2 + 2 and 19 + 38 blocks
+    assert split_stages(tiny, 2) == [range(0, 2), range(2, 4)]
+    assert split_stages(tiny, 3) == [range(0, 1), range(1, 3), range(3, 4)]
+    assert [len(r) for r in split_stages(dev, 4)] == [14, 14, 15, 14]
+    assert split_stages(tiny, 2, (1, 3)) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ValueError, match="pipefusion_degree 5 is more than the model's 4 transformer blocks"):
+        split_stages(tiny, 5)
+    with pytest.raises(ValueError, match=r"stage sizes \[2, 3\] must be 2 positive block counts adding up to"):
+        split_stages(tiny, 2, (2, 3))
+
+
+def test_context_validation():
+    with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer, got -1"):
+        ParallelContext(warmup_steps=-1)
+    with pytest.raises(ValueError, match="num_pipeline_patch must be a positive integer, got 0"):
+        ParallelContext(num_pipeline_patch=0)
+    with pytest.raises(ValueError, match="has 2 block counts for pipefusion_degree 1"):
+        ParallelContext(pipefusion_stage_sizes=(1, 3), num_pipeline_patch=2)
+    with pytest.raises(ValueError, match="more than the 6 rows of image tokens"):
+        tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=7))(**CALL)
+
+
+def test_schedule_keeps_the_first_stage_busy_with_enough_patches():
+    patches = patch_bounds(5, 2, 3)
+    assert patches == [(0, 4), (4, 8), (8, 10)]  # uneven bands of whole rows
+    slots = [m.slot for m in make_schedule(3, 1, patches, 10, num_stages=3)]
+    assert slots == [0, 3, 4, 5, 6, 7, 8]  # warm-up step alone; then patch after patch, no bubble
+    slots = [m.slot for m in make_schedule(2, 0, patches, 10, num_stages=4)]
+    assert slots == [0, 1, 2, 4, 5, 6]  # fewer patches than stages: stage 0 waits for patch 0's return
+
+
+def test_one_device_pipefusion_is_exact_without_stale_activations_and_approximate_with():
+    exact = tiny_pipeline()(**CALL)
+    for patches, warmup in [(4, 3), (5, 9), (1, 0)]:  # whole-image steps only, or one patch: nothing stale
+        out = tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=patches, warmup_steps=warmup))(**CALL)
+        torch.testing.assert_close(out, exact, rtol=0, atol=0)  # the same operations in the same order
+    stale = tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=3, warmup_steps=1))(**CALL)
+    error = (stale - exact).abs().max().item()
+    assert 0 < error < float("inf")  # stale K/V change the result, by a finite amount
+
+
+def _check_rank(rank, world, degrees, cases, expected_file):
+    expected = load_file(expected_file)
+    for name, (options, call) in cases.items():
+        pipe = tiny_pipeline(parallel=ParallelContext(**degrees, **options), parallel_vae=call.pop("vae", False))
+        out = pipe(**call)
+        if rank != 0:
+            assert out is None
+            continue
+        # fp32; exact cases: the stages run Flux.forward's operations in its order; stale cases: each
+        # block sees the same patches as on one device. Bitwise in practice; 1e-5 is the project's bar.
+        torch.testing.assert_close(out, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert pipe.last_run["comm_bytes_per_step_by_axis"]["pipefusion"] > 0
+    # each rank holds only its stage's parameters; together the stages hold the model once
+    held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
+    assert held == pipe.denoiser.parameter_bytes()
+    full = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    every_rank = comm.all_gather_object(held, dist.group.WORLD)  # each group of stages holds one model
+    assert held < full and sum(every_rank) == full * world // degrees["pipefusion_degree"]
+    return pipe
+
+
+def _expected(cases, tmp_path) -> str:
+    tensors = {}
+    for name, (options, call) in cases.items():
+        call = dict(call)
+        vae = call.pop("vae", False)
+        reference = {k: v for k, v in options.items() if k in ("num_pipeline_patch", "warmup_steps")}
+        stale = reference.get("warmup_steps", 99) < call["num_steps"]
+        parallel = ParallelContext(**reference) if stale else None  # the one-device PipeFusion, or the plain one
+        tensors[name] = tiny_pipeline(parallel=parallel, parallel_vae=vae)(**call).contiguous()
+    save_file(tensors, tmp_path / "expected.safetensors")
+    return str(tmp_path / "expected.safetensors")
+
+
+def _cases(exact_patches, stale):
+    cases = {f"exact-M{m}": (dict(num_pipeline_patch=m, warmup_steps=3), dict(CALL)) for m in exact_patches}
+    cases |= {f"stale-M{m}-W{w}": (dict(num_pipeline_patch=m, warmup_steps=w), dict(CALL)) for m, w in stale}
+    return cases
+
+
+@pytest.mark.parametrize("stages, exact_patches, stale", [
+    (2, [1, 2, 3, 4, 5, 6], [(2, 1), (5, 0)]),
+    (3, [5], [(3, 1), (2, 0)]),
+    (4, [4], [(6, 1)]),
+])
+def test_pipefusion_equals_one_device(stages, exact_patches, stale, tmp_path):
+    cases = _cases(exact_patches, stale)
+    run_distributed(_check_rank, stages, dict(pipefusion_degree=stages), cases, _expected(cases, tmp_path))
+
+
+CFG = dict(negative_prompt="blurry", true_cfg_scale=2.5)
+
+
+@pytest.mark.parametrize("degrees, cases", [
+    # cfg halves of 2 stages each, images decoded by the parallel VAE over all 4 ranks of the replica
+    (dict(cfg_degree=2, pipefusion_degree=2), {"cfg-exact": (dict(warmup_steps=3),
+                                                             dict(CALL, **CFG, output_type="pt", vae=True)),
+                                               "cfg-stale": (dict(num_pipeline_patch=3, warmup_steps=1),
+                                                             dict(CALL, **CFG))}),
+    # two replicas (3 images), each 2 stages running both CFG branches as one batch
+    (dict(data_degree=2, pipefusion_degree=2), {"data-stale": (dict(num_pipeline_patch=2, warmup_steps=1),
+                                                               dict(CALL, **CFG, prompt=["a fox", "snow", "a cat"]))}),
+])
+def test_pipefusion_composes_with_cfg_data_and_the_parallel_vae(degrees, cases, tmp_path):
+    world = degrees.get("cfg_degree", 1) * degrees.get("data_degree", 1) * degrees["pipefusion_degree"]
+    run_distributed(_check_rank, world, degrees, cases, _expected(cases, tmp_path))
+
+
+def _check_sp_rank(rank, world, degrees, cases, expected_file):
+    last = _check_rank(rank, world, degrees, cases, expected_file)
+    assert last.last_run["comm_bytes_per_step"]["all_gather"] > 0  # the fresh K/V shards, over the sp group
+    pipe = tiny_pipeline(parallel=ParallelContext(**degrees, num_pipeline_patch=4))
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        pipe(**CALL)  # 4 patches x 2 sp ranks need 8 rows; the image has 6
+    assert not stats.calls and "every sp rank needs a row of every patch" in str(error.value)
+
+
+@pytest.mark.parametrize("degrees, cases", [
+    (dict(pipefusion_degree=2, ulysses_degree=2), {"exact-M3": (dict(num_pipeline_patch=3, warmup_steps=3), CALL),
+                                                   "stale-M2-W1": (dict(num_pipeline_patch=2, warmup_steps=1), CALL)}),
+    (dict(pipefusion_degree=2, ring_degree=2), {"cfg-stale-M3-W0": (dict(num_pipeline_patch=3, warmup_steps=0),
+                                                                    dict(CALL, **CFG))}),
+])
+def test_pipefusion_with_sequence_parallel_stages(degrees, cases, tmp_path):
+    """2 sp ranks inside each of 2 stages: each holds a shard of every patch and of the text."""
+    cases = {name: (options, dict(call)) for name, (options, call) in cases.items()}
+    run_distributed(_check_sp_rank, 4, degrees, cases, _expected(cases, tmp_path))
+
+
+def _refused(rank, world, options, message):
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        pipe = tiny_pipeline(parallel=ParallelContext(pipefusion_degree=world, **options))
+        pipe(**CALL)
+    assert not stats.calls  # refused before the first collective
+    messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
+    assert messages == [messages[0]] * world and message in messages[0]
+
+
+def test_pipefusion_refusals_are_identical_on_every_rank():
+    run_distributed(_refused, 2, dict(num_pipeline_patch=7), "more than the 6 rows of image tokens")
+    run_distributed(_refused, 2, dict(pipefusion_stage_sizes=(1, 2)), "must be 2 positive block counts adding up")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    (["--num-pipeline-patch", "0"], "--num-pipeline-patch must be at least 1, got 0"),
+    (["--pipefusion_parallel_degree", "0"], "--pipefusion-degree must be at least 1, got 0"),
+])
+def test_generate_usage_errors(argv, message, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_a_stage_loads_only_its_tensors(layout, tmp_path):
+    from flux.checkpoint import bfl_to_diffusers, load_transformer
+    from flux.model import Flux
+    from parallel.stages import stage_prefixes
+    from weights import seeded_init
+
+    params = CONFIGS["tiny"]
+    model = seeded_init(Flux(params), 0)
+    state = model.state_dict()
+    if layout == "bfl":
+        path = tmp_path / "flux1-tiny.safetensors"
+        save_file(state, path)
+        (tmp_path / "config.json").write_text('{"axes_dim": [2, 2, 4]}')
+    else:
+        path = tmp_path / "transformer"
+        path.mkdir()
+        save_file(bfl_to_diffusers(state, params), path / "diffusion_pytorch_model.safetensors")
+        (path / "config.json").write_text(
+            '{"_class_name": "FluxTransformer2DModel", "in_channels": 64, "num_layers": 2, "num_single_layers": 2, '
+            '"attention_head_dim": 8, "num_attention_heads": 12, "joint_attention_dim": 64, '
+            '"pooled_projection_dim": 32, "guidance_embeds": false, "axes_dims_rope": [2, 2, 4]}')
+    prefixes = stage_prefixes(params, range(1, 3), first=False, last=False)  # the middle stage of 3
+    stage = load_transformer(path, dtype=torch.float32, keep=lambda p: lambda name: name.startswith(prefixes))
+    for name, param in stage.named_parameters():
+        if name.startswith(prefixes):
+            torch.testing.assert_close(param, state[name], rtol=0, atol=0)
+        else:
+            assert param.is_meta, name
+    assert any(not p.is_meta for p in stage.parameters()) and any(p.is_meta for p in stage.parameters())
+
+
+def test_cost_model_pipefusion():
+    """Weights per device fall with the stages; PipeFusion wins on PCIe L40s and loses on NVLinked H100s
+    (xDiT docs/performance/flux.md); on 24 GB cards only PipeFusion holds FLUX.1-dev."""
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import cost_model as cm
+    import plan
+
+    w = plan.make_workload("dev", 1024, "bf16", steps=28)
+    one = cm.stage_weight_bytes(w, 1)[0]
+    two = cm.stage_weight_bytes(w, 2)
+    assert sum(two) == one and max(two) < 0.66 * one  # 19 double + 9 single blocks on stage 0: 0.653
+    assert cm.pipefusion_or_ulysses(w, plan.PRESETS["l40-pcie"], 8)["choice"] == "pipefusion"
+    assert cm.pipefusion_or_ulysses(w, plan.PRESETS["h100-nvlink"], 4)["choice"] == "ulysses"
+    small = dataclasses.replace(plan.PRESETS["l40-pcie"], memory_gib=24)
+    verdict = cm.pipefusion_or_ulysses(w, small, 4)
+    assert verdict["choice"] == "pipefusion" and not verdict["ulysses"]["fits"]
+    warm = cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=28)["denoise_s"]
+    assert warm > cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=1)["denoise_s"]  # the bubbles
