@@ -7,21 +7,17 @@ share graphs: every block of a class, and every later resolution, reuses the fir
 
 import copy
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
 from distributed import run_distributed
-from test_parallel_flux import PARAMS, _assert_rel_close, _inputs, _model
+from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
 
 from flux import Flux
 from flux.compile import compile_blocks, compile_counters, set_attention_backend
 from parallel.apply import parallelize_flux
 from parallel.context import ParallelContext
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # generate.py
 
 GRIDS = [(5, 5), (6, 4)]  # two resolutions (25 and 24 image tokens): the second must reuse the graphs
 
@@ -35,8 +31,8 @@ def _compiled_matches_eager(backend: str) -> list[int]:
     graphs = []
     with torch.no_grad():
         for grid in GRIDS:
-            x = _inputs(7, grid)
-            _assert_rel_close(compiled(**x), eager(**x), f"compiled ({backend}), grid {grid}")
+            x = tiny_flux_inputs(7, grid)
+            assert_rel_close(compiled(**x), eager(**x), f"compiled ({backend}), grid {grid}")
             graphs.append(compile_counters()["unique_graphs"])
     return graphs
 
@@ -52,9 +48,9 @@ def test_inductor_compiled_blocks_equal_eager_and_new_resolutions_do_not_recompi
 
 
 def _sharded_compiled_matches(rank, world):
-    base = _model()
+    base = tiny_flux()
     with torch.no_grad():
-        refs = [base(**_inputs(7, grid)) for grid in GRIDS]
+        refs = [base(**tiny_flux_inputs(7, grid)) for grid in GRIDS]
     torch._dynamo.reset()
     graphs_after = []
     for ulysses, ring in [(2, 1), (1, 2)]:
@@ -62,7 +58,7 @@ def _sharded_compiled_matches(rank, world):
         sp_model = parallelize_flux(model, ParallelContext(ulysses_degree=ulysses, ring_degree=ring))
         with torch.no_grad():
             for grid, ref in zip(GRIDS, refs):
-                _assert_rel_close(sp_model.forward_full(**_inputs(7, grid)), ref, f"{ulysses}x{ring}, grid {grid}")
+                assert_rel_close(sp_model.forward_full(**tiny_flux_inputs(7, grid)), ref, f"{ulysses}x{ring}, grid {grid}")
         graphs_after.append(compile_counters()["unique_graphs"])
     # The USP attention runs behind one graph break per block: a graph before and one after it for each
     # block class, and one more for the first double block (see above). Neither the second
@@ -79,13 +75,13 @@ def test_compiled_blocks_with_ulysses_and_ring_equal_single_process_eager():
 
 
 def test_attention_backend_is_installed_in_every_block_and_checked():
-    model = _model()
-    x = _inputs(7, (5, 5))
+    model = tiny_flux()
+    x = tiny_flux_inputs(7, (5, 5))
     with torch.no_grad():
         ref = model(**x)
         set_attention_backend(model, "math")
         assert all(block.attention_fn.keywords == {"backend": "math"} for block in model.double_blocks)
-        _assert_rel_close(model(**x), ref, "math attention backend")
+        assert_rel_close(model(**x), ref, "math attention backend")
     with pytest.raises(ValueError, match="attention backend 'cudnn' runs on CUDA in float16/bfloat16 only"):
         set_attention_backend(model, "cudnn")
 
@@ -99,7 +95,7 @@ def test_pipeline_options_install_the_backend_compile_the_blocks_and_refuse_fp8_
     parts = (pipe.vae, pipe.text, pipe.schedule)
     with_math = FluxPipeline(copy.deepcopy(pipe.transformer), *parts, attention_backend="math")
     assert all(b.attention_fn.keywords == {"backend": "math"} for b in with_math.transformer.single_blocks)
-    _assert_rel_close(with_math(**call), ref, "pipeline, math attention")
+    assert_rel_close(with_math(**call), ref, "pipeline, math attention")
     compiled = FluxPipeline(copy.deepcopy(pipe.transformer), *parts, compile=True)  # compiles on its first call
     blocks = (*compiled.transformer.double_blocks, *compiled.transformer.single_blocks)
     assert all(b._compiled_call_impl is not None for b in blocks)  # the inductor test above runs such blocks

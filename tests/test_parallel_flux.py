@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
+from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
 
-from flux import CONFIGS, Flux
+from flux import Flux
 from parallel import comm
 from parallel.apply import parallelize_flux
 from parallel.context import ParallelContext
@@ -21,36 +22,9 @@ from parallel.sequence import shard_sizes
 
 FACTORISATIONS = {2: [(2, 1), (1, 2)], 3: [(3, 1), (1, 3)], 4: [(4, 1), (2, 2), (1, 4)]}  # (ulysses, ring)
 LENGTHS = [(7, (5, 5)), (3, (4, 4))]  # (text tokens, image grid): 7 and 25 divide by none of 2, 3, 4; 3 < 4
-PARAMS = CONFIGS["tiny-dev"]  # 12 heads: Ulysses degrees 2, 3 and 4 divide them; guidance embedding on
-
-
-def _inputs(txt_len: int, grid: tuple[int, int], batch: int = 2) -> dict:
-    gen = torch.Generator().manual_seed(txt_len * 100 + grid[0])
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(1, -1, 3).float().repeat(batch, 1, 1)
-    return dict(
-        img=torch.randn(batch, img_ids.shape[1], PARAMS.in_channels, generator=gen), img_ids=img_ids,
-        txt=torch.randn(batch, txt_len, PARAMS.context_in_dim, generator=gen), txt_ids=torch.zeros(batch, txt_len, 3),
-        timesteps=torch.rand(batch, generator=gen), y=torch.randn(batch, PARAMS.vec_in_dim, generator=gen),
-        guidance=torch.full((batch,), 3.5),
-    )
-
-
-def _model() -> Flux:
-    torch.manual_seed(0)
-    return Flux(PARAMS).eval()
-
-
-def _assert_rel_close(out, ref, case):
-    # fp32: sharding changes only the order of the sums inside attention (keys in another order,
-    # ring blocks merged by their LSE), so the difference is rounding, about 1e-7 of the output.
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err <= 1e-5, f"{case}: relative error {err:.2e} > 1e-5"
-
-
 def _flux_matches(rank, world):
-    base = _model()
-    cases = [(txt_len, grid, _inputs(txt_len, grid)) for txt_len, grid in LENGTHS]
+    base = tiny_flux()
+    cases = [(txt_len, grid, tiny_flux_inputs(txt_len, grid)) for txt_len, grid in LENGTHS]
     with torch.no_grad():
         refs = [base(**x) for _, _, x in cases]  # the single-process output, before any sharding
         for ulysses, ring in FACTORISATIONS[world]:
@@ -58,12 +32,12 @@ def _flux_matches(rank, world):
             for (txt_len, grid, x), ref in zip(cases, refs):
                 case = f"ulysses {ulysses} x ring {ring}, {txt_len} text + {grid[0] * grid[1]} image tokens"
                 out = sp_model.forward_full(**x)
-                _assert_rel_close(out, ref, case)
+                assert_rel_close(out, ref, case)
                 layout = sp_model.layout(txt_len, grid[0] * grid[1])
                 local = sp_model(layout, *sp_model.shard(layout, x["img"], x["img_ids"], x["txt"], x["txt_ids"]),
                                  x["timesteps"], x["y"], x["guidance"])
                 rows = ref.split(shard_sizes(ref.shape[1], world), dim=1)[rank]
-                _assert_rel_close(local, rows, case + " (local rows)")
+                assert_rel_close(local, rows, case + " (local rows)")
 
 
 @pytest.mark.parametrize("world", sorted(FACTORISATIONS))
@@ -72,8 +46,8 @@ def test_sharded_flux_equals_single_process(world):
 
 
 def test_single_process_context_is_identity_without_communication():
-    base = _model()
-    x = _inputs(7, (5, 5))
+    base = tiny_flux()
+    x = tiny_flux_inputs(7, (5, 5))
     with torch.no_grad():
         ref = base(**x)
         sp_model = parallelize_flux(copy.deepcopy(base), ParallelContext())
@@ -102,8 +76,8 @@ def _one_rank_raises(rank, world):
         raise RuntimeError("rank 1 fails on purpose")
     # rank 0 waits in the first all-to-all for a peer that is gone (grad mode on, as a user who
     # forgets torch.no_grad() runs it)
-    sp_model = parallelize_flux(_model(), ParallelContext(ulysses_degree=world))
-    sp_model.forward_full(**_inputs(7, (5, 5)))
+    sp_model = parallelize_flux(tiny_flux(), ParallelContext(ulysses_degree=world))
+    sp_model.forward_full(**tiny_flux_inputs(7, (5, 5)))
 
 
 def test_failing_rank_ends_the_job():

@@ -10,25 +10,11 @@ import copy
 import pytest
 import torch
 from distributed import run_distributed
-from helpers import rel_err
+from helpers import PARAMS, rel_err, tiny_flux_inputs
 
-from flux import CONFIGS, Flux
+from flux import Flux
 from parallel.apply import parallelize_flux, sync_gradients
 from parallel.context import ParallelContext
-
-PARAMS = CONFIGS["tiny-dev"]
-
-
-def _inputs(batch: int = 2, txt_len: int = 5, grid: tuple[int, int] = (3, 3)) -> dict:
-    gen = torch.Generator().manual_seed(7)
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(1, -1, 3).float().repeat(batch, 1, 1)
-    return dict(
-        img=torch.randn(batch, img_ids.shape[1], PARAMS.in_channels, generator=gen), img_ids=img_ids,
-        txt=torch.randn(batch, txt_len, PARAMS.context_in_dim, generator=gen), txt_ids=torch.zeros(batch, txt_len, 3),
-        timesteps=torch.rand(batch, generator=gen), y=torch.randn(batch, PARAMS.vec_in_dim, generator=gen),
-        guidance=torch.full((batch,), 3.5),
-    )
 
 
 def _loss_and_grads(model, forward, x):
@@ -43,7 +29,7 @@ def _loss_and_grads(model, forward, x):
 def _grads_match(rank, world, ulysses, ring):
     torch.manual_seed(0)
     base = Flux(PARAMS)
-    x = _inputs()
+    x = tiny_flux_inputs(5, (3, 3))
     ref_loss, ref_img_grad = _loss_and_grads(base, base, x)
     sp_model = parallelize_flux(copy.deepcopy(base), ParallelContext(ulysses_degree=ulysses, ring_degree=ring))
     sp_model.model.zero_grad()

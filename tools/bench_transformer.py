@@ -29,13 +29,13 @@ import statistics
 import time
 
 import torch
+from common import flux_inputs
 
 from flux.checkpoint import bfl_to_diffusers
 from flux.compile import compile_blocks, set_attention_backend
 from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.quantize import fp8_supported, quantize_fp8
-from flux.sampling import make_img_ids
 from kernels import BACKENDS, available_backends, default_backend
 from weights import seeded_init
 
@@ -61,13 +61,9 @@ def make_models(params):
 
 
 def make_inputs(params, img_tokens, txt_tokens):
-    side = int(img_tokens**0.5)  # a side x (img_tokens // side) grid of packed tokens, 16 px each
-    img_ids = make_img_ids(1, 16 * side, 16 * (img_tokens // side))
-    return dict(
-        img=torch.randn(1, img_ids.shape[1], params.in_channels), img_ids=img_ids,
-        txt=torch.randn(1, txt_tokens, params.context_in_dim), txt_ids=torch.zeros(1, txt_tokens, 3),
-        timesteps=torch.rand(1), y=torch.randn(1, params.vec_in_dim),
-    )
+    """One image of about img_tokens tokens: a side x (img_tokens // side) grid, side its square root."""
+    side = int(img_tokens**0.5)
+    return flux_inputs(params, (side, img_tokens // side), txt_tokens)
 
 
 def forward_flops(params, img_tokens: int, txt_tokens: int) -> float:

@@ -43,12 +43,13 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def flux_inputs(params: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, seed: int | None = None) -> dict:
-    """Random inputs of Flux.forward: a side x (img_tokens // side) grid of image tokens (side the
-    integer square root), txt_tokens text tokens, guidance when the model has the embedding."""
+def flux_inputs(params: FluxParams, grid: tuple[int, int], txt_tokens: int, batch: int = 1,
+                seed: int | None = None) -> dict:
+    """Random inputs of Flux.forward: a grid[0] x grid[1] grid of image tokens (16 px each),
+    txt_tokens text tokens, guidance when the model has the embedding. `seed` fixes the values
+    without touching the global generator."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    side = max(1, int(img_tokens**0.5))
-    img_ids = make_img_ids(batch, 16 * side, 16 * (img_tokens // side))
+    img_ids = make_img_ids(batch, 16 * grid[0], 16 * grid[1])
     return dict(
         img=torch.randn(batch, img_ids.shape[1], params.in_channels, generator=gen), img_ids=img_ids,
         txt=torch.randn(batch, txt_tokens, params.context_in_dim, generator=gen), txt_ids=torch.zeros(batch, txt_tokens, 3),

@@ -240,7 +240,7 @@ def _host_op_seconds(torch, share: float) -> float:
     from flux.model import Flux
 
     p = CONFIGS["tiny"]
-    model, inputs = Flux(p).eval(), flux_inputs(p, img_tokens=16, txt_tokens=8)
+    model, inputs = Flux(p).eval(), flux_inputs(p, grid=(4, 4), txt_tokens=8)
     return 1 / _rate(lambda: model(**inputs), cm.transformer_host_ops(p), share)
 
 
