@@ -15,7 +15,7 @@ from test_vae import diffusers_config, perturb
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux
-from flux import text_encoders as te
+from flux import tokenizer_training as tt
 from flux.checkpoint import diffusers_to_bfl
 from flux.pipeline import FluxPipeline, load_schedule
 from flux.sampling import Schedule, get_schedule, pack, unpack
@@ -33,9 +33,9 @@ SCHEDULERS = {
 
 def save_reference_pipeline(root, variant: str) -> DiffusersFluxPipeline:
     params = flux.CONFIGS["tiny-dev" if variant == "dev" else "tiny"]
-    write_clip_files(root / "tokenizer", *te.tiny_clip_vocab())
+    write_clip_files(root / "tokenizer", *tt.tiny_clip_vocab())
     (root / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 77}')  # as FLUX's repos have
-    write_t5_files(root / "tokenizer_2", te.tiny_spiece_model(), model_max_length=512)
+    write_t5_files(root / "tokenizer_2", tt.tiny_spiece_model(), model_max_length=512)
     clip_tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
     t5_tok = T5TokenizerFast.from_pretrained(root / "tokenizer_2")
     torch.manual_seed(1)
