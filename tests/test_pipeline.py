@@ -127,7 +127,7 @@ def test_pack_unpack_round_trip():
 
 
 def test_tiny_pipeline_outputs():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     latents = pipe("a fox", height=32, width=48, num_steps=2, output_type="latent")
     assert latents.shape == (1, 16, 4, 6)
     images = pipe(["a fox", "a cat"], height=32, width=48, num_steps=2, output_type="pil")
@@ -136,8 +136,8 @@ def test_tiny_pipeline_outputs():
 
 def test_vae_stripes_give_the_same_image():
     call = dict(prompt="a fox", height=64, width=48, num_steps=1, output_type="pt")
-    plain = FluxPipeline.tiny()(**call)
-    torch.testing.assert_close(FluxPipeline.tiny(vae_chunks=3)(**call), plain, rtol=1e-5, atol=1e-6)
+    plain = FluxPipeline.tiny_random()(**call)
+    torch.testing.assert_close(FluxPipeline.tiny_random(vae_chunks=3)(**call), plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -153,18 +153,18 @@ def test_vae_stripes_give_the_same_image():
     ],
 )
 def test_bad_calls(call, message):
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     with pytest.raises(ValueError, match=message):
         pipe(**{"prompt": "x", "height": 32, "width": 32, "num_steps": 1, **call})
 
 
 def test_bad_vae_chunks_refused_before_any_work():
     with pytest.raises(ValueError, match="vae_chunks must be a positive integer"):
-        FluxPipeline.tiny(vae_chunks=0)
+        FluxPipeline.tiny_random(vae_chunks=0)
 
 
 def test_guidance_on_schnell_warns_and_is_ignored():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     call = dict(prompt="", height=32, width=32, num_steps=1, output_type="latent")
     with pytest.warns(UserWarning, match="no guidance embedding"):
         with_guidance = pipe(guidance=7.0, **call)
@@ -174,7 +174,7 @@ def test_guidance_on_schnell_warns_and_is_ignored():
 
 
 def test_latents_are_checked_before_the_text_encoders_run():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe("x", height=32, width=32, num_steps=1, latents=torch.zeros(1, 16, 3, 3))
     assert "text_encoding_s" not in pipe.last_run

@@ -25,17 +25,21 @@ from flux.weights import CheckpointError, check_device  # noqa: E402
 from parallel.context import ParallelContext, init_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
-                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = built-in random tiny model (offline)")
+                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = the shipped tiny model trained on "
+                   "captioned shapes, 'tiny-random' = seeded random tiny weights (both offline)")
     p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
     p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
     p.add_argument("--prompt", default="a photo of a forest with mist swirling around the tree trunks")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of 16 (default 1024; 64 for tiny, 256 for tiny-random)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of 16 (default 1024; 64 for tiny, 256 for tiny-random)")
     p.add_argument("--steps", type=int, default=None, help="default 4 (schnell) or 28 (dev)")
     p.add_argument("--guidance", type=float, default=None, help="dev only (default 3.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -52,10 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode on one device in N row stripes (exact, lower peak memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
     args = p.parse_args(argv)
-    tiny = args.model == "tiny"
+    tiny = args.model in TINY_SIZES
     for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
         if getattr(args, name) is None:
-            setattr(args, name, 256 if tiny else 1024)
+            setattr(args, name, TINY_SIZES.get(args.model, 1024))
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
     check_usage(p, args)
     return args
@@ -73,8 +77,8 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
     for flag in ("transformer", "vae"):
-        if args.model == "tiny" and getattr(args, flag):
-            parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
+        if args.model in TINY_SIZES and getattr(args, flag):
+            parser.error(f"--{flag} cannot be used with --model {args.model} (its weights are built in)")
     if args.vae_chunk is not None and args.vae_chunk < 1:
         parser.error(f"--vae-chunk must be at least 1, got {args.vae_chunk}")
     for flag in ("output", "report"):
@@ -128,7 +132,9 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
     options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_chunks=args.vae_chunk)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        return FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
+        return FluxPipeline.tiny(dtype=dtype, device=device, **options)
+    if args.model == "tiny-random":
+        return FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, **options)
     return FluxPipeline.from_pretrained(
         args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
     )
