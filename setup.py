@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="A from-scratch PyTorch framework for exact parallel FLUX.1 inference",
     packages=["flux", "parallel", "vae", "kernels", "weights"],
+    # the trained tiny model (FluxPipeline.tiny(), --model tiny) ships inside the package
+    package_data={"flux": ["assets/tiny/*", "assets/tiny/*/*"]},
     python_requires=">=3.10",
     # torch is pinned by the README's install step (a CPU or CUDA wheel of the user's choice);
     # a bare range here keeps pip from replacing it.

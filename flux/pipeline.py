@@ -111,6 +111,22 @@ class FluxPipeline:
     @classmethod
     def tiny(
         cls,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_stripes: int | None = None,
+        **options,
+    ) -> "FluxPipeline":
+        """The trained tiny model shipped in flux/assets/tiny (tools/train_tiny.py; docs/tiny-model.md): it draws
+        the captioned shapes of tools/shapes.py at 64x64 px, offline, loaded like any checkpoint folder."""
+        folder = Path(__file__).resolve().parent / "assets" / "tiny"
+        return cls.from_pretrained(folder, dtype, device, parallel=parallel, parallel_vae=parallel_vae,
+                                   vae_stripes=vae_stripes, **options)
+
+    @classmethod
+    def tiny_random(
+        cls,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device="cpu",

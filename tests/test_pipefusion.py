@@ -30,7 +30,7 @@ CALL = dict(prompt="a red fox", height=96, width=32, num_steps=3, max_sequence_l
 
 
 def tiny_pipeline(**options) -> FluxPipeline:
-    return FluxPipeline.tiny(seed=0, **options)
+    return FluxPipeline.tiny_random(seed=0, **options)
 
 
 def test_a_double_block_costs_a_single_block_per_token():

@@ -18,7 +18,7 @@ from test_vae import diffusers_config, perturb
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux
-from flux import text_encoders as te
+from flux import tokenizer_training as tt
 from flux.checkpoint import diffusers_to_bfl
 from flux.pipeline import FluxPipeline
 from flux.pipeline_folder import check_pipeline_folder, load_schedule
@@ -37,9 +37,9 @@ SCHEDULERS = {
 
 def save_reference_pipeline(root, variant: str) -> DiffusersFluxPipeline:
     params = flux.CONFIGS["tiny-dev" if variant == "dev" else "tiny"]
-    write_clip_files(root / "tokenizer", *te.tiny_clip_vocab())
+    write_clip_files(root / "tokenizer", *tt.tiny_clip_vocab())
     (root / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 77}')  # as FLUX's repos have
-    write_t5_files(root / "tokenizer_2", te.tiny_spiece_model(), model_max_length=512)
+    write_t5_files(root / "tokenizer_2", tt.tiny_spiece_model(), model_max_length=512)
     clip_tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
     t5_tok = T5TokenizerFast.from_pretrained(root / "tokenizer_2")
     torch.manual_seed(1)
@@ -153,7 +153,7 @@ def test_pack_unpack_round_trip():
 
 
 def test_tiny_pipeline_outputs():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     latents = pipe("a fox", height=32, width=48, num_steps=2, output_type="latent")
     assert latents.shape == (1, 16, 4, 6)
     images = pipe(["a fox", "a cat"], height=32, width=48, num_steps=2, output_type="pil")
@@ -162,8 +162,8 @@ def test_tiny_pipeline_outputs():
 
 def test_vae_stripes_give_the_same_image():
     call = dict(prompt="a fox", height=64, width=48, num_steps=1, output_type="pt")
-    plain = FluxPipeline.tiny()(**call)
-    torch.testing.assert_close(FluxPipeline.tiny(vae_stripes=3)(**call), plain, rtol=1e-5, atol=1e-6)
+    plain = FluxPipeline.tiny_random()(**call)
+    torch.testing.assert_close(FluxPipeline.tiny_random(vae_stripes=3)(**call), plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -179,18 +179,18 @@ def test_vae_stripes_give_the_same_image():
     ],
 )
 def test_bad_calls(call, message):
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     with pytest.raises(ValueError, match=message):
         pipe(**{"prompt": "x", "height": 32, "width": 32, "num_steps": 1, **call})
 
 
 def test_bad_vae_stripes_refused_before_any_work():
     with pytest.raises(ValueError, match="vae_stripes must be a positive integer"):
-        FluxPipeline.tiny(vae_stripes=0)
+        FluxPipeline.tiny_random(vae_stripes=0)
 
 
 def test_guidance_on_schnell_warns_and_is_ignored():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     call = dict(prompt="", height=32, width=32, num_steps=1, output_type="latent")
     with pytest.warns(UserWarning, match="no guidance embedding"):
         with_guidance = pipe(guidance=7.0, **call)
@@ -200,7 +200,7 @@ def test_guidance_on_schnell_warns_and_is_ignored():
 
 
 def test_latents_are_checked_before_the_text_encoders_run():
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny_random()
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe("x", height=32, width=32, num_steps=1, latents=torch.zeros(1, 16, 3, 3))
     assert "text_encoding_s" not in pipe.last_run

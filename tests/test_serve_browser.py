@@ -26,7 +26,7 @@ WINDOW = (1000, 1000)
 
 @pytest.fixture
 def url():
-    service = Service(FluxPipeline.tiny(seed=0), (64, 64), Limits())
+    service = Service(FluxPipeline.tiny(), (64, 64), Limits())
     service.start_ranks()
     yield str(service.client.base_url)
     service.close()

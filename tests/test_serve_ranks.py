@@ -113,7 +113,7 @@ def test_two_ranks_serve_concurrent_requests_exactly(tmp_path):
             replies = list(pool.map(lambda s: generate(client, height=48, width=64, steps=2, seed=s,
                                                        max_sequence_length=16), range(8)))
         assert [r.status_code for r in replies] == [200] * 8
-        pipe = FluxPipeline.tiny(seed=0)
+        pipe = FluxPipeline.tiny()
         for seed, reply in enumerate(replies):
             expected = pipe("a red fox", height=48, width=64, num_steps=2, seed=seed, max_sequence_length=16,
                             output_type="pt")[0]
@@ -196,7 +196,7 @@ def _failing_requests(rank: int, world_size: int, expected: torch.Tensor) -> Non
     """Rank loop of two ranks, three requests: seed 0 fails on both ranks, seed 1 on rank 1 only (after the
     last collective), seed 2 succeeds. The ranks agree on each outcome and go on to the next."""
     ctx = ParallelContext(ulysses_degree=2)
-    pipe = Flaky(FluxPipeline.tiny(seed=0, parallel=ctx), rank, before={0}, after={1} if rank == 1 else set())
+    pipe = Flaky(FluxPipeline.tiny(parallel=ctx), rank, before={0}, after={1} if rank == 1 else set())
     group = dist.new_group(backend="gloo")
     if rank != 0:
         serve.serve_ranks(pipe, None, group, torch.device("cpu"), 0.05)
@@ -219,5 +219,5 @@ def request(seed: int) -> dict:
 
 
 def test_ranks_agree_on_a_failed_request_and_go_on():
-    expected = FluxPipeline.tiny(seed=0)(output_type="pt", **request(2))[0]
+    expected = FluxPipeline.tiny()(output_type="pt", **request(2))[0]
     run_distributed(_failing_requests, 2, expected)

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 from helpers import rel_err
-from test_tokenizers import CORPUS, PROMPTS, train_spiece, write_clip_files, write_t5_files
+from test_tokenizers import CORPUS, PROMPTS, write_clip_files, write_t5_files
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux
-from flux import text_encoders as te
+from flux import tokenizer_training as tt
 from flux.clip import CLIP_CONFIGS, ClipTextModel
 from flux.t5 import T5_CONFIGS, T5Encoder
 from flux.text_encoders import TextConditioner
@@ -47,8 +47,8 @@ def pipeline(tmp_path_factory):
     """A diffusers-style pipeline folder with small random encoders and the tokenizers they go with."""
     root = tmp_path_factory.mktemp("pipeline")
     (root / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    write_clip_files(root / "tokenizer", *te.tiny_clip_vocab())
-    write_t5_files(root / "tokenizer_2", train_spiece(CORPUS.splitlines()), model_max_length=512)
+    write_clip_files(root / "tokenizer", *tt.tiny_clip_vocab())
+    write_t5_files(root / "tokenizer_2", tt.train_spiece(CORPUS.splitlines(), 200), model_max_length=512)
     clip_tok, t5_tok = (
         CLIPTokenizer.from_pretrained(root / "tokenizer"),
         T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
@@ -128,7 +128,7 @@ def test_release_and_move():
 
 
 def test_mismatched_parts():
-    clip_tok, t5_tok = te.tiny_clip_tokenizer(), te.tiny_t5_tokenizer()
+    clip_tok, t5_tok = tt.tiny_clip_tokenizer(), tt.tiny_t5_tokenizer()
     clip, t5 = ClipTextModel(CLIP_CONFIGS["tiny"]), T5Encoder(T5_CONFIGS["tiny"])
     small_t5 = T5Encoder(dataclasses.replace(T5_CONFIGS["tiny"], vocab_size=100))
     with pytest.raises(

@@ -1,19 +1,15 @@
 """The CLIP and T5 tokenizers id for id against transformers' CLIPTokenizer and T5TokenizerFast,
 on tokenizer files built here, and their bad inputs."""
 
-import collections
-import io
 import json
 import warnings
 
 import pytest
-import sentencepiece
 import torch
-from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 import flux
-from flux import text_encoders as te
+from flux import tokenizer_training as tt
 from flux import tokenizers as tk
 from weights import CheckpointError
 
@@ -42,25 +38,6 @@ PROMPTS = [
 ]
 
 
-def train_spiece(lines):
-    """A SentencePiece unigram model in T5's layout: <pad> 0, </s> 1, <unk> 2, no start token."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=200,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
 def write_clip_files(folder, vocab, merges):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -76,31 +53,18 @@ def write_t5_files(folder, spiece, **config):
     return folder
 
 
-def small_clip_vocab():
-    """A CLIP-style vocabulary: the 256 byte symbols with and without `</w>`, 200 merges learnt on CORPUS."""
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    splitter = tk.clip_tokenizer({s: i for i, s in enumerate(symbols)}, [], {}).backend
-    words = collections.Counter()
-    for line in CORPUS.splitlines():
-        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(line)):
-            words[(*word[:-1], word[-1] + "</w>")] += 1
-    merges = te.learn_merges(words, 200)
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Tokenizer folders: (ours, transformers') built from vocab.json + merges.txt / spiece.model, from the
     tokenizer.json that transformers writes for them, and from the built-in tiny tokenizers."""
     root = tmp_path_factory.mktemp("tokenizers")
-    clip = write_clip_files(root / "clip", *small_clip_vocab())
-    t5 = write_t5_files(root / "t5", train_spiece(CORPUS.splitlines()), model_max_length=512)
+    clip = write_clip_files(root / "clip", *tt.clip_vocab(CORPUS.splitlines(), 200))
+    t5 = write_t5_files(root / "t5", tt.train_spiece(CORPUS.splitlines(), 200), model_max_length=512)
     CLIPTokenizer.from_pretrained(clip).save_pretrained(root / "clip_json")
     T5TokenizerFast.from_pretrained(t5).save_pretrained(root / "t5_json")
     assert (root / "clip_json" / "tokenizer.json").is_file() and (root / "t5_json" / "tokenizer.json").is_file()
-    tiny_clip = write_clip_files(root / "tiny_clip", *te.tiny_clip_vocab())
-    tiny_t5 = write_t5_files(root / "tiny_t5", te.tiny_spiece_model())
+    tiny_clip = write_clip_files(root / "tiny_clip", *tt.tiny_clip_vocab())
+    tiny_t5 = write_t5_files(root / "tiny_t5", tt.tiny_spiece_model())
     return dict(
         clip=clip, clip_json=root / "clip_json", t5=t5, t5_json=root / "t5_json", tiny_clip=tiny_clip, tiny_t5=tiny_t5
     )
@@ -112,7 +76,7 @@ def reference_ids(tokenizer, prompts, length):
 
 @pytest.mark.parametrize("name", ["clip", "clip_json", "tiny_clip"])
 def test_clip_equals_transformers(files, name):
-    ours = te.tiny_clip_tokenizer() if name == "tiny_clip" else flux.load_clip_tokenizer(files[name])
+    ours = tt.tiny_clip_tokenizer() if name == "tiny_clip" else flux.load_clip_tokenizer(files[name])
     ref = CLIPTokenizer.from_pretrained(files[name])
     assert ours.max_length == 77 and ours.vocab_size == len(ref)
     with warnings.catch_warnings():
@@ -125,7 +89,7 @@ def test_clip_equals_transformers(files, name):
 
 @pytest.mark.parametrize("name", ["t5", "t5_json", "tiny_t5"])
 def test_t5_equals_transformers(files, name):
-    ours = te.tiny_t5_tokenizer() if name == "tiny_t5" else flux.load_t5_tokenizer(files[name])
+    ours = tt.tiny_t5_tokenizer() if name == "tiny_t5" else flux.load_t5_tokenizer(files[name])
     ref = T5TokenizerFast.from_pretrained(files[name])
     assert ours.vocab_size == len(ref)
     for length in (512, 24):
@@ -174,21 +138,21 @@ def test_t5_length_comes_from_tokenizer_config(files, tmp_path):
 
 def test_pipeline_folder(files, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    write_clip_files(tmp_path / "tokenizer", *te.tiny_clip_vocab())
+    write_clip_files(tmp_path / "tokenizer", *tt.tiny_clip_vocab())
     write_t5_files(tmp_path / "tokenizer_2", (files["t5"] / "spiece.model").read_bytes())
-    assert torch.equal(flux.load_clip_tokenizer(tmp_path)(PROMPTS[:3]), te.tiny_clip_tokenizer()(PROMPTS[:3]))
+    assert torch.equal(flux.load_clip_tokenizer(tmp_path)(PROMPTS[:3]), tt.tiny_clip_tokenizer()(PROMPTS[:3]))
     assert torch.equal(flux.load_t5_tokenizer(tmp_path)(PROMPTS[:3]), flux.load_t5_tokenizer(files["t5"])(PROMPTS[:3]))
 
 
 def test_builtin_tokenizers_are_deterministic():
-    vocab, spiece = te.tiny_clip_vocab(), te.tiny_spiece_model()
-    te.tiny_clip_vocab.cache_clear()
-    te.tiny_spiece_model.cache_clear()
+    vocab, spiece = tt.tiny_clip_vocab(), tt.tiny_spiece_model()
+    tt.tiny_clip_vocab.cache_clear()
+    tt.tiny_spiece_model.cache_clear()
     assert (
-        te.tiny_clip_vocab() == vocab
-        and tk.read_spiece(te.tiny_spiece_model(), "a")[0] == tk.read_spiece(spiece, "b")[0]
+        tt.tiny_clip_vocab() == vocab
+        and tk.read_spiece(tt.tiny_spiece_model(), "a")[0] == tk.read_spiece(spiece, "b")[0]
     )
-    assert te.tiny_clip_tokenizer().vocab_size == 768 and te.tiny_t5_tokenizer().vocab_size <= 512
+    assert tt.tiny_clip_tokenizer().vocab_size == 768 and tt.tiny_t5_tokenizer().vocab_size <= 512
 
 
 @pytest.mark.parametrize(
@@ -200,7 +164,7 @@ def test_builtin_tokenizers_are_deterministic():
     ],
 )
 def test_bad_prompts(prompts, message):
-    for tokenizer in (te.tiny_clip_tokenizer(), te.tiny_t5_tokenizer()):
+    for tokenizer in (tt.tiny_clip_tokenizer(), tt.tiny_t5_tokenizer()):
         with pytest.raises(ValueError, match=message):
             tokenizer(prompts)
 
@@ -209,11 +173,11 @@ def test_bad_lengths():
     with pytest.raises(
         ValueError, match="max_length 78 for the CLIP tokenizer must be an integer from 2 to its model_max_length 77"
     ):
-        te.tiny_clip_tokenizer()("a", max_length=78)
+        tt.tiny_clip_tokenizer()("a", max_length=78)
     with pytest.raises(
         ValueError, match="max_length 0 for the T5 tokenizer must be an integer from 1 to its model_max_length 512"
     ):
-        te.tiny_t5_tokenizer(max_length=0)
+        tt.tiny_t5_tokenizer(max_length=0)
 
 
 def test_missing_or_bad_files(files, tmp_path):

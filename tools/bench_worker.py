@@ -47,7 +47,8 @@ def random_pipeline(name: str, dtype: torch.dtype, device, **options) -> FluxPip
     """A preset with random weights and the built-in tiny tokenizers (their ids fit any vocabulary)."""
     from flux.configs import CONFIGS
     from flux.sampling import Schedule
-    from flux.text_encoders import TextConditioner, tiny_clip_tokenizer, tiny_t5_tokenizer
+    from flux.text_encoders import TextConditioner
+    from flux.tokenizer_training import tiny_clip_tokenizer, tiny_t5_tokenizer
 
     model, ae, clip, t5 = random_modules(name, dtype, device)
     text = TextConditioner(tiny_clip_tokenizer(), tiny_t5_tokenizer(), clip, t5)

@@ -33,6 +33,7 @@ from parallel.context import ParallelContext, close_distributed, init_distribute
 from weights import CheckpointError, check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="true CFG scale: neg + scale * (pos - neg) every step (default 1: off)")
     p.add_argument("--num-images-per-prompt", "--num_images_per_prompt", dest="num_images_per_prompt", type=int,
                    default=1)
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default 1024; 256 for tiny)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of 16 (default 1024; 64 for tiny, 256 for tiny-random)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of 16 (default 1024; 64 for tiny, 256 for tiny-random)")
     p.add_argument("--steps", type=int, default=None, help="default 4 (schnell) or 28 (dev)")
     p.add_argument("--guidance", type=float, default=None, help="dev only (default 3.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     """The model, runtime and parallel flags; tools/serve.py takes the same ones."""
     p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
-                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = built-in random tiny model (offline)")
+                   help="pipeline folder, BFL folder or hub repo id; 'tiny' = the shipped tiny model trained on "
+                   "captioned shapes, 'tiny-random' = seeded random tiny weights (both offline)")
     p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
     p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (float32 for tiny)")
@@ -99,10 +103,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
 def apply_defaults(args) -> None:
     """The defaults that depend on the model: image size and dtype."""
     args.prompt = args.prompt or ["a photo of a forest with mist swirling around the tree trunks"]
-    tiny = args.model == "tiny"
+    tiny = args.model in TINY_SIZES
     for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
         if getattr(args, name) is None:
-            setattr(args, name, 256 if tiny else 1024)
+            setattr(args, name, TINY_SIZES.get(args.model, 1024))
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
 
 
@@ -137,8 +141,8 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
     """The checks of add_pipeline_arguments' flags (exit 2 with one sentence)."""
     for flag in ("transformer", "vae"):
-        if args.model == "tiny" and getattr(args, flag):
-            parser.error(f"--{flag} cannot be used with --model tiny (its weights are built in)")
+        if args.model in TINY_SIZES and getattr(args, flag):
+            parser.error(f"--{flag} cannot be used with --model {args.model} (its weights are built in)")
     if args.vae_stripes is not None and args.vae_stripes < 1:
         parser.error(f"--vae-stripes must be at least 1, got {args.vae_stripes}")
     for flag, value in (("--cfg-degree", args.cfg_degree), ("--data-parallel-degree", args.data_degree),
@@ -199,7 +203,9 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
                    compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        pipe = FluxPipeline.tiny(seed=0, dtype=dtype, device=device, **options)
+        pipe = FluxPipeline.tiny(dtype=dtype, device=device, **options)
+    elif args.model == "tiny-random":
+        pipe = FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, **options)
     else:
         pipe = FluxPipeline.from_pretrained(
             args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options

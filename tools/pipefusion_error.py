@@ -25,7 +25,7 @@ def psnr(image: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run(parallel: ParallelContext | None, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    pipe = FluxPipeline.tiny(seed=0, parallel=parallel)
+    pipe = FluxPipeline.tiny(parallel=parallel)
     latents = pipe(**call, output_type="latent")
     image = pipe(**call, output_type="pt")
     return latents, image

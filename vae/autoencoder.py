@@ -52,6 +52,10 @@ VAE_CONFIGS: dict[str, AutoEncoderParams] = {
     # 345k parameters (1.4 MB fp32): every test uses it. 16 latent channels and 8x down-sampling as FLUX; 4 groups of 2+
     # channels so that GroupNorm statistics really mix channels.
     "tiny": AutoEncoderParams(ch=8, norm_groups=4),
+    # The trained tiny model's (tools/train_tiny.py): one group. GroupNorm removes each group's mean and scale, and the
+    # decoder's last GroupNorm sits between its features and the output colour: with two channels per group a flat
+    # colour normalises to +-1 whatever it was; eight channels in one group keep their ratios, so the colour survives.
+    "tiny-trained": AutoEncoderParams(resolution=64, ch=8, norm_groups=1),
 }
 
 
