@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flux.cache import CacheConfig
 from parallel import comm
 from parallel.apply import parallelize_flux
+from parallel.cache import cache_report, cache_swaps, start_cache
 from parallel.context import ParallelContext
 from parallel.halo import split_rows
 from parallel.sequence import shard_sizes
 from parallel.stripes import decode_in_stripes
+from parallel.swap import swapped
 from parallel.vae import decode_parallel
 
 BRANCHES = ("negative", "positive")  # in cfg rank order
@@ -71,19 +74,23 @@ class ParallelDenoiser:
         self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
 
     def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
-              true_cfg_scale: float | None) -> "Generation":
+              true_cfg_scale: float | None, cache: CacheConfig | None = None, num_steps: int = 0) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
-        the conditioning of each branch in self.branches(true_cfg_scale is not None)."""
-        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale)
+        the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a step cache
+        (flux/cache.py) for this generation of num_steps steps, with fresh state."""
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache, num_steps)
 
 
 class Generation:
     """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
 
     def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
-                 guidance: float | None, true_cfg_scale: float | None):
+                 guidance: float | None, true_cfg_scale: float | None, cache: CacheConfig | None = None,
+                 num_steps: int = 0):
         self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
         self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
+        self.cache = start_cache(cache, self.branches, num_steps, self.ctx)  # per branch, per generation
+        self.cache_report = None  # filled by finish
         batch = img.shape[0]
         # one forward for every branch on this rank: the conditioning stacked along the batch
         txt = torch.cat([conds[b].txt for b in self.branches])
@@ -99,8 +106,9 @@ class Generation:
         """The (guided) velocity [B, I_r, C] of this rank's rows at time t, identical on all cfg ranks."""
         n = len(self.branches)
         t_vec = torch.full((n * img_local.shape[0],), t, device=img_local.device)
-        preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec, self.y,
-                        self.guidance).float().chunk(n)
+        with swapped(cache_swaps(self.sp.model, self.cache)):
+            preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec,
+                            self.y, self.guidance).float().chunk(n)
         if self.scale is None:
             return preds[0]
         if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
@@ -110,6 +118,7 @@ class Generation:
 
     def finish(self, img_local: Tensor) -> Tensor:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""
+        self.cache_report = cache_report(self.cache, self.ctx)
         return self.sp.gather(self.layout, img_local)
 
 

@@ -1,0 +1,96 @@
+"""Step caches on one device: threshold 0 is the uncached image bit for bit, larger thresholds skip steps
+by the rules of First-Block-Cache and TeaCache, per CFG branch, with fresh state every call."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from flux.cache import TEACACHE_FLUX_POLY, CacheConfig, check_cache
+from flux.configs import CONFIGS
+from flux.model import Flux, run_blocks
+from flux.pipeline import FluxPipeline
+
+# one prompt with true CFG: two branches in one batched forward; 48x32 px, 6 image tokens
+CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32, num_steps=8,
+            max_sequence_length=7, output_type="pt")
+# thresholds that skip some steps of the seeded random tiny model but not all (asserted below);
+# fbcache's makes the two branches decide differently at some steps
+SKIPPING = {"fbcache": 0.8, "teacache": 1.5}
+
+
+def tiny_pipeline(**options) -> FluxPipeline:
+    return FluxPipeline.tiny(seed=0, **options)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
+def test_threshold_zero_is_the_uncached_image_bit_for_bit(pipe, kind):
+    uncached = pipe(**CALL)
+    cached = pipe(**CALL, cache=CacheConfig(kind, 0))
+    assert torch.equal(cached, uncached)
+    for branch in ("negative", "positive"):
+        assert pipe.last_run["cache"]["branches"][branch]["computed"] == list(range(CALL["num_steps"]))
+    assert pipe.transformer.run_blocks is run_blocks  # the seam is restored after the call
+
+
+@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
+def test_a_positive_threshold_skips_steps_by_the_rules(pipe, kind):
+    uncached = pipe(**CALL)
+    config = CacheConfig(kind, SKIPPING[kind])
+    cached = pipe(**CALL, cache=config)
+    report = pipe.last_run["cache"]
+    steps = CALL["num_steps"]
+    for record in report["branches"].values():
+        computed, reused, indicators = record["computed"], record["reused"], record["indicators"]
+        assert sorted(computed + reused) == list(range(steps)) and computed and reused
+        assert 0 in computed  # nothing to compare with at the first step
+        if kind == "teacache":
+            assert steps - 1 in computed  # TeaCache always computes the last step
+        for step in range(1, steps - (kind == "teacache")):  # the rule itself: below the threshold -> reused
+            assert (indicators[step] < config.threshold) == (step in reused)
+    assert report["branches"]["negative"]["computed"] != report["branches"]["positive"]["computed"] \
+        or kind == "teacache"  # fbcache's threshold makes the branches differ: the per-branch path is used
+    assert not torch.equal(cached, uncached)
+    assert torch.isfinite(cached).all()
+    # fresh state every call: a second call makes the same decisions and the same image
+    again = pipe(**CALL, cache=config)
+    assert torch.equal(again, cached) and pipe.last_run["cache"]["branches"] == report["branches"]
+
+
+def test_teacache_skips_while_the_accumulated_change_stays_below_the_threshold(pipe):
+    pipe(**CALL, cache=CacheConfig("teacache", SKIPPING["teacache"]))
+    record = pipe.last_run["cache"]["branches"]["positive"]
+    # the accumulation restarts after each computed step: a reused step's successor adds to it
+    for step in record["reused"]:
+        if record["indicators"][step + 1] is not None:  # None: the last step, always computed
+            assert record["indicators"][step + 1] > record["indicators"][step]
+    poly = sum(c * 0.5**p for p, c in enumerate(reversed(TEACACHE_FLUX_POLY)))  # Horner by hand below
+    assert poly == pytest.approx(((((498.651651 * 0.5 - 283.781631) * 0.5 + 55.8554382) * 0.5 - 3.82021401) * 0.5
+                                  + 0.264230861))
+
+
+@pytest.mark.parametrize("kind, threshold, message", [
+    ("fastcache", 0.1, "cache kind must be 'fbcache' or 'teacache'"),
+    ("fbcache", -0.1, "cache threshold must be a finite number >= 0"),
+    ("teacache", math.inf, "cache threshold must be a finite number >= 0"),
+    ("teacache", math.nan, "cache threshold must be a finite number >= 0"),
+    ("fbcache", "0.1", "cache threshold must be a finite number >= 0"),
+    ("fbcache", True, "cache threshold must be a finite number >= 0"),
+])
+def test_bad_config_is_refused_in_one_sentence(kind, threshold, message):
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(kind, threshold)
+
+
+def test_cache_on_a_model_without_the_watched_block_is_refused(pipe):
+    model = Flux(dataclasses.replace(CONFIGS["tiny"], depth=0))
+    with pytest.raises(ValueError, match="watches the first double block, and this model has none"):
+        check_cache(CacheConfig("teacache", 0.1), model)
+    with pytest.raises(ValueError, match=r"cache must be a CacheConfig\(kind, threshold\) or None, got str"):
+        pipe(**CALL, cache="fbcache")
