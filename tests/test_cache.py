@@ -94,3 +94,45 @@ def test_cache_on_a_model_without_the_watched_block_is_refused(pipe):
         check_cache(CacheConfig("teacache", 0.1), model)
     with pytest.raises(ValueError, match=r"cache must be a CacheConfig\(kind, threshold\) or None, got str"):
         pipe(**CALL, cache="fbcache")
+
+
+def _generate():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import generate
+
+    return generate
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cache", "fbcache"], "--cache and --cache-threshold go together"),
+    (["--cache-threshold", "0.1"], "--cache and --cache-threshold go together"),
+    (["--cache", "fbcache", "--cache-threshold", "-1"],
+     "--cache-threshold: cache threshold must be a finite number >= 0"),
+    (["--cache", "teacache", "--cache-threshold", "nan"], "(0 computes every step), got nan"),
+    (["--cache", "teacache", "--cache-threshold", "x"], "invalid float value: 'x'"),
+    (["--cache", "magcache", "--cache-threshold", "0.1"], "invalid choice: 'magcache'"),
+])
+def test_generate_cache_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _generate().main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_reports_the_steps_computed_per_branch(tmp_path):
+    import json
+
+    report = tmp_path / "report.json"
+    argv = ["--model", "tiny", "--prompt", "a red fox", "--negative-prompt", "blurry", "--true-cfg-scale", "2.5",
+            "--height", "48", "--width", "32", "--steps", "8", "--max-sequence-length", "7",
+            "--cache", "fbcache", "--cache-threshold", str(SKIPPING["fbcache"]),
+            "--output", str(tmp_path / "fox.png"), "--report", str(report)]
+    assert _generate().main(argv) == 0
+    cache = json.loads(report.read_text())["cache"]
+    assert cache["kind"] == "fbcache" and cache["threshold"] == SKIPPING["fbcache"]
+    for branch in ("negative", "positive"):
+        record = cache["branches"][branch]
+        assert sorted(record["computed"] + record["reused"]) == list(range(8)) and record["reused"]
