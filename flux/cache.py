@@ -91,27 +91,33 @@ class StepCache:
 
     def __init__(self, config: CacheConfig, branches: tuple[str, ...], num_steps: int,
                  gather_sums: Callable[[Tensor], Tensor] = local_sums):
+        if num_steps < 1:  # teacache must know the last step
+            raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
         self.config, self.branches, self.num_steps, self.gather_sums = config, branches, num_steps, gather_sums
         self.state = [BranchState() for _ in branches]
         self.step = 0
-        self.decision_s = 0.0  # seconds spent deciding (indicator, its reduction, the comparison)
+        # seconds spent deciding: the indicator (teacache: with the modulated input), its reduction, the comparison
+        self.decision_s = 0.0
 
     def run_blocks(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
         """The model's block stack, skipped for the branches whose indicator stays below the threshold."""
         if self.config.kind == "fbcache":
             img_first, txt_first = model.double_blocks[0](img, txt, vec, pe)
+            start = time.perf_counter()
             compute = self._decide(img_first - img)  # the first block's image residual [N, L, hidden]
+            self.decision_s += time.perf_counter() - start
             out = self._run_rest(model, img_first, txt_first, vec, pe, 1, compute)
         else:
+            start = time.perf_counter()
             mod1, _ = model.double_blocks[0].img_mod(vec)
             compute = self._decide(mod1.modulate(layer_norm(img)))  # [N, L, hidden]
+            self.decision_s += time.perf_counter() - start
             out = self._run_rest(model, img, txt, vec, pe, 0, compute)
         self.step += 1
         return out
 
     def _decide(self, signal: Tensor) -> list[bool]:
         """Per branch: run the blocks this step? Updates the references; one gather_sums call at most."""
-        start = time.perf_counter()
         chunks = signal.chunk(len(self.state))
         edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
         changes = [None] * len(chunks)
@@ -120,9 +126,7 @@ class StepCache:
                                               s.reference.abs().sum(dtype=torch.float64)))
                                  for c, s in zip(chunks, self.state)])  # [n, (sum|x - x_prev|, sum|x_prev|)]
             changes = [d / p if p > 0 else math.inf for d, p in self.gather_sums(local).tolist()]
-        decisions = [self._decide_branch(s, c, change) for s, c, change in zip(self.state, chunks, changes)]
-        self.decision_s += time.perf_counter() - start
-        return decisions
+        return [self._decide_branch(s, c, change) for s, c, change in zip(self.state, chunks, changes)]
 
     def _decide_branch(self, state: BranchState, signal: Tensor, change: float | None) -> bool:
         threshold = self.config.threshold

@@ -136,3 +136,10 @@ def test_generate_reports_the_steps_computed_per_branch(tmp_path):
     for branch in ("negative", "positive"):
         record = cache["branches"][branch]
         assert sorted(record["computed"] + record["reused"]) == list(range(8)) and record["reused"]
+
+
+def test_a_cache_needs_the_number_of_steps():
+    from flux.cache import StepCache
+
+    with pytest.raises(ValueError, match="needs the generation's number of steps"):
+        StepCache(CacheConfig("teacache", 0.1), ("positive",), 0)
