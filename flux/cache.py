@@ -85,15 +85,17 @@ def local_sums(sums: Tensor) -> Tensor:
 class StepCache:
     """One generation's cache: call `run_blocks` once per step, in step order, with the model's arguments.
 
-    gather_sums: [n, 2] float64 sums of this process's rows -> the sums over every token of the image,
-    identical on every process that shares the image (a ratio of sums over the same elements is the ratio
-    of the global means: the element counts cancel)."""
+    branches: the CFG branches whose rows the forward's batch stacks, in order. gather_sums: [n, 2] float64
+    sums of this process's rows -> the sums over every token of the image, identical on every process that
+    shares the image (a ratio of sums over the same elements is the ratio of the global means: the element
+    counts cancel); None on one device."""
 
     def __init__(self, config: CacheConfig, branches: tuple[str, ...], num_steps: int,
-                 gather_sums: Callable[[Tensor], Tensor] = local_sums):
+                 gather_sums: Callable[[Tensor], Tensor] | None = None):
         if num_steps < 1:  # teacache must know the last step
             raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
-        self.config, self.branches, self.num_steps, self.gather_sums = config, branches, num_steps, gather_sums
+        self.config, self.branches, self.num_steps = config, branches, num_steps
+        self.gather_sums = gather_sums or local_sums
         self.state = [BranchState() for _ in branches]
         self.step = 0
         # seconds spent deciding: the indicator (teacache: with the modulated input), its reduction, the comparison
@@ -104,20 +106,22 @@ class StepCache:
         if self.config.kind == "fbcache":
             img_first, txt_first = model.double_blocks[0](img, txt, vec, pe)
             start = time.perf_counter()
-            compute = self._decide(img_first - img)  # the first block's image residual [N, L, hidden]
+            compute = self.decide(img_first - img)  # the first block's image residual [N, L, hidden]
             self.decision_s += time.perf_counter() - start
             out = self._run_rest(model, img_first, txt_first, vec, pe, 1, compute)
         else:
             start = time.perf_counter()
             mod1, _ = model.double_blocks[0].img_mod(vec)
-            compute = self._decide(mod1.modulate(layer_norm(img)))  # [N, L, hidden]
+            compute = self.decide(mod1.modulate(layer_norm(img)))  # [N, L, hidden]
             self.decision_s += time.perf_counter() - start
             out = self._run_rest(model, img, txt, vec, pe, 0, compute)
         self.step += 1
         return out
 
-    def _decide(self, signal: Tensor) -> list[bool]:
-        """Per branch: run the blocks this step? Updates the references; one gather_sums call at most."""
+    def decide(self, signal: Tensor) -> list[bool]:
+        """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
+        first block's image residual; teacache: its modulated input). Updates the references; calls
+        gather_sums once at most."""
         chunks = signal.chunk(len(self.state))
         edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
         changes = [None] * len(chunks)

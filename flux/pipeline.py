@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flux.cache import CacheConfig, check_cache
+from flux.cache import CacheConfig, StepCache, check_cache
 from flux.checkpoint import load_transformer
 from flux.configs import CONFIGS
 from flux.model import Flux
@@ -185,8 +185,10 @@ class FluxPipeline:
         img = pack(noise[part].to(device=self.device, dtype=torch.float32))
         img_ids = make_img_ids(img.shape[0], height, width, self.device)
         timesteps = get_schedule(num_steps, img.shape[1], self.schedule)
+        branches = self.denoiser.branches(negatives is not None)
+        step_cache = None if cache is None else StepCache(cache, branches, num_steps, self.denoiser.cache_sums())
         generation = self.denoiser.start(img, img_ids, conds, guidance, true_cfg_scale if negatives else None,
-                                         cache, num_steps)
+                                         step_cache)
         img = self._denoise(generation, timesteps)
         run["cache"] = generation.cache_report
         latents = unpack(img, height, width)

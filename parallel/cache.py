@@ -1,6 +1,8 @@
 """Step caches on the mesh: one decision for all the ranks that share an image, one state per CFG branch.
 
-The algorithm is flux/cache.py's single-device one; this file hands it the reduction and installs it.
+The algorithm is flux/cache.py's single-device StepCache, which the pipeline makes fresh for each call
+(its state lives in the runtime's per-call Generation); this file hands it the reduction, installs it in
+the model's `run_blocks` seam for the call and collects its report.
 
 - sp (ring x ulysses): every rank holds some of the image's tokens. Its indicator sums (never its
   means: shards may be uneven) are all-gathered over the sp group and added up in rank order, so every
@@ -15,24 +17,20 @@ The algorithm is flux/cache.py's single-device one; this file hands it the reduc
 
 from torch import Tensor, nn
 
-from flux.cache import CacheConfig, StepCache, local_sums
 from parallel import comm
 from parallel.context import ParallelContext
 
-
-def start_cache(config: CacheConfig | None, branches: tuple[str, ...], num_steps: int,
-                ctx: ParallelContext) -> StepCache | None:
-    """A fresh cache for one generation of `num_steps` steps over this rank's CFG branches (None: no cache)."""
-    if config is None:
-        return None
-    # PipeFusion (pipefusion_degree > 1) is refused by ParallelContext today. When it lands, its stages
-    # see one patch of the image at a time with stale activations of the others: a cache on it needs a
-    # decision agreed over the whole pipeline before any stage runs, or must be refused here.
-    return StepCache(config, branches, num_steps, sp_sums(ctx) if ctx.sp_degree > 1 else local_sums)
+# (parallel/ does not import flux/: the pipeline imports parallel, and flux/__init__ imports the pipeline)
 
 
 def sp_sums(ctx: ParallelContext):
-    """[n, 2] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank."""
+    """[n, 2] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank;
+    None when the sp group is this rank alone (the sums are then the image's already)."""
+    # PipeFusion (pipefusion_degree > 1) is refused by ParallelContext today. When it lands, its stages
+    # see one patch of the image at a time with stale activations of the others: a step cache on it needs
+    # a decision agreed over the whole pipeline before any stage runs, or the combination refused here.
+    if ctx.sp_degree == 1:
+        return None
     group = ctx.group("sp")
 
     def gather_sums(local: Tensor) -> Tensor:
@@ -43,12 +41,12 @@ def sp_sums(ctx: ParallelContext):
     return gather_sums
 
 
-def cache_swaps(model: nn.Module, cache: StepCache | None) -> list[tuple[nn.Module, str, object]]:
+def cache_swaps(model: nn.Module, cache) -> list[tuple[nn.Module, str, object]]:
     """The change that installs the cache in the model's `run_blocks` seam (none without a cache)."""
     return [] if cache is None else [(model, "run_blocks", cache.run_blocks)]
 
 
-def cache_report(cache: StepCache | None, ctx: ParallelContext) -> dict | None:
+def cache_report(cache, ctx: ParallelContext) -> dict | None:
     """{kind, threshold, decision_s, branches: {branch: computed/reused steps}}, with both branches on every
     rank under cfg_degree 2 (one object gather over the cfg group). Call it on every rank."""
     if cache is None:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flux.cache import CacheConfig
 from parallel import comm
 from parallel.apply import parallelize_flux
-from parallel.cache import cache_report, cache_swaps, start_cache
+from parallel.cache import cache_report, cache_swaps, sp_sums
 from parallel.context import ParallelContext
 from parallel.halo import split_rows
 from parallel.sequence import shard_sizes
@@ -74,22 +73,27 @@ class ParallelDenoiser:
         self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
 
     def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
-              true_cfg_scale: float | None, cache: CacheConfig | None = None, num_steps: int = 0) -> "Generation":
+              true_cfg_scale: float | None, cache=None) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
-        the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a step cache
-        (flux/cache.py) for this generation of num_steps steps, with fresh state."""
-        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache, num_steps)
+        the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
+        flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None."""
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache)
+
+    def cache_sums(self):
+        """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
+        return sp_sums(self.ctx)
 
 
 class Generation:
     """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
 
     def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
-                 guidance: float | None, true_cfg_scale: float | None, cache: CacheConfig | None = None,
-                 num_steps: int = 0):
+                 guidance: float | None, true_cfg_scale: float | None, cache=None):
         self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
         self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
-        self.cache = start_cache(cache, self.branches, num_steps, self.ctx)  # per branch, per generation
+        if cache is not None and tuple(cache.branches) != self.branches:
+            raise ValueError(f"the step cache is for the branches {cache.branches}, this rank runs {self.branches}")
+        self.cache = cache  # a step cache's state lives as long as this generation
         self.cache_report = None  # filled by finish
         batch = img.shape[0]
         # one forward for every branch on this rank: the conditioning stacked along the batch

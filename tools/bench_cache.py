@@ -11,8 +11,10 @@ schedule) with the tiny text encoders and VAE. For each, one process runs the un
 every cache setting in turn, `--repeats` rounds, then two gloo processes do the same with Ulysses 2.
 Per setting: the steps computed (per CFG branch), the median denoising time and its speed-up over the
 uncached one in the same layout, PSNR and max abs error of the decoded image ([0, 1]) against the
-uncached one, the decision's share of an uncached step, and, on 2 ranks, whether the steps and the image
-are those of 1 rank. fp32, 1 thread per process. The CPU is shared and noisy: figures drift 10-20%.
+uncached one, the decision's share of an uncached step (as timed inside the generation, which on several
+ranks includes waiting in the gather for the slower rank; and alone, after a barrier), and, on 2 ranks,
+whether the steps and the image are those of 1 rank. fp32, 1 thread per process, 64x64 px for tiny and
+128x128 px for medium. The CPU is shared and noisy: figures drift 10-20% or more.
 """
 
 import argparse
@@ -32,8 +34,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flux.cache import CacheConfig  # noqa: E402
+from flux.cache import CacheConfig, StepCache  # noqa: E402
 from flux.configs import CONFIGS  # noqa: E402
+from flux.layers import layer_norm  # noqa: E402
 from flux.model import Flux  # noqa: E402
 from flux.pipeline import FluxPipeline  # noqa: E402
 from flux.sampling import Schedule  # noqa: E402
@@ -88,7 +91,31 @@ def measure(pipe: FluxPipeline, args, size: int) -> dict:
         for config in settings(args):
             pipe(**call, cache=config)
             results[label(config)]["times"].append(sum(pipe.last_run["steps_s"]))
+    for config in settings(args)[1:]:
+        results[label(config)]["decision_alone_s"] = decision_cost(pipe, config, size, args.steps)
     return results
+
+
+def decision_cost(pipe: FluxPipeline, config: CacheConfig, size: int, steps: int, repeats: int = 30) -> float:
+    """Median seconds of one decision alone, on this rank's share of the image: the indicator (TeaCache:
+    with the modulated input), the sp gather, the comparison. On several ranks a barrier comes first, so
+    that waiting for a slower rank (which the next attention collective would wait anyway) is not counted."""
+    ctx, hidden = pipe.parallel, pipe.transformer.params.hidden_size
+    layout = pipe.denoiser.sp.layout(16, (size // 16) ** 2)
+    img, img_first = torch.randn(2, 1, layout.img_lens[ctx.rank("sp")], hidden)
+    vec, block = torch.randn(1, hidden), pipe.transformer.double_blocks[0]
+    cache = StepCache(config, ("positive",), steps, pipe.denoiser.cache_sums())
+    cache.decide(img)  # the first step: only sets the reference
+    cache.step = 1
+    times = []
+    for _ in range(repeats):
+        if ctx.world_size > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        signal = block.img_mod(vec)[0].modulate(layer_norm(img)) if config.kind == "teacache" else img_first - img
+        cache.decide(signal)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def worker(rank: int, args, port: int, out_dir: str) -> None:
@@ -137,7 +164,8 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
         row = {"model": name, "layout": layout, "cache": key, "computed": r["computed"],
                "denoise_s": med, "speedup": base_s / med, "psnr_db": psnr(r["image"], base["image"]),
                "max_abs_err": (r["image"] - base["image"]).abs().max().item(),
-               "decision_pct_of_step": 100 * r["decision_s"] / steps / (base_s / steps)}
+               "decision_pct_of_step": 100 * r["decision_s"] / steps / (base_s / steps),
+               "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / (base_s / steps)}
         if one_rank is not None:
             ref = one_rank[key]
             row["same_steps_as_1_rank"] = r["computed"] == ref["computed"]
@@ -148,7 +176,8 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
 
 def markdown(table: list[dict], steps: int) -> str:
     lines = ["| model | layout | cache | steps computed | denoise s | speed-up | PSNR dB | max abs err | "
-             "decision % of a step | caption acc | same steps / rel err vs 1 rank |", "|" + "---|" * 11]
+             "decision % of a step: in the step / alone | caption acc | same steps / rel err vs 1 rank |",
+             "|" + "---|" * 11]
     for row in table:
         computed = ", ".join(f"{len(c)}/{steps}" for c in row["computed"].values()) if row["computed"] else \
             f"{steps}/{steps}"
@@ -156,7 +185,8 @@ def markdown(table: list[dict], steps: int) -> str:
             f"{'yes' if row['same_steps_as_1_rank'] else 'NO'} / {row['rel_err_vs_1_rank']:.1e}"
         lines.append(f"| {row['model']} | {row['layout']} | {row['cache']} | {computed} | {row['denoise_s']:.2f} | "
                      f"{row['speedup']:.2f}x | {row['psnr_db']:.1f} | {row['max_abs_err']:.3f} | "
-                     f"{row['decision_pct_of_step']:.2f} | not measured | {vs_one} |")
+                     f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f} | not measured | "
+                     f"{vs_one} |")
     return "\n".join(lines)
 
 
