@@ -143,3 +143,15 @@ def test_a_cache_needs_the_number_of_steps():
 
     with pytest.raises(ValueError, match="needs the generation's number of steps"):
         StepCache(CacheConfig("teacache", 0.1), ("positive",), 0)
+
+
+def test_the_runtime_refuses_a_cache_made_for_other_branches(pipe):
+    from flux.cache import StepCache
+    from flux.sampling import make_img_ids
+    from parallel import Conditioning
+
+    conds = {b: Conditioning(torch.zeros(1, 7, 64), torch.zeros(1, 7, 3), torch.zeros(1, 32))
+             for b in ("negative", "positive")}
+    cache = StepCache(CacheConfig("fbcache", 0.1), ("positive",), 2)  # as if true CFG were off
+    with pytest.raises(ValueError, match=r"the step cache is for the branches \('positive',\), this rank runs"):
+        pipe.denoiser.start(torch.zeros(1, 6, 64), make_img_ids(1, 48, 32), conds, None, 2.5, cache)
