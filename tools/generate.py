@@ -113,6 +113,7 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
                      "it needs --negative-prompt and --true-cfg-scale > 1")
     if (args.cache is None) != (args.cache_threshold is None):
         parser.error("--cache and --cache-threshold go together: give both or neither")
+    args.cache_config = None
     if args.cache is not None:
         try:
             args.cache_config = CacheConfig(args.cache, args.cache_threshold)
@@ -238,7 +239,7 @@ def generate(args) -> int:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                       seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt",
                       negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                      num_images_per_prompt=args.num_images_per_prompt, cache=getattr(args, "cache_config", None))
+                      num_images_per_prompt=args.num_images_per_prompt, cache=args.cache_config)
     except ValueError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
