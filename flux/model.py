@@ -25,6 +25,7 @@ class Flux(nn.Module):
             SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
+        self.run_blocks = run_blocks  # the seam a step cache replaces during a call (flux/cache.py)
 
     def forward(
         self,
@@ -50,12 +51,19 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(dtype))
         pe = rope_table(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)  # [B, L, out_channels]
+        img, txt = self.run_blocks(self, img, txt, vec, pe)
+        return self.final_layer(img, vec)  # [B, L, out_channels]
+
+
+def run_blocks(model: Flux, img: Tensor, txt: Tensor, vec: Tensor, pe, start: int = 0) -> tuple[Tensor, Tensor]:
+    """The block stack from double block `start` on: img [B, L, hidden], txt [B, S, hidden] -> both
+    streams after the last single block (which works on [txt; img] and splits them again)."""
+    for block in model.double_blocks[start:]:
+        img, txt = block(img, txt, vec, pe)
+    x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
+    for block in model.single_blocks:
+        x = block(x, vec, pe)
+    return x[:, txt.shape[1] :], x[:, : txt.shape[1]]
 
 
 def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flux.cache import CacheConfig, StepCache, check_cache
 from flux.checkpoint import load_transformer
 from flux.compile import prepare_transformer
 from flux.configs import CONFIGS
@@ -186,12 +187,14 @@ class FluxPipeline:
         negative_prompt: str | list[str] | None = None,
         true_cfg_scale: float = 1.0,
         num_images_per_prompt: int = 1,
+        cache: CacheConfig | None = None,
     ):
         """Images for `prompt`: PIL images ("pil"), a [B, 3, H, W] tensor in [0, 1] ("pt") or the
         unpacked latents [B, 16, H/8, W/8] ("latent"), B = prompts x num_images_per_prompt in prompt
         order, on global rank 0 (the other ranks return None). With a negative prompt and
         true_cfg_scale > 1, every step uses neg + true_cfg_scale * (pos - neg) (true CFG, as diffusers).
-        Image i's noise is drawn for image i (seed, then the batch order), whatever the parallel layout."""
+        Image i's noise is drawn for image i (seed, then the batch order), whatever the parallel layout.
+        cache: skip steps of the block stack (flux/cache.py); last_run["cache"] lists the steps computed."""
         has_guidance = self.transformer.params.guidance_embed
         num_steps = num_steps if num_steps is not None else (28 if has_guidance else 4)
         if max_sequence_length is None:
@@ -200,6 +203,7 @@ class FluxPipeline:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         prompts, negatives = expand_prompts(prompt, negative_prompt, true_cfg_scale, num_images_per_prompt)
         self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents)
+        check_cache(cache, self.transformer)
         if guidance is not None and not has_guidance:
             warnings.warn("this model has no guidance embedding (FLUX.1-schnell): the guidance value is ignored")
         guidance = (3.5 if guidance is None else guidance) if has_guidance else None
@@ -216,8 +220,12 @@ class FluxPipeline:
         img = pack(noise[part].to(device=self.device, dtype=torch.float32))
         img_ids = make_img_ids(img.shape[0], height, width, self.device)
         timesteps = get_schedule(num_steps, img.shape[1], self.schedule)
-        generation = self.denoiser.start(img, img_ids, conds, guidance, true_cfg_scale if negatives else None)
+        branches = self.denoiser.branches(negatives is not None)
+        step_cache = None if cache is None else StepCache(cache, branches, num_steps, self.denoiser.cache_sums())
+        generation = self.denoiser.start(img, img_ids, conds, guidance, true_cfg_scale if negatives else None,
+                                         step_cache)
         img = self._denoise(generation, timesteps)
+        run["cache"] = generation.cache_report
         latents = unpack(img, height, width)
         if output_type == "latent":
             return gather_batch(latents, total, self.parallel)

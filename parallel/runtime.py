@@ -26,12 +26,14 @@ from torch import Tensor, nn
 
 from parallel import comm
 from parallel.apply import parallelize_flux
+from parallel.cache import cache_report, cache_swaps, sp_sums
 from parallel.context import ParallelContext
 from parallel.halo import split_rows
 from parallel.pipefusion import PipeFusionGeneration, patch_bounds
 from parallel.sequence import shard_sizes
 from parallel.stages import split_stages, stage_prefixes
 from parallel.stripes import decode_in_stripes
+from parallel.swap import swapped
 from parallel.vae import decode_parallel
 
 BRANCHES = ("negative", "positive")  # in cfg rank order
@@ -93,26 +95,38 @@ class ParallelDenoiser:
         self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
 
     def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
-              true_cfg_scale: float | None) -> "Generation":
+              true_cfg_scale: float | None, cache=None) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
-        the conditioning of each branch in self.branches(true_cfg_scale is not None)."""
+        the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
+        flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None."""
         if self.ctx.uses_pipefusion:
+            if cache is not None:  # each stage sees only its own blocks: no rank can watch the first block's change
+                raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
+                                 "the stack live on different stages, so no rank sees what the decision needs")
             branches = tuple(b for b in BRANCHES if b in conds)
             stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
                                      for f in ("txt", "txt_ids", "y")))
             blocks = self.stages[self.ctx.rank("pipefusion")]
             return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
                                         true_cfg_scale)
-        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale)
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache)
+
+    def cache_sums(self):
+        """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
+        return sp_sums(self.ctx)
 
 
 class Generation:
     """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
 
     def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
-                 guidance: float | None, true_cfg_scale: float | None):
+                 guidance: float | None, true_cfg_scale: float | None, cache=None):
         self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
         self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
+        if cache is not None and tuple(cache.branches) != self.branches:
+            raise ValueError(f"the step cache is for the branches {cache.branches}, this rank runs {self.branches}")
+        self.cache = cache  # a step cache's state lives as long as this generation
+        self.cache_report = None  # filled by finish
         batch = img.shape[0]
         # one forward for every branch on this rank: the conditioning stacked along the batch
         txt = torch.cat([conds[b].txt for b in self.branches])
@@ -128,8 +142,9 @@ class Generation:
         """The (guided) velocity [B, I_r, C] of this rank's rows at time t, identical on all cfg ranks."""
         n = len(self.branches)
         t_vec = torch.full((n * img_local.shape[0],), t, device=img_local.device)
-        preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec, self.y,
-                        self.guidance).float().chunk(n)
+        with swapped(cache_swaps(self.sp.model, self.cache)):
+            preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec,
+                            self.y, self.guidance).float().chunk(n)
         if self.scale is None:
             return preds[0]
         if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
@@ -144,6 +159,7 @@ class Generation:
 
     def finish(self, img_local: Tensor) -> Tensor:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""
+        self.cache_report = cache_report(self.cache, self.ctx)
         return self.sp.gather(self.layout, img_local)
 
 

@@ -8,8 +8,6 @@ Two references, both single-process:
   and stale patches whichever rank holds it.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -195,7 +193,6 @@ def test_pipefusion_refusals_are_identical_on_every_rank():
     (["--pipefusion_parallel_degree", "0"], "--pipefusion-degree must be at least 1, got 0"),
 ])
 def test_generate_usage_errors(argv, message, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import generate
 
     with pytest.raises(SystemExit) as exit_info:
@@ -240,7 +237,6 @@ def test_cost_model_pipefusion():
     (xDiT docs/performance/flux.md); on 24 GB cards only PipeFusion holds FLUX.1-dev."""
     import dataclasses
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import cost_model as cm
     import plan
 

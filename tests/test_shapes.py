@@ -1,15 +1,11 @@
 """tools/shapes.py (the tiny model's data set) and the pixel statistics of tools/eval_tiny.py."""
 
 import random
-import sys
-from pathlib import Path
 
+import eval_tiny
 import pytest
+import shapes
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import eval_tiny  # noqa: E402
-import shapes  # noqa: E402
 
 
 def test_the_data_set_is_seeded():

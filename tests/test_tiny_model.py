@@ -3,10 +3,12 @@ that match held-out captions, and the same image on several gloo ranks (USP and 
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
+import eval_tiny
+import generate
 import pytest
+import shapes
 import torch
 from distributed import run_distributed
 from safetensors.torch import load_file, save_file
@@ -18,11 +20,6 @@ from parallel.context import ParallelContext
 from vae import VAE_CONFIGS, load_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_tiny  # noqa: E402
-import generate  # noqa: E402
-import shapes  # noqa: E402
-
 TINY = ROOT / "flux" / "assets" / "tiny"
 # held-out (colour, shape, background) combinations, most with a named position: never seen in training
 CAPTIONS = eval_tiny.evaluation_captions("held_out", 8, seed=1)

@@ -16,11 +16,9 @@ import re
 import sys
 from pathlib import Path
 
+import shapes
 import torch
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shapes  # noqa: E402
 
 PALETTE = list(shapes.COLOURS)
 CAPTION = re.compile(

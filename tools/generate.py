@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from common import peak_memory_bytes
 
+from flux.cache import KINDS, CacheConfig
 from flux.pipeline import FluxPipeline
 from flux.quantize import check_fp8, quantize_int8_weights
 from flux.sampling import check_image_size
@@ -55,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="dev only (default 3.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 256 schnell, 512 dev)")
+    p.add_argument("--cache", choices=KINDS, default=None,
+                   help="skip steps of the block stack: First-Block-Cache or TeaCache (approximate; see docs/cache.md)")
+    p.add_argument("--cache-threshold", "--cache_threshold", dest="cache_threshold", type=float, default=None,
+                   help="with --cache: >= 0, larger skips more steps (0 computes every step)")
     p.add_argument("--output", default="image.png")
     p.add_argument("--report", default=None, help="write stage timings and peak memory as JSON here")
     args = p.parse_args(argv)
@@ -127,6 +132,14 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
     if args.cfg_degree == 2 and not true_cfg:
         parser.error("--cfg-degree 2 runs the negative and the positive branch on two halves of the ranks: "
                      "it needs --negative-prompt and --true-cfg-scale > 1")
+    if (args.cache is None) != (args.cache_threshold is None):
+        parser.error("--cache and --cache-threshold go together: give both or neither")
+    args.cache_config = None
+    if args.cache is not None:
+        try:
+            args.cache_config = CacheConfig(args.cache, args.cache_threshold)
+        except ValueError as err:
+            parser.error(f"--cache-threshold: {err}")
     images = len(args.prompt) * args.num_images_per_prompt
     if args.data_degree > images:
         parser.error(f"--data-parallel-degree {args.data_degree} is more than the {images} image(s) asked for: "
@@ -258,7 +271,7 @@ def generate(args) -> int:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                       seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt",
                       negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                      num_images_per_prompt=args.num_images_per_prompt)
+                      num_images_per_prompt=args.num_images_per_prompt, cache=args.cache_config)
     except ValueError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
@@ -318,6 +331,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "peak_memory_bytes": peak_memory_bytes(device),
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),
+        "cache": run.get("cache"),  # kind, threshold, decision seconds, steps computed/reused per cfg branch
     }
 
 

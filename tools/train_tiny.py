@@ -25,23 +25,21 @@ import sys
 import time
 from pathlib import Path
 
+import shapes
 import torch
 import torch.nn.functional as F
+from flux.weights import seeded_init
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shapes  # noqa: E402
-from flux.weights import seeded_init  # noqa: E402
-
-from flux.clip import CLIP_CONFIGS, ClipTextModel  # noqa: E402
-from flux.configs import CONFIGS  # noqa: E402
-from flux.model import Flux  # noqa: E402
-from flux.sampling import make_img_ids, pack  # noqa: E402
-from flux.t5 import T5_CONFIGS, T5Encoder  # noqa: E402
-from flux.text_encoders import TextConditioner  # noqa: E402
-from flux.tokenizer_training import clip_vocab, train_spiece  # noqa: E402
-from flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer  # noqa: E402
-from vae import VAE_CONFIGS, AutoEncoder  # noqa: E402
+from flux.clip import CLIP_CONFIGS, ClipTextModel
+from flux.configs import CONFIGS
+from flux.model import Flux
+from flux.sampling import make_img_ids, pack
+from flux.t5 import T5_CONFIGS, T5Encoder
+from flux.text_encoders import TextConditioner
+from flux.tokenizer_training import clip_vocab, train_spiece
+from flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+from vae import VAE_CONFIGS, AutoEncoder
 
 TEXT_TOKENS = 32  # T5 tokens per caption: the tokenizer's model_max_length, so the pipeline's default
 T5_PIECES, CLIP_MERGES = 64, 80  # enough for every caption word to be one token

@@ -1,0 +1,180 @@
+"""Step caches for the FLUX block stack: First-Block-Cache and TeaCache.
+
+Between neighbouring denoising steps most of the block stack's work changes its output little, so a
+cheap indicator decides per step whether to run the stack or to add the residual (output - input)
+stored at the last step that ran it:
+
+- First-Block-Cache (ParaAttention, github.com/chengzeyi/ParaAttention; diffusers' FirstBlockCacheConfig):
+  run the first double block; its image residual r is compared with the one of the last computed step,
+  mean|r - r_prev| / mean|r_prev|. Below the threshold the remaining blocks are skipped and their stored
+  residuals (image and text streams) are added to the first block's output.
+- TeaCache (Liu et al. 2024, arXiv 2411.19108; ali-vilab/TeaCache, TeaCache4FLUX): the relative L1 change
+  of the first double block's modulated image input, rescaled by a polynomial fitted for FLUX, is
+  accumulated over steps; while the sum stays below the threshold the whole stack is skipped. The first
+  and the last step always run; the sum restarts at every computed step.
+
+Threshold 0 computes every step and gives the uncached output bit for bit. The state is per CFG
+branch: the forward's batch holds one contiguous chunk of rows per branch ([negative; positive] when
+both run together), each decided from its own rows, so two branches run as one batched forward decide
+as they would run apart. This module is single-device code; `StepCache.run_blocks` replaces the model's
+`run_blocks` seam during a call, and the caller hands in `gather_sums`, which turns this process's sums
+into the sums over the whole image (parallel/cache.py does it over the sequence-parallel group).
+"""
+
+import math
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flux.layers import layer_norm
+from flux.model import run_blocks
+
+KINDS = ("fbcache", "teacache")
+# TeaCache's rescaling of the relative L1 change for FLUX.1, highest power first (TeaCache4FLUX)
+TEACACHE_FLUX_POLY = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """kind: "fbcache" or "teacache"; threshold: >= 0, larger skips more steps, 0 computes every step."""
+
+    kind: str
+    threshold: float
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"cache kind must be 'fbcache' or 'teacache', got {self.kind!r}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"cache threshold must be a finite number >= 0 (0 computes every step), got {t!r}")
+
+
+def check_cache(cache, model: nn.Module) -> None:
+    """One sentence if `cache` cannot run on `model` (raised on every rank before any collective)."""
+    if cache is None:
+        return
+    if not isinstance(cache, CacheConfig):
+        raise ValueError(f"cache must be a CacheConfig(kind, threshold) or None, got {type(cache).__name__}")
+    if len(getattr(model, "double_blocks", ())) == 0 or not hasattr(model, "run_blocks"):
+        raise ValueError(f"a {cache.kind} cache watches the first double block, and this model has none")
+
+
+@dataclass
+class BranchState:
+    """One CFG branch's cache across the steps of one generation."""
+
+    reference: Tensor | None = None  # fbcache: first-block residual at the last computed step; teacache: last input
+    img_residual: Tensor | None = None  # what the skipped blocks added to the image stream at the last computed step
+    txt_residual: Tensor | None = None
+    accumulated: float = 0.0  # teacache: rescaled change summed since the last computed step
+    computed: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+    # per step, the value compared with the threshold (fbcache: the relative change; teacache: the
+    # accumulated rescaled change); None where none was compared (first step, teacache's last)
+    indicators: list[float | None] = field(default_factory=list)
+
+
+def local_sums(sums: Tensor) -> Tensor:
+    return sums
+
+
+class StepCache:
+    """One generation's cache: call `run_blocks` once per step, in step order, with the model's arguments.
+
+    branches: the CFG branches whose rows the forward's batch stacks, in order. gather_sums: [n, 2] float64
+    sums of this process's rows -> the sums over every token of the image, identical on every process that
+    shares the image (a ratio of sums over the same elements is the ratio of the global means: the element
+    counts cancel); None on one device."""
+
+    def __init__(self, config: CacheConfig, branches: tuple[str, ...], num_steps: int,
+                 gather_sums: Callable[[Tensor], Tensor] | None = None):
+        if num_steps < 1:  # teacache must know the last step
+            raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
+        self.config, self.branches, self.num_steps = config, branches, num_steps
+        self.gather_sums = gather_sums or local_sums
+        self.state = [BranchState() for _ in branches]
+        self.step = 0
+        # seconds spent deciding: the indicator (teacache: with the modulated input), its reduction, the comparison
+        self.decision_s = 0.0
+
+    def run_blocks(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
+        """The model's block stack, skipped for the branches whose indicator stays below the threshold."""
+        if self.config.kind == "fbcache":
+            img_first, txt_first = model.double_blocks[0](img, txt, vec, pe)
+            start = time.perf_counter()
+            compute = self.decide(img_first - img)  # the first block's image residual [N, L, hidden]
+            self.decision_s += time.perf_counter() - start
+            out = self._run_rest(model, img_first, txt_first, vec, pe, 1, compute)
+        else:
+            start = time.perf_counter()
+            mod1, _ = model.double_blocks[0].img_mod(vec)
+            compute = self.decide(mod1.modulate(layer_norm(img)))  # [N, L, hidden]
+            self.decision_s += time.perf_counter() - start
+            out = self._run_rest(model, img, txt, vec, pe, 0, compute)
+        self.step += 1
+        return out
+
+    def decide(self, signal: Tensor) -> list[bool]:
+        """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
+        first block's image residual; teacache: its modulated input). Updates the references; calls
+        gather_sums once at most."""
+        chunks = signal.chunk(len(self.state))
+        edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
+        changes = [None] * len(chunks)
+        if self.step > 0 and not edge:
+            local = torch.stack([torch.stack(((c - s.reference).abs().sum(dtype=torch.float64),
+                                              s.reference.abs().sum(dtype=torch.float64)))
+                                 for c, s in zip(chunks, self.state)])  # [n, (sum|x - x_prev|, sum|x_prev|)]
+            changes = [d / p if p > 0 else math.inf for d, p in self.gather_sums(local).tolist()]
+        return [self._decide_branch(s, c, change) for s, c, change in zip(self.state, chunks, changes)]
+
+    def _decide_branch(self, state: BranchState, signal: Tensor, change: float | None) -> bool:
+        threshold = self.config.threshold
+        if self.config.kind == "fbcache":
+            state.indicators.append(change)
+            compute = change is None or not change < threshold
+            if compute:
+                state.reference = signal  # compared against until the next computed step
+            return compute
+        state.reference = signal  # teacache compares neighbouring steps
+        if change is not None:
+            state.accumulated += sum(c * change**p for p, c in enumerate(reversed(TEACACHE_FLUX_POLY)))
+        state.indicators.append(None if change is None else state.accumulated)
+        if change is not None and state.accumulated < threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+    def _run_rest(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, start: int,
+                  compute: list[bool]) -> tuple[Tensor, Tensor]:
+        """Blocks `start`.. on the computing branches' rows; the stored residuals for the others."""
+        n, todo = len(compute), [i for i, c in enumerate(compute) if c]
+        if len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
+            img_out, txt_out = run_blocks(model, img, txt, vec, pe, start)
+        elif todo:
+            def pick(x: Tensor) -> Tensor:  # the rows of the computing branches
+                return torch.cat([x.chunk(n)[i] for i in todo]) if x.shape[0] == img.shape[0] else x
+
+            img_out, txt_out = run_blocks(model, pick(img), pick(txt), pick(vec), tuple(map(pick, pe)), start)
+        ran = dict(zip(todo, zip(img_out.chunk(len(todo)), txt_out.chunk(len(todo))))) if todo else {}
+        outputs = []
+        for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
+            if i in ran:
+                state.img_residual, state.txt_residual = ran[i][0] - img_in, ran[i][1] - txt_in
+                state.computed.append(self.step)
+                outputs.append(ran[i])
+            else:
+                state.reused.append(self.step)
+                outputs.append((img_in + state.img_residual, txt_in + state.txt_residual))
+        if len(todo) == n:
+            return img_out, txt_out
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+    def report(self) -> dict:
+        """Per branch: the steps computed and reused, and each step's indicator (see BranchState)."""
+        return {branch: {"computed": s.computed, "reused": s.reused, "indicators": s.indicators}
+                for branch, s in zip(self.branches, self.state)}

@@ -1,0 +1,82 @@
+"""Step caches on real gloo ranks make the single-device decisions and the single-device cached image.
+
+Every layout shards the 6 image and 7 text tokens unevenly (e.g. 2, 2, 1, 1 image tokens on 4 sp ranks),
+where an average of per-rank means (xDiT, ParaAttention) is not the image's mean. One spawn per world size
+runs each of its layouts with both caches.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from safetensors.torch import load_file, save_file
+
+from flux.cache import CacheConfig
+from flux.pipeline import FluxPipeline
+from parallel import comm
+from parallel.context import ParallelContext
+
+# true CFG: on cfg_degree 1 both branches run as one batched forward, with their own cache states
+CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32, num_steps=8,
+            max_sequence_length=7, output_type="pt")
+CACHES = [CacheConfig("fbcache", 0.8), CacheConfig("teacache", 1.5)]  # both skip some steps (asserted below)
+MARGIN = 1e-3  # relative distance of every indicator from the threshold: far beyond fp32 rounding (~1e-6)
+
+
+def tiny_pipeline(**options) -> FluxPipeline:
+    return FluxPipeline.tiny_random(seed=0, **options)
+
+
+def _check_rank(rank, world, layouts, expected_file, records):
+    if world == 2:  # bundled here to save a spawn
+        _refused_before_any_collective(rank, world)
+    expected = load_file(expected_file)
+    for degrees in layouts:
+        pipe = tiny_pipeline(parallel=ParallelContext(**degrees))
+        for i, cache in enumerate(CACHES):
+            image = pipe(**CALL, cache=cache)
+            report = pipe.last_run["cache"]
+            # the decisions of one device, on every rank (under cfg_degree 2 each half made its branch's)
+            branches = {b: {k: r[k] for k in ("computed", "reused")} for b, r in report["branches"].items()}
+            assert branches == records[i], (degrees, cache, branches)
+            if rank == 0:
+                # fp32: only the attention sums run in another order (and the indicator sums in float64
+                # over other partitions): rounding differences far inside 1e-5
+                torch.testing.assert_close(image, expected[str(i)], rtol=1e-5, atol=1e-5)
+            else:
+                assert image is None
+
+
+def _refused_before_any_collective(rank, world):
+    pipe = tiny_pipeline(parallel=ParallelContext(ulysses_degree=2))
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        pipe(**CALL, cache="fbcache")
+    assert not stats.calls
+    messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
+    assert messages == [messages[0]] * world and "cache must be a CacheConfig" in messages[0]
+
+
+def _spawn_with_both(world, layouts, tmp_path):
+    pipe = tiny_pipeline()
+    images, records = {}, []
+    for i, cache in enumerate(CACHES):
+        images[str(i)] = pipe(**CALL, cache=cache).contiguous()
+        branches = pipe.last_run["cache"]["branches"]
+        records.append({b: {k: r[k] for k in ("computed", "reused")} for b, r in branches.items()})
+        for record in branches.values():
+            assert record["computed"] and record["reused"], (cache, record)  # some steps skipped, not all
+            for value in record["indicators"]:
+                assert value is None or abs(value - cache.threshold) > MARGIN * cache.threshold, (cache, value)
+    save_file(images, tmp_path / "expected.safetensors")
+    run_distributed(_check_rank, world, layouts, str(tmp_path / "expected.safetensors"), records)
+
+
+@pytest.mark.parametrize("world, layouts", [
+    (2, [dict(ulysses_degree=2), dict(cfg_degree=2)]),
+    (3, [dict(ring_degree=3), dict(ulysses_degree=3)]),
+    (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2)]),
+])
+def test_cached_decisions_and_image_equal_one_device(world, layouts, tmp_path):
+    """(On 2 ranks also: a bad cache argument is refused identically before any collective.)"""
+    _spawn_with_both(world, layouts, tmp_path)
+
