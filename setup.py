@@ -19,6 +19,7 @@ setup(
     extras_require={
         # diffusers and transformers are test-only oracles: library code never imports them.
         "test": ["pytest", "diffusers", "transformers", "protobuf"],
-        "bench": ["matplotlib"],
+        # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench_vae.py measures beside ours
+        "bench": ["matplotlib", "distvae"],
     },
 )
