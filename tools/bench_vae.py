@@ -13,8 +13,8 @@ plain fp32 decode of the same latent; max err is the largest absolute pixel diff
 
 DistVAE (xDiT's patch-parallel VAE, `pip install distvae`, in the `bench` extra) is the peer a
 user would pick instead of our parallel decode: the `distvae-N` modes wrap diffusers'
-AutoencoderKL (same weights) with `distvae.vae.parallelize_decoder` on an N-rank gloo group, as
-its README does on NCCL. Without the package those rows say "skipped".
+AutoencoderKL (same weights) with `distvae.vae.parallelize_decoder` on an N-rank gloo group.
+Without the package those rows say "skipped"; docs/vae.md has the figures.
 """
 
 import argparse
