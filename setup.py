@@ -21,7 +21,8 @@ setup(
     extras_require={
         # diffusers and transformers are test-only oracles: library code never imports them.
         "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf", "fastapi", "uvicorn", "httpx", "selenium"],
-        "bench": ["matplotlib"],
+        # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench_vae.py measures beside ours
+        "bench": ["matplotlib", "distvae"],
         # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)
         "serve": ["fastapi", "uvicorn"],
         # attention backend `flash_attn` (CUDA); flash-attention 3 (`flash3`, module flash_attn_interface)

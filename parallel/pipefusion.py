@@ -127,6 +127,8 @@ class StaleKV:
 class PipeFusionGeneration:
     """One call's denoising on one stage; the same interface as runtime.Generation (denoise)."""
 
+    cache_report = None  # step caching is refused with PipeFusion (ParallelDenoiser.start)
+
     def __init__(self, model: nn.Module, ctx: ParallelContext, blocks: range, img: Tensor, img_ids: Tensor,
                  cond, branches: int, guidance: float | None, true_cfg_scale: float | None):
         """img [B, L, 64], img_ids [B, L, 3] full on every rank; cond: the branches' conditioning

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
-from test_parallel_flux import _inputs
+from helpers import rel_err, tiny_flux_inputs
 from torch import nn
 
 from flux import CONFIGS, Flux
@@ -37,7 +36,7 @@ def test_fp8_linear_is_the_exact_product_of_its_quantized_operands():
 
 def test_fp8_transformer_error_is_small_and_the_unquantized_model_is_untouched():
     model = seeded_init(Flux(CONFIGS["tiny-dev"]), 0).eval()
-    x = _inputs(7, (5, 5))
+    x = tiny_flux_inputs(7, (5, 5))
     with torch.no_grad():
         ref = model(**x)
         quantized = quantize_fp8(copy.deepcopy(model))

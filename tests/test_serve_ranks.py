@@ -16,6 +16,7 @@ import pytest
 import serve
 import torch
 import torch.distributed as dist
+from common import free_port
 from distributed import run_distributed
 from helpers import rel_err
 from PIL import Image
@@ -155,14 +156,6 @@ def test_a_dead_rank_ends_the_job(tmp_path, victim):
 def child_pids(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(c) for c in children]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout_s: float = 30.0) -> None:

@@ -7,9 +7,14 @@ folder, the same tensors), a ramp-plus-noise latent. Every measurement runs in a
 subprocess; memory is that process's peak RSS during the decode (VmHWM, reset through
 /proc/self/clear_refs after loading so that the loader's transient peak is not counted; per rank
 for the parallel modes: the largest rank), next to the RSS after loading, so "decode adds" is
-what decoding cost on top of the weights and the runtime. Errors are relative (L2) against our plain fp32 decode of the same latent;
-max err is the largest absolute pixel difference on the [-1, 1] scale. DistVAE is measured when
-the optional `distvae` package is installed.
+what decoding cost on top of the weights and the runtime. Errors are relative (L2) against our
+plain fp32 decode of the same latent; max err is the largest absolute pixel difference on the
+[-1, 1] scale.
+
+DistVAE (xDiT's patch-parallel VAE, `pip install distvae`, in the `bench` extra) is the peer a
+user would pick instead of our parallel decode: the `distvae-N` modes wrap diffusers'
+AutoencoderKL (same weights) with `distvae.vae.parallelize_decoder` on an N-rank gloo group.
+Without the package those rows say "skipped"; docs/vae.md has the figures.
 """
 
 import argparse
@@ -26,13 +31,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/distributed.py: gloo spawn helper
 
 
 def rss_mb() -> float:
     """Peak RSS (VmHWM) since the last reset_peak()."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
 
 
@@ -76,17 +79,15 @@ def latent(px: int) -> torch.Tensor:
     return noise + torch.linspace(-2.0, 2.0, side)[:, None]
 
 
-def _rank_worker(rank, world, folder, px, dtype, result_file):
+def _timed_rank_decode(run, rank: int, world: int, result_file: str) -> None:
+    """Time run() on every rank from one barrier; rank 0 saves the image and every rank's peak RSS."""
     import torch.distributed as dist
 
-    from parallel.vae import decode_parallel
-    from vae import load_autoencoder
-
-    ae = load_autoencoder(Path(folder) / "ae.safetensors", dtype=getattr(torch, dtype))
     loaded = reset_peak()
     dist.barrier()
     start = time.perf_counter()
-    image = decode_parallel(ae, latent(px), dist.group.WORLD)
+    with torch.no_grad():  # DistVAE's decoder refuses to run with grad enabled
+        image = run()
     seconds = time.perf_counter() - start
     peaks = [None] * world
     dist.all_gather_object(peaks, (rss_mb(), loaded))
@@ -94,7 +95,35 @@ def _rank_worker(rank, world, folder, px, dtype, result_file):
         from safetensors.torch import save_file
 
         save_file({"image": image.float().contiguous()}, result_file + ".safetensors")
-        Path(result_file).write_text(json.dumps({"seconds": seconds, "peak": max(p for p, _ in peaks), "loaded": max(l for _, l in peaks)}))
+        Path(result_file).write_text(json.dumps({
+            "seconds": seconds, "peak": max(peak for peak, _ in peaks),
+            "loaded": max(loaded for _, loaded in peaks), "ranks": [peak for peak, _ in peaks],
+        }))
+
+
+def _rank_worker(rank, world, folder, px, dtype, result_file):
+    import torch.distributed as dist
+
+    from parallel.vae import decode_parallel
+    from vae import load_autoencoder
+
+    ae = load_autoencoder(Path(folder) / "ae.safetensors", dtype=getattr(torch, dtype))
+    z = latent(px)
+    _timed_rank_decode(lambda: decode_parallel(ae, z, dist.group.WORLD), rank, world, result_file)
+
+
+def _distvae_rank_worker(rank, world, folder, px, dtype, result_file):
+    """DistVAE runs conv_in and the mid block whole on every rank, the up blocks on row bands (halo
+    convolutions, all-reduced GroupNorm statistics), then all-gathers the whole image on every rank.
+    It runs unpatched on gloo: its device and backend follow the tensors and the group it is given."""
+    import torch.distributed as dist
+    from diffusers import AutoencoderKL
+    from distvae.vae import parallelize_decoder
+
+    vae = AutoencoderKL.from_pretrained(Path(folder) / "vae", torch_dtype=getattr(torch, dtype)).eval()
+    parallelize_decoder(vae, dist.group.WORLD)
+    z = (latent(px) / 0.3611 + 0.1159).to(vae.dtype)  # diffusers' decode takes the unscaled latent
+    _timed_rank_decode(lambda: vae.decode(z).sample, rank, world, result_file)
 
 
 def worker(spec: dict) -> dict:
@@ -102,11 +131,12 @@ def worker(spec: dict) -> dict:
     from safetensors.torch import save_file
 
     folder, px, dtype, mode = Path(spec["folder"]), spec["px"], getattr(torch, spec["dtype"]), spec["mode"]
-    if mode.startswith("parallel"):
+    if mode.startswith(("parallel", "distvae")):
         from distributed import run_distributed
 
-        world = int(mode.split("-")[1])
-        run_distributed(_rank_worker, world, str(folder), px, spec["dtype"], spec["out"], timeout_s=3000.0)
+        name, world = mode.split("-")
+        rank_worker = _rank_worker if name == "parallel" else _distvae_rank_worker
+        run_distributed(rank_worker, int(world), str(folder), px, spec["dtype"], spec["out"], timeout_s=3000.0)
         return json.loads(Path(spec["out"]).read_text())
     z = latent(px)
     if mode.startswith("diffusers"):
@@ -120,7 +150,7 @@ def worker(spec: dict) -> dict:
             model.tile_sample_min_size, model.tile_latent_min_size = 512, 64
         run = lambda: model.decode((z / 0.3611 + 0.1159).to(dtype)).sample  # noqa: E731
     else:
-        from parallel.vae import decode_in_stripes
+        from parallel.stripes import decode_in_stripes
         from vae import load_autoencoder
 
         ae = load_autoencoder(folder / "ae.safetensors", dtype=dtype)
@@ -151,16 +181,29 @@ def errors(out: str, reference: str) -> tuple[float, float]:
 
 BF16_MODES = [("ours", "bfloat16"), ("diffusers", "bfloat16")]  # CPUs without native bf16 take ~40x longer
 MODES = [
-    ("ours", "float32"), ("diffusers", "float32"), ("diffusers-tiled", "float32"), ("parallel-2", "float32"), ("parallel-4", "float32"),
+    ("ours", "float32"), ("diffusers", "float32"), ("diffusers-tiled", "float32"),
+    ("parallel-2", "float32"), ("parallel-4", "float32"), ("distvae-2", "float32"), ("distvae-4", "float32"),
     ("stripes-2", "float32"), ("stripes-4", "float32"), ("stripes-8", "float32"),
 ]
+
+
+def table_row(px: int, mode: str, dtype: str, r: dict, base: dict) -> str:
+    """One markdown row; `base` is our plain decode's result at this size, the reference of every row."""
+    if "error" in r:
+        return f"| {px} | {mode} | {dtype} | failed: {r['error']} |"
+    adds, base_adds = r["peak"] - r["loaded"], base["peak"] - base["loaded"]
+    ranks = " / ".join(f"{p:.0f}" for p in r["ranks"]) if "ranks" in r else "-"
+    rel, mx = errors(r["out"], base["out"])
+    return (f"| {px} | {mode} | {dtype} | {r['seconds']:.1f} | {r['peak']:.0f} | {ranks} | {r['loaded']:.0f} "
+            f"| {adds:.0f} | {r['peak'] / base['peak']:.2f} | {adds / base_adds:.2f} | {rel:.1e} | {mx:.1e} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--include-2048", action="store_true", help="also 2048 px (many minutes on a few CPU cores)")
-    parser.add_argument("--modes", nargs="+", default=None, help="a subset of: " + " ".join(f"{m}:{d}" for m, d in MODES + BF16_MODES))
+    known = [f"{m}:{d}" for m, d in MODES + BF16_MODES]
+    parser.add_argument("--modes", nargs="+", default=None, help="a subset of: " + " ".join(known))
     parser.add_argument("--bf16", action="store_true", help="also bf16 (ours and diffusers)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -168,36 +211,37 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    known = {f"{m}:{d}" for m, d in MODES + BF16_MODES}
     for mode in args.modes or []:
         if mode not in known:
             parser.error(f"--modes {mode}: not one of {' '.join(sorted(known))}")
     modes = [tuple(m.split(":")) for m in args.modes] if args.modes else MODES + (BF16_MODES if args.bf16 else [])
-    if importlib.util.find_spec("distvae") is None:
-        print("distvae is not installed: the DistVAE peer is skipped", file=sys.stderr)
+    has_distvae = importlib.util.find_spec("distvae") is not None
+    if not has_distvae:
+        print("distvae is not installed (pip install distvae): the DistVAE rows are skipped", file=sys.stderr)
     sizes = args.sizes + ([2048] if args.include_2048 else [])
     lines = [
-        f"CPU, {torch.get_num_threads()} threads (parallel ranks: 1 thread each, gloo). Peak = peak RSS of a fresh process (largest rank).",
+        f"CPU, {torch.get_num_threads()} threads (parallel ranks: 1 thread each, gloo). "
+        "Peak = peak RSS of a fresh process (parallel modes: the largest rank; every rank's in the next column).",
         "",
-        "| px | mode | dtype | seconds | peak RSS MB | RSS after load MB | decode adds MB | peak / ours plain | adds / ours plain | rel err | max abs err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| px | mode | dtype | seconds | peak RSS MB | per rank MB | RSS after load MB | decode adds MB "
+        "| peak / ours plain | adds / ours plain | rel err | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         make_weights(Path(tmp))
         for px in sizes:
-            reference, base, base_peak = None, None, None
+            base = None
             for mode, dtype in [("ours", "float32")] + [m for m in modes if m != ("ours", "float32")]:
                 out = f"{tmp}/{px}-{mode}-{dtype}"
-                r = measure({"folder": tmp, "px": px, "dtype": dtype, "mode": mode, "out": out})
-                if "error" in r:
-                    row = f"| {px} | {mode} | {dtype} | failed: {r['error']} |"
+                if mode.startswith("distvae") and not has_distvae:
+                    row = f"| {px} | {mode} | {dtype} | skipped: distvae is not installed |"
                 else:
-                    reference, adds = reference or out, r["peak"] - r["loaded"]
-                    base, base_peak = base or adds, base_peak or r["peak"]
-                    rel, mx = errors(out, reference)
-                    row = (f"| {px} | {mode} | {dtype} | {r['seconds']:.1f} | {r['peak']:.0f} | {r['loaded']:.0f} | {adds:.0f} | "
-                           f"{r['peak'] / base_peak:.2f} | {adds / base:.2f} | {rel:.1e} | {mx:.1e} |")
+                    r = {**measure({"folder": tmp, "px": px, "dtype": dtype, "mode": mode, "out": out}), "out": out}
+                    if base is None and "error" in r:
+                        raise SystemExit(f"our plain decode at {px} px (every row's reference) failed: {r['error']}")
+                    base = base or r
+                    row = table_row(px, mode, dtype, r, base)
                 lines.append(row)
                 print(row, flush=True)
                 if args.out:

@@ -1,4 +1,4 @@
-"""Spawning real gloo process groups for the multi-process tests.
+"""Spawning real gloo process groups: the multi-process tests and the benchmarks that decode across ranks.
 
     run_distributed(check_fn, world_size, *args)
 
@@ -18,7 +18,6 @@ Three rules keep a run free of races:
 
 import datetime
 import json
-import socket
 import tempfile
 import time
 import traceback
@@ -29,12 +28,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 GRACE_S = 10.0  # after the first failure, how long the other ranks get to report their own error
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, timeout_s: float, error_dir: str, fn, args) -> None:
