@@ -95,7 +95,12 @@ class FluxPipeline:
         parallel, parallel_vae, vae_stripes and `options` (compile, attention_backend, fp8): see the class
         docstring."""
         dtype, device = check_dtype(dtype), check_device(device)
-        overrides = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        overrides = {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+        }
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
         check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
@@ -311,6 +316,8 @@ def to_pil(images: Tensor) -> list:
     try:
         from PIL import Image
     except ImportError:
-        raise ImportError("output_type='pil' needs Pillow (pip install pillow); use output_type='pt' without it") from None
+        raise ImportError(
+            "output_type='pil' needs Pillow (pip install pillow); use output_type='pt' without it"
+        ) from None
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]

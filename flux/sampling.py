@@ -59,7 +59,9 @@ class Schedule:
 
     def __post_init__(self):
         if self.max_image_seq_len <= self.base_image_seq_len:
-            raise ValueError(f"max_image_seq_len {self.max_image_seq_len} must exceed base_image_seq_len {self.base_image_seq_len}")
+            raise ValueError(
+                f"max_image_seq_len {self.max_image_seq_len} must exceed base_image_seq_len {self.base_image_seq_len}"
+            )
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
 

@@ -133,7 +133,14 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         group, scatter_dim, gather_dim, scatter_sizes, gather_sizes = ctx.args
         gather_sizes = gather_sizes or [grad.shape[gather_dim]] * dist.get_world_size(group)
-        return _all_to_all(grad, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes), None, None, None, None, None
+        return (
+            _all_to_all(grad, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def all_gather(x: Tensor, group, dim: int, sizes: list[int] | None = None, replicated: bool = False) -> Tensor:

@@ -68,7 +68,9 @@ def ring_attention(
     return out.to(q.dtype), lse
 
 
-def _ring_attention_differentiable(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int]) -> tuple[Tensor, Tensor]:
+def _ring_attention_differentiable(
+    q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int]
+) -> tuple[Tensor, Tensor]:
     """The same ring in grad mode: every hop is a differentiable exchange (gradients travel the ring
     backwards) and each block's attention is the math form, whose log-sum-exp carries a gradient
     (the fused kernels return theirs as a constant). Transfers are not overlapped here."""

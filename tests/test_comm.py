@@ -97,8 +97,10 @@ def test_single_process_context():
 def test_bind_to_cores():
     """Each local rank gets its own slice of the cores; more ranks than cores leaves them all."""
     cores = sorted(os.sched_getaffinity(0))
-    code = ("import os, sys; from parallel.context import bind_to_cores; "
-            "mine = bind_to_cores(int(sys.argv[1]), int(sys.argv[2])); print(sorted(os.sched_getaffinity(0)) == mine, mine)")
+    code = (
+        "import os, sys; from parallel.context import bind_to_cores; "
+        "mine = bind_to_cores(int(sys.argv[1]), int(sys.argv[2])); print(sorted(os.sched_getaffinity(0)) == mine, mine)"
+    )
     root = Path(__file__).resolve().parents[1]
     for rank, world in ((0, 1), (len(cores) - 1, len(cores)), (0, len(cores) + 1)):
         out = subprocess.run([sys.executable, "-c", code, str(rank), str(world)], cwd=root, capture_output=True,

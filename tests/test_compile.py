@@ -58,7 +58,9 @@ def _sharded_compiled_matches(rank, world):
         sp_model = parallelize_flux(model, ParallelContext(ulysses_degree=ulysses, ring_degree=ring))
         with torch.no_grad():
             for grid, ref in zip(GRIDS, refs):
-                assert_rel_close(sp_model.forward_full(**tiny_flux_inputs(7, grid)), ref, f"{ulysses}x{ring}, grid {grid}")
+                assert_rel_close(
+                    sp_model.forward_full(**tiny_flux_inputs(7, grid)), ref, f"{ulysses}x{ring}, grid {grid}"
+                )
         graphs_after.append(compile_counters()["unique_graphs"])
     # The USP attention runs behind one graph break per block: a graph before and one after it for each
     # block class, and one more for the first double block (see above). Neither the second

@@ -92,8 +92,12 @@ def test_torchrun_two_ranks_write_the_same_image(tmp_path):
     from PIL import Image
 
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
-    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common, "--output", str(tmp_path / "one.png")],
-                            capture_output=True, text=True, timeout=120)
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "generate.py"), *common, "--output", str(tmp_path / "one.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr
     report = tmp_path / "report.json"
     parallel = subprocess.run(
@@ -111,9 +115,32 @@ def test_torchrun_two_ranks_write_the_same_image(tmp_path):
 
 def test_several_prompts_write_numbered_images_in_order(tmp_path):
     report = tmp_path / "report.json"
-    code = generate.main(["--model", "tiny", "--prompt", "a red fox", "--prompt", "snow", "--num-images-per-prompt", "2",
-                          "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--height", "32", "--width", "32",
-                          "--steps", "1", "--output", str(tmp_path / "pet.png"), "--report", str(report)])
+    code = generate.main(
+        [
+            "--model",
+            "tiny",
+            "--prompt",
+            "a red fox",
+            "--prompt",
+            "snow",
+            "--num-images-per-prompt",
+            "2",
+            "--negative-prompt",
+            "blurry",
+            "--true-cfg-scale",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path / "pet.png"),
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0
     names = [str(tmp_path / f"pet-{i}.png") for i in range(4)]
     data = json.loads(report.read_text())

@@ -125,7 +125,10 @@ def test_bfl_single_file_overrides_give_the_same_image(saved, tmp_path):
                 output_type="pt")
     plain = FluxPipeline.from_pretrained(root, dtype=torch.float32)(**call)
     overridden = FluxPipeline.from_pretrained(
-        root, dtype=torch.float32, transformer=tmp_path / "t" / "flux1-tiny.safetensors", vae=tmp_path / "ae" / "ae.safetensors"
+        root,
+        dtype=torch.float32,
+        transformer=tmp_path / "t" / "flux1-tiny.safetensors",
+        vae=tmp_path / "ae" / "ae.safetensors",
     )(**call)
     # same weights; only the load path differs (1x1 conv vs linear attention projections in the VAE)
     torch.testing.assert_close(overridden, plain, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,9 @@ def best(rows: list[dict], world: int | None = None) -> dict:
 
 
 def latency(rows: list[dict], u: int, r: int, pvae: bool) -> float:
-    return next(x["latency_s"] for x in rows if (x["ulysses_degree"], x["ring_degree"], x["use_parallel_vae"]) == (u, r, pvae))
+    return next(
+        x["latency_s"] for x in rows if (x["ulysses_degree"], x["ring_degree"], x["use_parallel_vae"]) == (u, r, pvae)
+    )
 
 
 @pytest.mark.parametrize("px", [1024, 2048])
@@ -128,7 +130,9 @@ def test_detect_vae_attention_sees_the_kernel_sdpa_picks():
 def test_validate_reports_the_error_per_configuration(tmp_path):
     w = workload(256, model="tiny", dtype="fp32")
     predicted = cm.predict(w, A100, cm.Config(2, 1, True))["latency_s"]
-    records = [{"ulysses_degree": 2, "ring_degree": 1, "use_parallel_vae": True, "resolution": 256, "latency_s": 2 * predicted}]
+    records = [
+        {"ulysses_degree": 2, "ring_degree": 1, "use_parallel_vae": True, "resolution": 256, "latency_s": 2 * predicted}
+    ]
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"environment": {}, "records": records}))
     rows = plan.validate(plan.bench_records(str(bench)), "tiny", A100, dtype="fp32", vae_attention="fused")
@@ -154,13 +158,28 @@ def test_cli_json_contract_best_first():
 
 def test_cli_table_hardware_json_and_bad_input(tmp_path, capsys):
     saved = tmp_path / "hw.json"
-    args = ["--model", "dev", "--hardware", "h100-nvlink", "--gpus", "2", "--resolution", "512", "--vae-attention", "fused"]
+    args = [
+        "--model",
+        "dev",
+        "--hardware",
+        "h100-nvlink",
+        "--gpus",
+        "2",
+        "--resolution",
+        "512",
+        "--vae-attention",
+        "fused",
+    ]
     assert plan.main(args + ["--save-hardware", str(saved)]) == 0
     table = capsys.readouterr().out
     assert "| 1 |" in table and "28 steps" in table
     assert plan.main(["--hardware-json", str(saved)] + args[:2] + args[4:] + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["world_size"] == 2
-    for bad, message in ((["--model", "pro"], "--model"), (["--resolution", "1000"], "1008"), (["--gpus", "0"], "--gpus"),
-                         (["--hardware-json", str(tmp_path / "missing.json")], "missing.json")):
+    for bad, message in (
+        (["--model", "pro"], "--model"),
+        (["--resolution", "1000"], "1008"),
+        (["--gpus", "0"], "--gpus"),
+        (["--hardware-json", str(tmp_path / "missing.json")], "missing.json"),
+    ):
         assert plan.main(bad + ["--vae-attention", "fused"]) == 2
         assert message in capsys.readouterr().err

@@ -94,7 +94,8 @@ def test_parity_with_diffusers(kind, guidance, tmp_path):
     x = inputs(params)
     with torch.no_grad():
         ours = model(**x)
-    # fp32, same operations up to summation order and fused kernels: rounding stays near 1e-7, and 1e-5 is the project's parity bound in fp32
+    # fp32, same operations up to summation order and fused kernels: rounding stays near 1e-7;
+    # 1e-5 is the project's parity bound in fp32
     assert rel_err(ours, reference_output(ref, x)) <= 1e-5
 
 
@@ -211,7 +212,9 @@ def test_shape_mismatch(component):
     config = json.loads((component / "config.json").read_text())
     config["pooled_projection_dim"] = 48
     (component / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"vector_in.in_layer.weight has shape \[96, 32\], the config expects \[96, 48\]"):
+    with pytest.raises(
+        CheckpointError, match=r"vector_in.in_layer.weight has shape \[96, 32\], the config expects \[96, 48\]"
+    ):
         flux.load_transformer(component)
 
 

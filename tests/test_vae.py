@@ -97,7 +97,9 @@ def test_bfl_file_against_diffusers_own_conversion(tmp_path):
 
 def test_config_beside_bfl_file_overrides(tmp_path):
     save_file(AutoEncoder(TINY).state_dict(), tmp_path / "ae.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({**diffusers_config(), "scaling_factor": 0.5, "shift_factor": None}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**diffusers_config(), "scaling_factor": 0.5, "shift_factor": None})
+    )
     ours = load_autoencoder(tmp_path / "ae.safetensors", dtype=torch.bfloat16)
     assert (ours.params.scale_factor, ours.params.shift_factor) == (0.5, 0.0)
     assert ours.decoder.conv_in.weight.dtype == torch.bfloat16

@@ -69,7 +69,9 @@ def count_diffusers_bytes(counter: dict) -> None:
 def make_variants(rank, ours, ref, ref_cp, x):
     """name -> (ranks that run it, function). One copy of our weights serves the one-rank baseline and
     every strategy: the sequence-parallel views swap the blocks' attention only during their call."""
-    wrapped = {name: parallelize_flux(ours, ParallelContext(**{f"{name}_degree": WORLD})) for name in ("ulysses", "ring")}
+    wrapped = {
+        name: parallelize_flux(ours, ParallelContext(**{f"{name}_degree": WORLD})) for name in ("ulysses", "ring")
+    }
 
     def with_attention(sp_model, attention_fn):
         """shard, forward with attention_fn at the seam, gather: forward_full with another attention."""
@@ -185,15 +187,23 @@ def report(tokens, args, stats):
     print("|---|---:|---:|---:|---:|")
     for name, s in stats.items():
         single = med[name.split()[0] + " 1 rank"]
-        cells = (f"{med[name] * 1e3:.0f}", f"{single / med[name]:.2f}x", f"{s['bytes'] / 1e6:.1f}", "–" if s["err"] != s["err"] else f"{s['err']:.1e}")
+        cells = (
+            f"{med[name] * 1e3:.0f}",
+            f"{single / med[name]:.2f}x",
+            f"{s['bytes'] / 1e6:.1f}",
+            "–" if s["err"] != s["err"] else f"{s['err']:.1e}",
+        )
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"ring transfers: blocked {serial_wait * 1e3:.1f} ms per step when serialised, "
           f"{overlapped_wait * 1e3:.1f} ms when overlapped: {1 - overlapped_wait / max(serial_wait, 1e-9):.0%} hidden")
     cpu = [[round(c * 1e3) for c in r["cpu"]] for r in per_rank]
     wait = [[round(w * 1e3) for w in r["a2a_wait"]] for r in per_rank]
     gaps = [abs(a - b) / max(a, b) for a, b in zip(*cpu)]
-    print(f"ours ulysses, per repeat: thread CPU ms of rank 0 {cpu[0]}, rank 1 {cpu[1]} (the same work); ms blocked "
-          f"in all-to-alls, rank 0 {wait[0]}, rank 1 {wait[1]}; CPU time differs by {statistics.median(gaps):.0%} (median)")
+    print(
+        f"ours ulysses, per repeat: thread CPU ms of rank 0 {cpu[0]}, rank 1 {cpu[1]} (the same work); ms blocked "
+        f"in all-to-alls, rank 0 {wait[0]}, rank 1 {wait[1]}; "
+        f"CPU time differs by {statistics.median(gaps):.0%} (median)"
+    )
     sys.stdout.flush()
 
 
@@ -206,7 +216,9 @@ def main():
                         help="let the ranks float between cores (by default rank r is pinned to core r)")
     args = parser.parse_args()
     if args.repeats < 1 or args.txt_tokens < 0 or min(args.img_tokens) < WORLD:
-        parser.error(f"--repeats must be at least 1, --txt-tokens at least 0 and --img-tokens at least {WORLD} (one per rank)")
+        parser.error(
+            f"--repeats must be at least 1, --txt-tokens at least 0 and --img-tokens at least {WORLD} (one per rank)"
+        )
     mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
 
 

@@ -38,8 +38,12 @@ def random_modules(name: str, dtype: torch.dtype, device) -> tuple:
 
     small = name.startswith("tiny")  # tiny-dev: the tiny encoders fit its 64-wide context
     with torch.device("meta"):
-        modules = (Flux(CONFIGS[name]), AutoEncoder(VAE_CONFIGS["tiny" if small else "flux"]),
-                   ClipTextModel(CLIP_CONFIGS["tiny" if small else "l14"]), T5Encoder(T5_CONFIGS["tiny" if small else "xxl"]))
+        modules = (
+            Flux(CONFIGS[name]),
+            AutoEncoder(VAE_CONFIGS["tiny" if small else "flux"]),
+            ClipTextModel(CLIP_CONFIGS["tiny" if small else "l14"]),
+            T5Encoder(T5_CONFIGS["tiny" if small else "xxl"]),
+        )
     return tuple(seeded_init(m.to(dtype).to_empty(device=device), seed) for seed, m in enumerate(modules))
 
 
@@ -84,11 +88,18 @@ def summarize(runs: list[dict], peak_bytes: int) -> dict:
     def median(key):
         return statistics.median(r[key] for r in runs)
 
-    return dict(total_s=median("total_s"), totals_s=[r["total_s"] for r in runs],
-                text_encoding_s=median("text_encoding_s"), step_s=statistics.median(s for r in runs for s in r["steps_s"]),
-                denoise_s=statistics.median(sum(r["steps_s"]) for r in runs), vae_decode_s=median("vae_decode_s"),
-                steps=len(runs[-1]["steps_s"]), peak_memory_bytes=peak_bytes,
-                comm_bytes_per_step=runs[-1]["comm_bytes_per_step"], vae_comm_bytes=runs[-1]["vae_comm_bytes"])
+    return dict(
+        total_s=median("total_s"),
+        totals_s=[r["total_s"] for r in runs],
+        text_encoding_s=median("text_encoding_s"),
+        step_s=statistics.median(s for r in runs for s in r["steps_s"]),
+        denoise_s=statistics.median(sum(r["steps_s"]) for r in runs),
+        vae_decode_s=median("vae_decode_s"),
+        steps=len(runs[-1]["steps_s"]),
+        peak_memory_bytes=peak_bytes,
+        comm_bytes_per_step=runs[-1]["comm_bytes_per_step"],
+        vae_comm_bytes=runs[-1]["vae_comm_bytes"],
+    )
 
 
 def run_case(pipe: FluxPipeline, args, resolution: int, parallel_vae: bool, device: torch.device) -> dict:
@@ -143,7 +154,9 @@ def main(argv=None) -> int:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(dict(resolution=case[0], use_parallel_vae=case[1], ranks=ranks)) + "\n")
     except Exception as err:  # noqa: BLE001 - reported to the benchmark, which records it and goes on
-        error = dict(resolution=case[0] if case else None, use_parallel_vae=case[1] if case else None, error=one_line(err))
+        error = dict(
+            resolution=case[0] if case else None, use_parallel_vae=case[1] if case else None, error=one_line(err)
+        )
         Path(f"{args.errors}.rank{rank}").write_text(json.dumps(error))
         sys.stderr.write(f"bench_worker rank {rank}: {error['error']}\n")
         sys.stderr.flush()

@@ -242,10 +242,19 @@ def device_name(device: str) -> str:
 def environment(args) -> dict:
     peak = ("torch.cuda.max_memory_allocated per rank" if args.device == "cuda"
             else "VmHWM (peak RSS) per rank process, reset per case through /proc/self/clear_refs where Linux allows")
-    return dict(device=args.device, device_name=device_name(args.device), backend="nccl" if args.device == "cuda" else "gloo",
-                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                cpu_count=os.cpu_count(), threads_per_rank=args.threads_per_rank, dtype=args.dtype, peak_memory=peak,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return dict(
+        device=args.device,
+        device_name=device_name(args.device),
+        backend="nccl" if args.device == "cuda" else "gloo",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        threads_per_rank=args.threads_per_rank,
+        dtype=args.dtype,
+        peak_memory=peak,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def fmt_bytes(n: float) -> str:
@@ -353,7 +362,9 @@ def measure(args, logs: Path) -> tuple[list[dict], list[dict]]:
         finished, failed = run_configuration(args, ulysses, ring, cases, logs / f"{label(ulysses, ring, False)}.log")
         for case in finished:
             records.append(make_record(args, ulysses, ring, case))
-            print(f"{records[-1]['config']:>10} {case['resolution']:>5} px: {records[-1]['latency_s']:.3f} s", flush=True)
+            print(
+                f"{records[-1]['config']:>10} {case['resolution']:>5} px: {records[-1]['latency_s']:.3f} s", flush=True
+            )
         for case, error in failed:
             failures.append(failure(args, ulysses, ring, case, error))
             print(f"{failures[-1]['config']:>10} {case[0]:>5} px: FAILED {error}", flush=True)

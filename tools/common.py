@@ -51,8 +51,11 @@ def flux_inputs(params: FluxParams, grid: tuple[int, int], txt_tokens: int, batc
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     img_ids = make_img_ids(batch, 16 * grid[0], 16 * grid[1])
     return dict(
-        img=torch.randn(batch, img_ids.shape[1], params.in_channels, generator=gen), img_ids=img_ids,
-        txt=torch.randn(batch, txt_tokens, params.context_in_dim, generator=gen), txt_ids=torch.zeros(batch, txt_tokens, 3),
-        timesteps=torch.rand(batch, generator=gen), y=torch.randn(batch, params.vec_in_dim, generator=gen),
+        img=torch.randn(batch, img_ids.shape[1], params.in_channels, generator=gen),
+        img_ids=img_ids,
+        txt=torch.randn(batch, txt_tokens, params.context_in_dim, generator=gen),
+        txt_ids=torch.zeros(batch, txt_tokens, 3),
+        timesteps=torch.rand(batch, generator=gen),
+        y=torch.randn(batch, params.vec_in_dim, generator=gen),
         guidance=torch.full((batch,), 3.5) if params.guidance_embed else None,
     )

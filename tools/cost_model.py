@@ -84,9 +84,11 @@ class Hardware:
         """The slowest link any of these concurrent groups of ranks must cross."""
         worst = 0
         for ranks in groups:
-            index = next((i for i, l in enumerate(self.links) if len({r // l.size for r in ranks}) == 1), None)
+            index = next((i for i, link in enumerate(self.links) if len({r // link.size for r in ranks}) == 1), None)
             if index is None:
-                raise ValueError(f"{max(ranks) + 1} ranks exceed hardware {self.name!r}'s largest tier of {self.links[-1].size}")
+                raise ValueError(
+                    f"{max(ranks) + 1} ranks exceed hardware {self.name!r}'s largest tier of {self.links[-1].size}"
+                )
             worst = max(worst, index)
         return self.links[worst]
 
@@ -114,7 +116,9 @@ class Workload:
         for side in (self.height, self.width):
             if side % step or side <= 0:
                 low = max(step, side // step * step)
-                raise ValueError(f"resolution {side} px is not a positive multiple of {step} (nearest: {low} or {low + step})")
+                raise ValueError(
+                    f"resolution {side} px is not a positive multiple of {step} (nearest: {low} or {low + step})"
+                )
         if self.vae_attention not in ("fused", "math"):
             raise ValueError(f"vae_attention must be 'fused' or 'math', got {self.vae_attention!r}")
         for dtype in (self.dtype, self.vae_dtype):
@@ -340,7 +344,11 @@ def weights(w: Workload) -> tuple[float, float]:
 def transformer_activations(w: Workload, cfg: Config) -> float:
     """Bytes alive inside one block on one rank, plus the Ulysses and ring buffers."""
     n = math.ceil((w.txt_len + w.img_len) / cfg.world_size) * w.flux.hidden_size
-    elements = ACTIVATION_ELEMENTS + ULYSSES_BUFFER_ELEMENTS * (cfg.ulysses_degree > 1) + RING_BUFFER_ELEMENTS * (cfg.ring_degree > 1)
+    elements = (
+        ACTIVATION_ELEMENTS
+        + ULYSSES_BUFFER_ELEMENTS * (cfg.ulysses_degree > 1)
+        + RING_BUFFER_ELEMENTS * (cfg.ring_degree > 1)
+    )
     return elements * n * DTYPE_BYTES[w.dtype]
 
 

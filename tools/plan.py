@@ -226,7 +226,9 @@ def _compute_rates(torch, w: cm.Workload, share: float) -> dict:
     return dict(
         matmul_flops=_rate(lambda: a @ b, 2 * rows * f.hidden_size * f.mlp_hidden_dim, share),
         attention_flops=_rate(lambda: F.scaled_dot_product_attention(q, q, q), 4 * 512**2 * f.hidden_size, share),
-        wide_attention_flops=_rate(lambda: F.scaled_dot_product_attention(wide, wide, wide), 4 * 512**2 * wide.shape[-1], share),
+        wide_attention_flops=_rate(
+            lambda: F.scaled_dot_product_attention(wide, wide, wide), 4 * 512**2 * wide.shape[-1], share
+        ),
         vae_flops=_vae_rate(torch, w, host_op_s, share),
         memory_bw=_rate(lambda: dst.copy_(src), 2 * 4 * src.numel(), share),
         kernel_overhead_s=0.0,  # a CPU op's fixed cost is all host time
@@ -278,8 +280,12 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
     head = "| # | " + " | ".join(name for name, _, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for i, row in enumerate(rows, 1):
-        cells = [format(row[key], spec) if spec else ("yes" if row[key] is True else "no" if row[key] is False else str(row[key]))
-                 for _, key, spec in columns]
+        cells = [
+            format(row[key], spec)
+            if spec
+            else ("yes" if row[key] is True else "no" if row[key] is False else str(row[key]))
+            for _, key, spec in columns
+        ]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -291,7 +297,9 @@ def bench_records(path: str) -> list[dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--validate {path}: cannot read a benchmark JSON ({e})") from None
     if isinstance(data, dict):
-        data = next((data[k] for k in ("records", "measurements", "results", "runs") if isinstance(data.get(k), list)), None)
+        data = next(
+            (data[k] for k in ("records", "measurements", "results", "runs") if isinstance(data.get(k), list)), None
+        )
     needed = {"ulysses_degree", "ring_degree", "use_parallel_vae", "resolution", "latency_s"}
     if not isinstance(data, list) or not all(isinstance(r, dict) and needed <= r.keys() for r in data):
         raise ValueError(f"--validate {path}: expected a list of records with {sorted(needed)}")
@@ -310,9 +318,17 @@ def validate(records: list[dict], model: str, hw: cm.Hardware, steps: int | None
         w = make_workload(name, int(rec["resolution"]), dtype or hw.dtype, rec.get("steps", steps), **options)
         cfg = cm.Config(int(rec["ulysses_degree"]), int(rec["ring_degree"]), bool(rec["use_parallel_vae"]))
         predicted = cm.predict(w, hw, cfg)["latency_s"]
-        rows.append({"resolution": rec["resolution"], "ulysses_degree": cfg.ulysses_degree, "ring_degree": cfg.ring_degree,
-                     "use_parallel_vae": cfg.use_parallel_vae, "measured_s": float(rec["latency_s"]),
-                     "predicted_s": predicted, "error": predicted / float(rec["latency_s"]) - 1})
+        rows.append(
+            {
+                "resolution": rec["resolution"],
+                "ulysses_degree": cfg.ulysses_degree,
+                "ring_degree": cfg.ring_degree,
+                "use_parallel_vae": cfg.use_parallel_vae,
+                "measured_s": float(rec["latency_s"]),
+                "predicted_s": predicted,
+                "error": predicted / float(rec["latency_s"]) - 1,
+            }
+        )
     return rows
 
 
@@ -336,15 +352,21 @@ def parse_args(argv):
     p.add_argument("--gpus", type=int, default=8, help="devices available: every world size up to this is planned")
     p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (square images)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 for schnell and tiny, 28 for dev)")
-    p.add_argument("--dtype", choices=sorted(cm.DTYPE_BYTES), help="transformer and text encoders (default: the hardware's)")
+    p.add_argument(
+        "--dtype", choices=sorted(cm.DTYPE_BYTES), help="transformer and text encoders (default: the hardware's)"
+    )
     p.add_argument("--vae-dtype", choices=sorted(cm.DTYPE_BYTES), help="VAE decoder (default: --dtype)")
     p.add_argument("--vae-attention", choices=["auto", "fused", "math"], default="auto",
                    help="the mid block's attention kernel; auto probes vae/autoencoder.py")
     p.add_argument("--release-encoders", action="store_true", help="T5 and CLIP leave the device after encoding")
     p.add_argument("--json", action="store_true", help="print the ranked configurations as JSON")
     p.add_argument("--validate", metavar="BENCH_JSON", help="compare predictions with a tools/benchmark.py JSON")
-    p.add_argument("--calibrate-seconds", type=float, default=3.0, help="time for cpu-here's compute probes (gloo adds ~5-10 s)")
-    p.add_argument("--save-hardware", metavar="FILE", help="write the hardware description (e.g. cpu-here's) for --hardware-json")
+    p.add_argument(
+        "--calibrate-seconds", type=float, default=3.0, help="time for cpu-here's compute probes (gloo adds ~5-10 s)"
+    )
+    p.add_argument(
+        "--save-hardware", metavar="FILE", help="write the hardware description (e.g. cpu-here's) for --hardware-json"
+    )
     return p.parse_args(argv)
 
 
@@ -355,7 +377,10 @@ def main(argv=None) -> int:
         # the workload's own checks first: cpu-here's calibration takes seconds
         make_workload(args.model, args.resolution, args.dtype or "bf16", args.steps, **options)
         if args.save_hardware and not Path(args.save_hardware).resolve().parent.is_dir():
-            raise ValueError(f"--save-hardware {args.save_hardware}: the folder {Path(args.save_hardware).resolve().parent} does not exist")
+            raise ValueError(
+                f"--save-hardware {args.save_hardware}: the folder "
+                f"{Path(args.save_hardware).resolve().parent} does not exist"
+            )
         hw = load_hardware(args.hardware, args.hardware_json, args.model, args.calibrate_seconds)
         if args.save_hardware:
             Path(args.save_hardware).write_text(json.dumps(dataclasses.asdict(hw), indent=1))
@@ -363,7 +388,9 @@ def main(argv=None) -> int:
             rows = validate(bench_records(args.validate), args.model, hw, args.steps, args.dtype, **options)
             print(json.dumps(rows, indent=1) if args.json else format_table(rows, VALIDATE_COLUMNS))
             if rows and not args.json:
-                print(f"mean |error| {sum(abs(r['error']) for r in rows) / len(rows):.0%} over {len(rows)} configurations")
+                print(
+                    f"mean |error| {sum(abs(r['error']) for r in rows) / len(rows):.0%} over {len(rows)} configurations"
+                )
             return 0
         w = make_workload(args.model, args.resolution, args.dtype or hw.dtype, args.steps, **options)
         rows = cm.plan(w, hw, args.gpus)

@@ -33,9 +33,15 @@ class AutoEncoderParams:
     def __post_init__(self):
         for width in self.widths:
             if width % self.norm_groups:
-                raise ValueError(f"width {width} (ch {self.ch} x ch_mult {self.ch_mult}) is not divisible by norm_groups {self.norm_groups}")
+                raise ValueError(
+                    f"width {width} (ch {self.ch} x ch_mult {self.ch_mult}) is not divisible by "
+                    f"norm_groups {self.norm_groups}"
+                )
         if not self.ch_mult or self.num_res_blocks < 1:
-            raise ValueError(f"need at least one level and one res block, got ch_mult {self.ch_mult}, num_res_blocks {self.num_res_blocks}")
+            raise ValueError(
+                f"need at least one level and one res block, got ch_mult {self.ch_mult}, "
+                f"num_res_blocks {self.num_res_blocks}"
+            )
 
     @property
     def widths(self) -> list[int]:
