@@ -9,12 +9,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers import FluxPipeline as DiffusersFluxPipeline
-from helpers import rel_err
+from helpers import (
+    clip_model,
+    diffusers_config,
+    diffusers_model,
+    perturb,
+    rel_err,
+    write_clip_files,
+    write_source,
+    write_t5_files,
+)
 from safetensors.torch import save_file
-from test_text_conditioner import clip_model
-from test_tokenizers import write_clip_files, write_t5_files
-from test_transformer import diffusers_model, write_source
-from test_vae import diffusers_config, perturb
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux

@@ -5,9 +5,8 @@ import time
 
 import pytest
 import torch
-from helpers import rel_err
-from test_tokenizers import CORPUS, PROMPTS, write_clip_files, write_t5_files
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from helpers import CORPUS, PROMPTS, clip_model, rel_err, write_clip_files, write_t5_files
+from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 import flux
 from flux import tokenizer_training as tt
@@ -17,21 +16,6 @@ from flux.text_encoders import TextConditioner
 from weights import CheckpointError
 
 PROMPTS = PROMPTS[:3] + PROMPTS[4:6] + PROMPTS[-1:]  # plain, empty, whitespace, unicode and over-long prompts
-
-
-def clip_model(seed, vocab_size, eos_token_id):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        eos_token_id=eos_token_id,
-        projection_dim=8,
-    )
-    return CLIPTextModel(config).eval()
 
 
 def t5_model(seed, vocab_size):

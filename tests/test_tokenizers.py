@@ -1,56 +1,17 @@
 """The CLIP and T5 tokenizers id for id against transformers' CLIPTokenizer and T5TokenizerFast,
 on tokenizer files built here, and their bad inputs."""
 
-import json
 import warnings
 
 import pytest
 import torch
+from helpers import CORPUS, PROMPTS, write_clip_files, write_t5_files
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 import flux
 from flux import tokenizer_training as tt
 from flux import tokenizers as tk
 from weights import CheckpointError
-
-CORPUS = (
-    """\
-The quick brown fox jumps over the lazy dog near the river bank.
-A portrait of a young woman in a blue dress, soft studio light, film grain.
-Ein Hund läuft über die Straße; la niña come una manzana; l'été à Marseille.
-Space station orbiting a gas giant, concept art, trending, ultra detailed, 8k.
-Mountains, lakes and forests under a starry sky with the milky way, long exposure.
-東京の夜景 and 서울 at dusk, Ελληνικά γράμματα, ﬁne ligatures, ２０２４ full-width digits.
-"""
-    * 3
-)
-
-PROMPTS = [
-    "a photo of a cat",
-    "",
-    "   Several   spaces,\ttabs\nand new lines   ",
-    "UPPER and lower CASE, punctuation!!! (nested [brackets]) it's don't we'll they've",
-    "Café crème brûlée — naïve façade, ﬁne ２０２４ ½",
-    "東京タワー 🙂 Москва зимой ελληνικά ⛰️ e\u0301",
-    "numbers 1234567 and 3.14159, emails a@b.c, #tags & more",
-    "special tokens inside: <|endoftext|> </s> <extra_id_0> <pad>",
-    " ".join(["a very long prompt about a forest with many trees"] * 30),
-]
-
-
-def write_clip_files(folder, vocab, merges):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return folder
-
-
-def write_t5_files(folder, spiece, **config):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(spiece)
-    if config:
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")

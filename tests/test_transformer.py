@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from helpers import rel_err
+from helpers import diffusers_model, rel_err, write_source
 from safetensors.torch import save_file
 
 import flux
@@ -14,25 +14,6 @@ from flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_
 from weights import CheckpointError
 
 TINY = flux.CONFIGS["tiny"]
-
-
-def diffusers_model(params: flux.FluxParams) -> FluxTransformer2DModel:
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=params.in_channels,
-        num_layers=params.depth,
-        num_single_layers=params.depth_single_blocks,
-        attention_head_dim=params.head_dim,
-        num_attention_heads=params.num_heads,
-        joint_attention_dim=params.context_in_dim,
-        pooled_projection_dim=params.vec_in_dim,
-        guidance_embeds=params.guidance_embed,
-        axes_dims_rope=params.axes_dim,
-    )
-    # default init leaves some paths near zero; random weights of moderate scale exercise every term
-    for p in model.parameters():
-        p.data.normal_(0.0, 0.08)
-    return model.eval()
 
 
 def inputs(params: flux.FluxParams, batch=2, img_len=24, txt_len=7):
@@ -60,28 +41,6 @@ def reference_output(model: FluxTransformer2DModel, x: dict) -> torch.Tensor:
             txt_ids=x["txt_ids"][0],
             guidance=x["guidance"],
         ).sample
-
-
-def write_source(kind: str, ref: FluxTransformer2DModel, params, tmp_path):
-    if kind == "component":
-        ref.save_pretrained(tmp_path / "transformer")
-        return tmp_path / "transformer"
-    if kind == "sharded":
-        ref.save_pretrained(tmp_path / "transformer", max_shard_size="300KB")
-        assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
-        return tmp_path / "transformer"
-    if kind == "pipeline":
-        ref.save_pretrained(tmp_path / "transformer")
-        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-        return tmp_path
-    if kind == "bfl":
-        # diffusers_to_bfl is itself proven by the diffusers-folder cases; the BFL key names are
-        # checked against diffusers' own converter at the real 12B sizes below.
-        path = tmp_path / "flux1-tiny.safetensors"
-        save_file(diffusers_to_bfl(dict(ref.state_dict()), params), path)
-        (tmp_path / "config.json").write_text(json.dumps({"axes_dim": list(params.axes_dim)}))
-        return path
-    raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("guidance", [False, True], ids=["schnell", "dev"])

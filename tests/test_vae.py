@@ -8,43 +8,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from helpers import rel_err
+from helpers import VAE_SCALE, VAE_SHIFT, VAE_TINY, diffusers_config, perturb, rel_err
 from safetensors.torch import save_file
 
-from vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
+from vae import AutoEncoder, load_autoencoder
 from vae.checkpoint import bfl_to_diffusers, diffusers_to_bfl
 from weights import CheckpointError
 
-TINY = VAE_CONFIGS["tiny"]
-SCALE, SHIFT = 0.3611, 0.1159
-
-
-def diffusers_config() -> dict:
-    levels = len(TINY.ch_mult)
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=list(TINY.widths),  # (c, 2c, 4c, 4c) as FLUX's, at c = 8
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=TINY.norm_groups,
-        sample_size=TINY.resolution,
-        scaling_factor=SCALE,
-        shift_factor=SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
-def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Default inits leave norms at (1, 0) and biases at 0; noise everywhere makes every weight matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    return module.eval()
+TINY, SCALE, SHIFT = VAE_TINY, VAE_SCALE, VAE_SHIFT  # the reference config of helpers.diffusers_config
 
 
 def reference_decode(ref: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
@@ -148,7 +119,6 @@ def test_pickle_refused(tmp_path):
         load_autoencoder(tmp_path)
     with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
         load_autoencoder(tmp_path / "diffusion_pytorch_model.bin")
-
 
 
 def test_vae_and_weights_do_not_import_flux():
