@@ -3,7 +3,7 @@
 Image tokens and text tokens are each cut into contiguous shards, one per sp rank, `tensor_split`
 style: the first (L mod P) ranks get one extra row. Uneven shards keep the result exact without
 padding; padded rows would be attended to as keys unless masked, and replicated text would be
-counted once per rank (`shared/research/peers.md`, b1). Each rank's local joint sequence is
+counted once per rank (a peer replicates the text and slices it by heads). Each rank's local joint sequence is
 [txt_r; img_r]; attention is non-causal, so the order of keys across ranks does not matter.
 
 The sp rank is ring_rank * ulysses_degree + ulysses_rank (Ulysses fastest, as ParallelContext's

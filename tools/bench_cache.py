@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from eval_tiny import caption_accuracy, evaluation_captions
 from safetensors.torch import load_file, save_file
 
 from flux.cache import CacheConfig, StepCache
@@ -49,14 +50,9 @@ MEDIUM_DEV = dataclasses.replace(  # bench_transformer.py's MEDIUM, dev-style, f
 SIZES = {"tiny": 64, "medium": 128}  # pixels per side: 16 and 64 image tokens (the CPU is slow and shared)
 
 
-def tiny_is_trained() -> bool:
-    return hasattr(FluxPipeline, "tiny_random")  # it arrives with the trained tiny model, which takes tiny()
-
-
 def build_pipeline(name: str, parallel: ParallelContext | None = None) -> FluxPipeline:
     if name == "tiny":
-        return FluxPipeline.tiny(parallel=parallel) if tiny_is_trained() else FluxPipeline.tiny(seed=0,
-                                                                                                 parallel=parallel)
+        return FluxPipeline.tiny(parallel=parallel)
     from flux.text_encoders import TextConditioner
 
     model = seeded_init(Flux(MEDIUM_DEV), 0)
@@ -72,10 +68,11 @@ def label(config: CacheConfig | None) -> str:
     return "none" if config is None else f"{config.kind} {config.threshold:g}"
 
 
-def measure(pipe: FluxPipeline, args, size: int) -> dict:
-    """Every setting once (image, decisions), then `repeats` rounds of all settings in turn (times)."""
-    call = dict(prompt=args.prompt, height=size, width=size, num_steps=args.steps, seed=0, output_type="pt",
-                max_sequence_length=16)
+def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = None) -> dict:
+    """Every setting once (images, decisions, caption accuracy when `captions` are the prompts), then
+    `repeats` rounds of all settings in turn (times)."""
+    call = dict(prompt=captions or args.prompt, height=size, width=size, num_steps=args.steps, seed=0,
+                output_type="pt", max_sequence_length=16)
     if pipe.transformer.params.guidance_embed:
         call["guidance"] = 3.5
     results = {}
@@ -84,7 +81,8 @@ def measure(pipe: FluxPipeline, args, size: int) -> dict:
         cache = pipe.last_run["cache"]
         results[label(config)] = {
             "image": image, "times": [], "decision_s": cache["decision_s"] if cache else 0.0,
-            "computed": {b: r["computed"] for b, r in cache["branches"].items()} if cache else None}
+            "computed": {b: r["computed"] for b, r in cache["branches"].items()} if cache else None,
+            "caption": caption_accuracy(image, captions) if captions and image is not None else None}
     for _ in range(args.repeats):
         for config in settings(args):
             pipe(**call, cache=config)
@@ -121,7 +119,8 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     with torch.inference_mode():
         for name in args.models:
-            results = measure(build_pipeline(name, ParallelContext(ulysses_degree=2)), args, SIZES[name])
+            captions = evaluation_captions("held_out", args.captions, seed=1) if name == "tiny" else None
+            results = measure(build_pipeline(name, ParallelContext(ulysses_degree=2)), args, SIZES[name], captions)
             if rank == 0:
                 save(results, Path(out_dir) / f"{name}.ulysses2")
     dist.barrier()
@@ -144,15 +143,6 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def caption_accuracy_fn():
-    """tools/eval_tiny.py's held-out caption accuracy, where it exists (it arrives with the trained model)."""
-    try:
-        from eval_tiny import caption_accuracy  # noqa: F401
-    except ImportError:
-        return None
-    return caption_accuracy
-
-
 def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: int) -> list[dict]:
     base = results["none"]
     base_s = statistics.median(base["times"])
@@ -163,7 +153,8 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
                "denoise_s": med, "speedup": base_s / med, "psnr_db": psnr(r["image"], base["image"]),
                "max_abs_err": (r["image"] - base["image"]).abs().max().item(),
                "decision_pct_of_step": 100 * r["decision_s"] / steps / (base_s / steps),
-               "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / (base_s / steps)}
+               "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / (base_s / steps),
+               "caption": r.get("caption")}
         if one_rank is not None:
             ref = one_rank[key]
             row["same_steps_as_1_rank"] = r["computed"] == ref["computed"]
@@ -183,9 +174,15 @@ def markdown(table: list[dict], steps: int) -> str:
             f"{'yes' if row['same_steps_as_1_rank'] else 'NO'} / {row['rel_err_vs_1_rank']:.1e}"
         lines.append(f"| {row['model']} | {row['layout']} | {row['cache']} | {computed} | {row['denoise_s']:.2f} | "
                      f"{row['speedup']:.2f}x | {row['psnr_db']:.1f} | {row['max_abs_err']:.3f} | "
-                     f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f} | not measured | "
+                     f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f} | "
+                     f"{caption_cell(row['caption'])} | "
                      f"{vs_one} |")
     return "\n".join(lines)
+
+
+def caption_cell(accuracy: dict | None) -> str:
+    """Held-out captions: both colours right / position right (where named)."""
+    return "–" if accuracy is None else f"{accuracy['colours']:.0%} / {accuracy['position']:.0%}"
 
 
 def image_row(results: dict, path: str) -> None:
@@ -204,7 +201,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fbcache", type=float, nargs="*", default=[0, 0.5, 0.6, 0.8])
     parser.add_argument("--teacache", type=float, nargs="*", default=[0, 0.4, 0.8, 1.5])
-    parser.add_argument("--prompt", default="a red fox in the snow")
+    parser.add_argument("--prompt", default="a red fox in the snow", help="the medium model's prompt")
+    parser.add_argument("--captions", type=int, default=16, help="held-out captions the tiny model draws")
     parser.add_argument("--json", default=None, help="write every row as JSON here")
     parser.add_argument("--image-row", default=None, help="write the tiny model's images (uncached, then each "
                         "setting, 1 rank) side by side as a PNG here")
@@ -217,8 +215,10 @@ def main():
         parser.error(str(err))
     torch.set_num_threads(1)
     started = time.time()
+    captions = evaluation_captions("held_out", args.captions, seed=1)  # the trained tiny model's held-out set
     with torch.inference_mode():
-        one_rank = {name: measure(build_pipeline(name), args, SIZES[name]) for name in args.models}
+        one_rank = {name: measure(build_pipeline(name), args, SIZES[name], captions if name == "tiny" else None)
+                    for name in args.models}
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(args, 29500 + os.getpid() % 1000, out_dir), nprocs=2, join=True)
         two_ranks = {name: load(Path(out_dir) / f"{name}.ulysses2") for name in args.models}
@@ -226,12 +226,11 @@ def main():
     for name in args.models:
         table += rows(name, "1 rank", one_rank[name], None, args.steps)
         table += rows(name, "ulysses 2", two_ranks[name], one_rank[name], args.steps)
-    tiny = "trained tiny (FluxPipeline.tiny)" if tiny_is_trained() else "seeded random tiny (no trained model here)"
-    accuracy = caption_accuracy_fn()
+    tiny = "trained tiny (FluxPipeline.tiny)"
     print(f"\n{args.steps} steps, fp32, 1 thread per process, median of {args.repeats}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores shared (load average {os.getloadavg()[0]:.1f}), {time.time() - started:.0f} s; "
-          f"tiny = {tiny}, {SIZES['tiny']} px; medium = {SIZES['medium']} px; caption accuracy: "
-          f"{'measured' if accuracy else 'not measured (tools/eval_tiny.py caption_accuracy is not on this branch)'}")
+          f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {time.time() - started:.0f} s; "
+          f"tiny = {tiny}, {SIZES['tiny']} px, {args.captions} held-out captions (caption acc: both colours / "
+          f"position right); medium = {SIZES['medium']} px")
     print(markdown(table, args.steps))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "tiny": tiny, "rows": table}, indent=1))
