@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a forest with mist swirling around the tree trunks"
 
 
-def start_service(ranks: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_service(ranks: int, threads: int, model: str = "tiny") -> tuple[subprocess.Popen, str]:
     """serve.py on a free port; returns once it prints the address it serves on."""
-    serve = [str(ROOT / "tools" / "serve.py"), "--model", "tiny", "--port", "0", "--max-queue", "64"]
+    serve = [str(ROOT / "tools" / "serve.py"), "--model", model, "--port", "0", "--max-queue", "64"]
     if ranks > 1:
         serve = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *serve,
                  "--ulysses-degree", str(ranks), "--use-parallel-vae"]
@@ -81,10 +81,10 @@ def load_test(url: str, clients: int, requests: int, size: int) -> dict:
             "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95)}
 
 
-def overhead(url: str, size: int, repeats: int, threads: int) -> dict:
+def overhead(url: str, size: int, repeats: int, threads: int, model: str = "tiny") -> dict:
     """The service against a direct call of the same pipeline, alternated, one request at a time."""
     torch.set_num_threads(threads)
-    pipe = FluxPipeline.tiny()
+    pipe = FluxPipeline.tiny() if model == "tiny" else FluxPipeline.tiny_random()
     body = {"prompt": PROMPT, "height": size, "width": size}
     direct, served, outside, png = [], [], [], []
     with httpx.Client(base_url=url, timeout=600) as client:
@@ -114,6 +114,8 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "tiny-random"], default="tiny",
+                   help="the trained tiny model, or the seeded random one (the earlier runs' model)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels, a multiple of 16")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="per concurrency level (at least the clients)")
@@ -126,13 +128,13 @@ def main(argv=None) -> int:
         p.error("--size must be a multiple of 16, and --clients, --repeats and --ranks at least 1")
     results, cost = [], None
     for ranks in args.ranks:
-        proc, url = start_service(ranks, args.threads)
+        proc, url = start_service(ranks, args.threads, args.model)
         try:
             for clients in args.clients:
                 results.append({"ranks": ranks, **load_test(url, clients, max(args.requests, clients), args.size)})
                 print(table(results[-1:]).splitlines()[-1], flush=True)
             if ranks == 1:
-                cost = overhead(url, args.size, args.repeats, args.threads)
+                cost = overhead(url, args.size, args.repeats, args.threads, args.model)
         finally:
             stop_service(proc, ranks)
     print(table(results))
