@@ -63,7 +63,8 @@ def make_models(params):
 def make_inputs(params, img_tokens, txt_tokens):
     """One image of about img_tokens tokens: a side x (img_tokens // side) grid, side its square root."""
     side = int(img_tokens**0.5)
-    return flux_inputs(params, (side, img_tokens // side), txt_tokens)
+    inputs = flux_inputs(params, (side, img_tokens // side), txt_tokens)
+    return {k: v for k, v in inputs.items() if v is not None}  # no guidance entry for a schnell-like config
 
 
 def forward_flops(params, img_tokens: int, txt_tokens: int) -> float:
