@@ -24,7 +24,7 @@ from generate import DTYPES
 
 from flux.pipeline import FluxPipeline
 from parallel.comm import all_gather_object
-from parallel.context import ParallelContext, init_distributed
+from parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
 from weights import seeded_init
 
 
@@ -161,10 +161,9 @@ def main(argv=None) -> int:
         sys.stderr.write(f"bench_worker rank {rank}: {error['error']}\n")
         sys.stderr.flush()
         os._exit(1)  # peers may sit in a collective: torchrun stops them when this rank is gone
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

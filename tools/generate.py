@@ -30,7 +30,7 @@ from flux.quantize import check_fp8, quantize_int8_weights
 from flux.sampling import check_image_size
 from kernels import BACKENDS, check_backend
 from parallel import comm
-from parallel.context import ParallelContext, close_distributed, init_distributed
+from parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
 from weights import CheckpointError, check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -336,4 +336,4 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -30,7 +30,7 @@ from serve_app import Job, JobQueue, create_app
 from serve_request import Limits
 
 from flux.sampling import check_image_size
-from parallel.context import close_distributed
+from parallel.context import close_distributed, exit_process
 from weights import CheckpointError
 
 OK, FAILED, FATAL = 0, 1, 2  # a job's outcome on one rank; the ranks agree on the worst
@@ -233,4 +233,4 @@ def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float)
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
