@@ -158,7 +158,7 @@ class FluxPipeline:
         return next(p.device for p in self.transformer.parameters() if not p.is_meta)
 
     def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
-                   max_sequence_length: int, latents: Tensor | None) -> None:
+                   max_sequence_length: int, latents: Tensor | None, cache: bool = False) -> None:
         """One sentence per bad argument, raised identically on every rank before any collective and
         before the text encoders run."""
         check_image_size("height", height)
@@ -170,7 +170,7 @@ class FluxPipeline:
             raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
                              "(the T5 tokenizer's model_max_length)")
         self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None,
-                            rows=height // 16)
+                            rows=height // 16, cache=cache)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
         expected = (len(prompts), 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != expected:
@@ -207,8 +207,8 @@ class FluxPipeline:
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         prompts, negatives = expand_prompts(prompt, negative_prompt, true_cfg_scale, num_images_per_prompt)
-        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents)
         check_cache(cache, self.transformer)
+        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache is not None)
         if guidance is not None and not has_guidance:
             warnings.warn("this model has no guidance embedding (FLUX.1-schnell): the guidance value is ignored")
         guidance = (3.5 if guidance is None else guidance) if has_guidance else None

@@ -77,10 +77,14 @@ class ParallelDenoiser:
             return ("positive",)
         return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
 
-    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None) -> None:
+    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None,
+              cache: bool = False) -> None:
         """One sentence per impossible request, raised identically on every rank before any collective.
-        rows: the image's rows of tokens (height / 16), for PipeFusion's patches."""
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for."""
         ctx = self.ctx
+        if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
+            raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
+                             "the stack live on different stages, so no rank sees what the decision needs")
         if ctx.uses_pipefusion and rows is not None:
             if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
                 raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
@@ -99,10 +103,7 @@ class ParallelDenoiser:
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
         the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
         flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None."""
-        if self.ctx.uses_pipefusion:
-            if cache is not None:  # each stage sees only its own blocks: no rank can watch the first block's change
-                raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
-                                 "the stack live on different stages, so no rank sees what the decision needs")
+        if self.ctx.uses_pipefusion:  # a cache was refused by check()
             branches = tuple(b for b in BRANCHES if b in conds)
             stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
                                      for f in ("txt", "txt_ids", "y")))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
+from flux.cache import CacheConfig
 from flux.configs import CONFIGS
 from flux.layers import DoubleStreamBlock, SingleStreamBlock
 from flux.pipeline import FluxPipeline
@@ -173,10 +174,10 @@ def test_pipefusion_with_sequence_parallel_stages(degrees, cases, tmp_path):
     run_distributed(_check_sp_rank, 4, degrees, cases, _expected(cases, tmp_path))
 
 
-def _refused(rank, world, options, message):
+def _refused(rank, world, options, message, call=CALL):
     with comm.count_comm() as stats, pytest.raises(ValueError) as error:
         pipe = tiny_pipeline(parallel=ParallelContext(pipefusion_degree=world, **options))
-        pipe(**CALL)
+        pipe(**call)
     assert not stats.calls  # refused before the first collective
     messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
     assert messages == [messages[0]] * world and message in messages[0]
@@ -185,6 +186,8 @@ def _refused(rank, world, options, message):
 def test_pipefusion_refusals_are_identical_on_every_rank():
     run_distributed(_refused, 2, dict(num_pipeline_patch=7), "more than the 6 rows of image tokens")
     run_distributed(_refused, 2, dict(pipefusion_stage_sizes=(1, 2)), "must be 2 positive block counts adding up")
+    run_distributed(_refused, 2, {}, "step caching cannot be combined with PipeFusion",
+                    dict(CALL, cache=CacheConfig("fbcache", 0.1)))
 
 
 @pytest.mark.parametrize("argv, message", [
