@@ -6,16 +6,25 @@ MLPs) belong to the first stage, the final layer to the last. The functions belo
 with the model's own public modules, in the order Flux.forward runs them, so a chain of stages
 computes exactly what Flux.forward does and flux/model.py stays single-device code.
 
-Balance rule (`block_cost`): a stage's cost is the multiply-adds per token of its blocks' linear
-layers. From the shapes (hidden h, MLP width m):
-- a double block sends each token through its own stream's qkv (h x 3h), proj (h x h) and MLP
-  (h x m + m x h): 4h^2 + 2hm;
-- a single block runs linear1 (h x (3h + m)) and linear2 ((h + m) x h): 4h^2 + 2hm as well.
-Attention over the joint sequence is the same in both kinds. So per token a double block costs what
-a single block costs (12 h^2 at FLUX's m = 4h), although it holds twice the weights: a text token
-meets only the text half, an image token only the image half. The split balances compute, which is
-what sets a pipeline's pace; the first stages then hold more parameter bytes (FLUX.1, 2 stages:
-19 double + 9 single blocks against 29 single ones). `stage_sizes` overrides the split.
+Balance rule: the stages hold equal shares of the WEIGHTS. PipeFusion is what one picks when the
+weights do not fit on one device (Fang et al. 2024: the weights per device fall as 1/N), so
+its split balances bytes. A block weighs its parameter count, from the shapes (hidden h, MLP width
+m, head dim d; biases and the q/k RMSNorm scales included, `block_weights`):
+- a double block holds two streams, each with its modulation (h x 6h), qkv (h x 3h), q/k norm
+  scales (2d), proj (h x h) and MLP (h x m, m x h): 2 (10h^2 + 2hm) + small terms;
+- a single block: modulation (h x 3h), linear1 (h x (3h + m)), linear2 ((h + m) x h): 7h^2 + 2hm.
+At FLUX's m = 4h that is 36h^2 against 15h^2: a double block weighs 2.4 single blocks. The
+embedders count with the first block and the final layer with the last, since their stages hold
+them; a stage's share then differs from an equal one by less than one block.
+
+The trade-off: per token a double block COMPUTES what a single one does (`block_flops`: a token
+meets only its own stream's qkv, proj and MLP, 4h^2 + 2hm, as many multiply-adds as a single
+block's linear1 and linear2). So the weight-balanced split gives the first stage, with the double
+blocks, fewer blocks and the last stage more, and a pipeline runs at the pace of its slowest stage.
+FLUX.1 on 2 stages: 17 double blocks (0.49x of the bytes) against 2 double + 38 single (0.51x, and
+40/57 of the compute). Explicit `stage_sizes` (ParallelContext.pipefusion_stage_sizes) override the
+split; `balance="compute"` gives the compute-balanced sizes to pass there (19 double + 9 single
+against 29 single on FLUX.1: 0.65x of the bytes on stage 0), and tools/plan.py prints them.
 """
 
 import torch
@@ -24,17 +33,46 @@ from torch import Tensor, nn
 from kernels import rope_table
 
 
-def block_cost(params, kind: str) -> int:
-    """Multiply-adds per token of one block's linear layers ("double" or "single"); see the module docstring."""
+def _linear(fan_in: int, fan_out: int, bias: bool = True) -> int:
+    return fan_in * fan_out + fan_out * bias
+
+
+def block_weights(params, kind: str) -> int:
+    """Parameters of one block ("double" or "single"), from the shapes; see the module docstring."""
+    h, m, d = params.hidden_size, params.mlp_hidden_dim, params.head_dim
+    if kind == "double":  # per stream: modulation, qkv, q/k norm scales, proj, MLP
+        stream = _linear(h, 6 * h) + _linear(h, 3 * h, params.qkv_bias) + 2 * d + _linear(h, h)
+        return 2 * (stream + _linear(h, m) + _linear(m, h))
+    return _linear(h, 3 * h) + _linear(h, 3 * h + m) + 2 * d + _linear(h + m, h)
+
+
+def embedder_weights(params) -> int:
+    """Parameters of the first stage's embedders: img_in, txt_in and the conditioning vector's MLPs."""
+    h = params.hidden_size
+    mlps = [256, params.vec_in_dim] + [256] * params.guidance_embed  # time_in, vector_in, guidance_in
+    return _linear(params.in_channels, h) + _linear(params.context_in_dim, h) + sum(
+        _linear(n, h) + _linear(h, h) for n in mlps)
+
+
+def final_weights(params) -> int:
+    """Parameters of the last stage's final layer: its modulation and output projection."""
+    return _linear(params.hidden_size, 2 * params.hidden_size) + _linear(params.hidden_size, params.out_channels)
+
+
+def block_flops(params, kind: str) -> int:
+    """Multiply-adds per token of one block's linear layers ("double" or "single"): the same for both
+    kinds, 4h^2 + 2hm (a double block sends a token through its own stream's weights only)."""
     h, m = params.hidden_size, params.mlp_hidden_dim
     if kind == "double":
         return 3 * h * h + h * h + 2 * h * m
     return h * (3 * h + m) + (h + m) * h
 
 
-def split_stages(params, degree: int, stage_sizes: tuple[int, ...] | None = None) -> list[range]:
+def split_stages(params, degree: int, stage_sizes: tuple[int, ...] | None = None,
+                 balance: str = "weights") -> list[range]:
     """The block range of each of `degree` stages: `stage_sizes` blocks each when given, else cut where
-    the running cost is nearest to an equal share. Raises one sentence for an impossible split."""
+    the running cost (`balance`: "weights", the default, or "compute") is nearest to an equal share.
+    Raises one sentence for an impossible split."""
     kinds = ["double"] * params.depth + ["single"] * params.depth_single_blocks
     total = len(kinds)
     if degree > total:
@@ -45,8 +83,13 @@ def split_stages(params, degree: int, stage_sizes: tuple[int, ...] | None = None
             raise ValueError(f"pipefusion stage sizes {list(stage_sizes)} must be {degree} positive block counts "
                              f"adding up to the model's {total} blocks")
         sizes = list(stage_sizes)
+    elif balance == "compute":
+        sizes = _balanced_sizes([block_flops(params, k) for k in kinds], degree)
     else:
-        sizes = _balanced_sizes([block_cost(params, k) for k in kinds], degree)
+        costs = [block_weights(params, k) for k in kinds]
+        costs[0] += embedder_weights(params)  # they live on the first block's stage
+        costs[-1] += final_weights(params)
+        sizes = _balanced_sizes(costs, degree)
     bounds = [sum(sizes[:s]) for s in range(degree + 1)]
     return [range(bounds[s], bounds[s + 1]) for s in range(degree)]
 

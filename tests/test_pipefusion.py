@@ -18,11 +18,19 @@ from safetensors.torch import load_file, save_file
 from flux.cache import CacheConfig
 from flux.configs import CONFIGS
 from flux.layers import DoubleStreamBlock, SingleStreamBlock
+from flux.model import Flux
 from flux.pipeline import FluxPipeline
 from parallel import comm
 from parallel.context import ParallelContext
 from parallel.pipefusion import make_schedule, patch_bounds
-from parallel.stages import block_cost, split_stages
+from parallel.stages import (
+    block_flops,
+    block_weights,
+    embedder_weights,
+    final_weights,
+    split_stages,
+    stage_prefixes,
+)
 
 # 6 rows x 2 columns of image tokens: patch counts 1..6, 4 and 5 uneven
 CALL = dict(prompt="a red fox", height=96, width=32, num_steps=3, max_sequence_length=7, output_type="latent")
@@ -32,27 +40,73 @@ def tiny_pipeline(**options) -> FluxPipeline:
     return FluxPipeline.tiny_random(seed=0, **options)
 
 
-def test_a_double_block_costs_a_single_block_per_token():
+def test_block_weights_and_flops_from_the_shapes():
     params = CONFIGS["tiny"]
     double = DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
     single = SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
+    # weights: every parameter of the block, biases and norm scales included
+    assert block_weights(params, "double") == sum(p.numel() for p in double.parameters())
+    assert block_weights(params, "single") == sum(p.numel() for p in single.parameters())
+    for name in ("tiny-dev", "dev"):  # with a guidance embedder; FLUX.1's shapes
+        config = CONFIGS[name]
+        with torch.device("meta"):
+            model = Flux(config)
+        assert embedder_weights(config) + final_weights(config) + config.depth * block_weights(config, "double") + \
+            config.depth_single_blocks * block_weights(config, "single") == sum(p.numel() for p in model.parameters())
+        assert final_weights(config) == sum(p.numel() for p in model.final_layer.parameters())
+    ratio = block_weights(CONFIGS["dev"], "double") / block_weights(CONFIGS["dev"], "single")
+    assert 2.39 < ratio < 2.41  # 36 h^2 against 15 h^2, plus biases
     # per token: one stream's linear weights (an image token never meets the text weights)
     image_stream = [double.img_attn.qkv, double.img_attn.proj, double.img_mlp[0], double.img_mlp[2]]
-    assert block_cost(params, "double") == sum(m.weight.numel() for m in image_stream)
-    assert block_cost(params, "single") == single.linear1.weight.numel() + single.linear2.weight.numel()
-    assert block_cost(CONFIGS["dev"], "double") == block_cost(CONFIGS["dev"], "single") == 12 * 3072**2
+    assert block_flops(params, "double") == sum(m.weight.numel() for m in image_stream)
+    assert block_flops(params, "single") == single.linear1.weight.numel() + single.linear2.weight.numel()
+    assert block_flops(CONFIGS["dev"], "double") == block_flops(CONFIGS["dev"], "single") == 12 * 3072**2
 
 
 def test_split_stages():
     tiny, dev = CONFIGS["tiny"], CONFIGS["dev"]  # 2 + 2 and 19 + 38 blocks
-    assert split_stages(tiny, 2) == [range(0, 2), range(2, 4)]
-    assert split_stages(tiny, 3) == [range(0, 1), range(1, 3), range(3, 4)]
-    assert [len(r) for r in split_stages(dev, 4)] == [14, 14, 15, 14]
+    # weight-balanced (the default): the double blocks weigh more, so the first stage gets fewer blocks
+    assert split_stages(tiny, 2) == [range(0, 1), range(1, 4)]
+    assert [len(r) for r in split_stages(dev, 2)] == [17, 40]
+    # compute-balanced (for explicit stage sizes): every block costs the same per token
+    assert split_stages(tiny, 2, balance="compute") == [range(0, 2), range(2, 4)]
+    assert split_stages(tiny, 3, balance="compute") == [range(0, 1), range(1, 3), range(3, 4)]
+    assert [len(r) for r in split_stages(dev, 4, balance="compute")] == [14, 14, 15, 14]
     assert split_stages(tiny, 2, (1, 3)) == [range(0, 1), range(1, 4)]
     with pytest.raises(ValueError, match="pipefusion_degree 5 is more than the model's 4 transformer blocks"):
         split_stages(tiny, 5)
     with pytest.raises(ValueError, match=r"stage sizes \[2, 3\] must be 2 positive block counts adding up to"):
         split_stages(tiny, 2, (2, 3))
+
+
+def _stage_params(model, params, ranges) -> list[int]:
+    """Parameters each stage holds: its blocks, the embedders on the first, the final layer on the last."""
+    held = []
+    for s, blocks in enumerate(ranges):
+        prefixes = stage_prefixes(params, blocks, s == 0, s == len(ranges) - 1)
+        held.append(sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)))
+    return held
+
+
+@pytest.mark.parametrize("name, most", [("dev", 0.52), ("medium", 0.56)])
+def test_stages_hold_equal_shares_of_the_weights(name, most):
+    """FLUX.1: 0.511x of the bytes on the fuller of 2 stages. The medium benchmark config: 0.556x, the
+    least any contiguous split reaches there (one double block is 13% of that small model)."""
+    from bench_transformer import MEDIUM
+
+    params = MEDIUM if name == "medium" else CONFIGS[name]
+    with torch.device("meta"):
+        model = Flux(params)
+    total, blocks = sum(p.numel() for p in model.parameters()), params.depth + params.depth_single_blocks
+    largest = block_weights(params, "double") + embedder_weights(params)  # the first block and what goes with it
+    for n in (2, 3, 4):
+        held = _stage_params(model, params, split_stages(params, n))
+        assert sum(held) == total and all(abs(h - total / n) <= largest for h in held)  # within a block of equal
+    two = _stage_params(model, params, split_stages(params, 2))
+    fullest = [max(_stage_params(model, params, split_stages(params, 2, (k, blocks - k)))) for k in range(1, blocks)]
+    assert max(two) == min(fullest) and max(two) <= most * total
+    compute = _stage_params(model, params, split_stages(params, 2, balance="compute"))
+    assert max(compute) > max(two)  # the compute-balanced split loads the first stage more
 
 
 def test_context_validation():
@@ -246,7 +300,10 @@ def test_cost_model_pipefusion():
     w = plan.make_workload("dev", 1024, "bf16", steps=28)
     one = cm.stage_weight_bytes(w, 1)[0]
     two = cm.stage_weight_bytes(w, 2)
-    assert sum(two) == one and max(two) < 0.66 * one  # 19 double + 9 single blocks on stage 0: 0.653
+    assert sum(two) == one and max(two) <= 0.55 * one  # weight-balanced, 17 double blocks : the rest: 0.511
+    compute = cm.stage_weight_bytes(w, 2, cm.compute_balanced_sizes(w, 2))
+    assert cm.compute_balanced_sizes(w, 2) == (28, 29)
+    assert sum(compute) == one and 0.6 * one < max(compute) < 0.66 * one  # 19 double + 9 single on stage 0: 0.653
     assert cm.pipefusion_or_ulysses(w, plan.PRESETS["l40-pcie"], 8)["choice"] == "pipefusion"
     assert cm.pipefusion_or_ulysses(w, plan.PRESETS["h100-nvlink"], 4)["choice"] == "ulysses"
     small = dataclasses.replace(plan.PRESETS["l40-pcie"], memory_gib=24)
@@ -254,3 +311,13 @@ def test_cost_model_pipefusion():
     assert verdict["choice"] == "pipefusion" and not verdict["ulysses"]["fits"]
     warm = cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=28)["denoise_s"]
     assert warm > cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=1)["denoise_s"]  # the bubbles
+    # the compute-balanced split trades bytes for pace: its slowest stage runs fewer blocks
+    verdict = cm.pipefusion_or_ulysses(w, plan.PRESETS["l40-pcie"], 4)
+    balanced, default = verdict["compute_balanced"], verdict["pipefusion"]
+    assert balanced["stage_sizes"] == [14, 14, 15, 14] and default["stage_sizes"] == [9, 8, 19, 21]
+    assert balanced["denoise_s"] < default["denoise_s"]
+    assert balanced["transformer_bytes_per_device"] > default["transformer_bytes_per_device"]
+    rows = plan.pipefusion_rows(w, plan.PRESETS["l40-pcie"], 4)  # what the planner prints: both splits
+    assert [(r["stages"], r["split"], r["sizes"]) for r in rows if r["stages"] == 2] == [
+        (2, "weights", "17 40"), (2, "compute", "28 29")]
+    assert {r["stages"] for r in rows} == {2, 3, 4}

@@ -404,75 +404,101 @@ def plan(w: Workload, hw: Hardware, gpus: int) -> list[dict]:
 
 
 # PipeFusion (parallel/pipefusion.py): N stages of blocks, M row-band patches, W whole-image warm-up steps.
-def stage_weight_bytes(w: Workload, stages: int) -> list[float]:
-    """Transformer parameter bytes each stage holds (parallel/stages.py's split and its embedders/final layer)."""
+def stage_ranges(w: Workload, stages: int, stage_sizes: tuple[int, ...] | None = None) -> list[range]:
+    """parallel/stages.py's split: weight-balanced by default, `stage_sizes` blocks per stage when given."""
+    from parallel.stages import split_stages
+
+    return split_stages(w.flux, stages, stage_sizes)
+
+
+def compute_balanced_sizes(w: Workload, stages: int) -> tuple[int, ...]:
+    """The block counts that balance per-token compute instead of weights (for explicit stage sizes)."""
+    from parallel.stages import split_stages
+
+    return tuple(len(r) for r in split_stages(w.flux, stages, balance="compute"))
+
+
+def stage_weight_bytes(w: Workload, stages: int, stage_sizes: tuple[int, ...] | None = None) -> list[float]:
+    """Transformer parameter bytes each stage holds (its blocks, the embedders on the first, the final layer
+    on the last), counted on a meta-device model."""
     import torch
 
     from flux.model import Flux
-    from parallel.stages import split_stages, stage_prefixes
+    from parallel.stages import stage_prefixes
 
     with torch.device("meta"):
         model = Flux(w.flux)
-    ranges = split_stages(w.flux, stages)
     out = []
-    for s, blocks in enumerate(ranges):
+    for s, blocks in enumerate(stage_ranges(w, stages, stage_sizes)):
         prefixes = stage_prefixes(w.flux, blocks, s == 0, s == stages - 1)
         out.append(sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)) * DTYPE_BYTES[w.dtype])
     return out
 
 
-def pipefusion_pass(w: Workload, hw: Hardware, stages: int, patch_tokens: int) -> float:
-    """Seconds for the busiest stage to run its blocks on [txt; patch] (queries) against [txt; image] (keys),
-    plus the exposed send of its output to the next stage (our slots do not overlap transfers)."""
+def pipefusion_stage_s(w: Workload, hw: Hardware, blocks: range, patch_tokens: int, link: Link | None) -> float:
+    """Seconds for one stage to run its blocks on [txt; patch] (queries) against [txt; image] (keys), plus
+    the exposed send of its output over `link` to the next stage (None: the last stage; our slots do not
+    overlap transfers). Per token every block costs the same (parallel/stages.block_flops); host ops
+    differ by kind."""
     f, b = w.flux, DTYPE_BYTES[w.dtype]
-    blocks = math.ceil((f.depth + f.depth_single_blocks) / stages)
     n = w.txt_len + patch_tokens  # the text stream is recomputed with every patch
     linear = 2 * n * f.hidden_size**2 * (4 + 2 * f.mlp_ratio)
     attention = 4 * n * (w.txt_len + w.img_len) * f.hidden_size / hw.attention_flops
     elementwise = ELEMENTWISE_PASSES * n * f.hidden_size * b / hw.memory_bw
-    device = blocks * (linear / hw.matmul_flops + attention + elementwise + 5 * hw.kernel_overhead_s)
-    host = blocks * (HOST_OPS["double"] + HOST_OPS["single"]) / 2 * hw.host_op_s
-    link = hw.tier([[s, s + 1] for s in range(stages - 1)] or [[0]])
-    send = link.latency_s + n * f.hidden_size * b / link.p2p_bw if stages > 1 else 0.0
-    return smooth_max(device, host, hw.overlap) + send
+    device = len(blocks) * (linear / hw.matmul_flops + attention + elementwise + 5 * hw.kernel_overhead_s)
+    doubles = sum(i < f.depth for i in blocks)
+    host = (doubles * HOST_OPS["double"] + (len(blocks) - doubles) * HOST_OPS["single"]) * hw.host_op_s
+    exposed = link.latency_s + n * f.hidden_size * b / link.p2p_bw if link is not None else 0.0
+    return smooth_max(device, host, hw.overlap) + exposed
 
 
-def predict_pipefusion(w: Workload, hw: Hardware, stages: int, patches: int | None = None, warmup: int = 1) -> dict:
+def predict_pipefusion(w: Workload, hw: Hardware, stages: int, patches: int | None = None, warmup: int = 1,
+                       stage_sizes: tuple[int, ...] | None = None) -> dict:
     """Denoising seconds, transformer bytes per device and P2P bytes per step of PipeFusion.
 
-    Warm-up steps pass the whole image through the stages one after another (N passes, the other
-    stages idle: the bubble). Later steps start a patch every slot; a patch's latents return after
-    N slots, so a step takes max(M, N) slots of the busiest stage, and the last step drains N - 1."""
+    Warm-up steps pass the whole image through the stages one after another (the other stages idle:
+    the bubble). Later steps start a patch every slot, as long as the slowest stage's pass; a patch's
+    latents return after N slots, so a step takes max(M, N) slots, and the last step drains N - 1."""
     patches = patches or stages
     warmup = min(warmup, w.steps)
-    warm = stages * pipefusion_pass(w, hw, stages, w.img_len)
-    slot = pipefusion_pass(w, hw, stages, math.ceil(w.img_len / patches))
+    ranges = stage_ranges(w, stages, stage_sizes)
+    slowest = hw.tier([[s, s + 1] for s in range(stages - 1)] or [[0]])
+    links = [slowest] * (stages - 1) + [None]  # the last stage sends latents back: counted in p2p, not timed
+    warm = sum(pipefusion_stage_s(w, hw, r, w.img_len, link) for r, link in zip(ranges, links))
+    slot = max(pipefusion_stage_s(w, hw, r, math.ceil(w.img_len / patches), link) for r, link in zip(ranges, links))
     pipelined = w.steps - warmup
     denoise = warmup * warm + (pipelined * max(patches, stages) + (stages - 1) * (pipelined > 0)) * slot
     f, b = w.flux, DTYPE_BYTES[w.dtype]
-    blocks = math.ceil((f.depth + f.depth_single_blocks) / stages)
+    blocks = max(len(r) for r in ranges)
     stale_kv = 2 * blocks * w.img_len * f.hidden_size * b  # per-block image K/V of the whole image
-    weights_b = stage_weight_bytes(w, stages)
+    weights_b = stage_weight_bytes(w, stages, stage_sizes)
     # per stage boundary and step: every patch's hidden states, the text and conditioning vector once; and the
     # new latents (fp32, 64 channels) from the last stage back to the first
     p2p = (stages - 1) * (w.img_len + w.txt_len + 1) * f.hidden_size * b + (stages > 1) * w.img_len * 64 * 4
     return {"stages": stages, "patches": patches, "warmup_steps": warmup, "denoise_s": denoise,
-            "transformer_bytes_per_device": max(weights_b), "stale_kv_bytes": stale_kv, "p2p_bytes_per_step": p2p}
+            "stage_sizes": [len(r) for r in ranges], "transformer_bytes_per_device": max(weights_b),
+            "stale_kv_bytes": stale_kv, "p2p_bytes_per_step": p2p}
 
 
-def pipefusion_or_ulysses(w: Workload, hw: Hardware, gpus: int, patches: int | None = None, warmup: int = 1) -> dict:
-    """Which of PipeFusion on `gpus` stages and Ulysses over `gpus` ranks denoises faster, and which fit."""
-    pipe = predict_pipefusion(w, hw, gpus, patches, warmup)
+def pipefusion_or_ulysses(w: Workload, hw: Hardware, gpus: int, patches: int | None = None, warmup: int = 1,
+                          stage_sizes: tuple[int, ...] | None = None) -> dict:
+    """Which of PipeFusion on `gpus` stages and Ulysses over `gpus` ranks denoises faster, and which fit;
+    "compute_balanced" is PipeFusion with the compute-balanced stage sizes instead (faster, heavier)."""
     ulysses = predict(w, hw, Config(gpus, 1, False))
     from flux.model import Flux
 
     full_transformer = param_count(Flux, w.flux) * DTYPE_BYTES[w.dtype]
-    pipe_gib = (ulysses["memory_gib"]["denoise"] * GIB - full_transformer + pipe["transformer_bytes_per_device"]
-                + pipe["stale_kv_bytes"]) / GIB + hw.reserved_gib
-    pipe_fits = pipe_gib <= hw.memory_gib
+
+    def pipefusion(sizes):
+        pipe = predict_pipefusion(w, hw, gpus, patches, warmup, sizes)
+        gib = (ulysses["memory_gib"]["denoise"] * GIB - full_transformer + pipe["transformer_bytes_per_device"]
+               + pipe["stale_kv_bytes"]) / GIB + hw.reserved_gib
+        return {**pipe, "denoise_peak_gib": gib, "fits": gib <= hw.memory_gib}
+
+    pipe = pipefusion(stage_sizes)
     ulysses_s = w.steps * ulysses["step_s"]
     faster = "pipefusion" if pipe["denoise_s"] < ulysses_s else "ulysses"
-    return {"pipefusion": {**pipe, "denoise_peak_gib": pipe_gib, "fits": pipe_fits},
+    return {"pipefusion": pipe, "compute_balanced": pipefusion(compute_balanced_sizes(w, gpus)),
             "ulysses": {"denoise_s": ulysses_s, "fits": ulysses["fits"]},
-            "choice": faster if pipe_fits and ulysses["fits"] else ("pipefusion" if pipe_fits else
-                                                                     "ulysses" if ulysses["fits"] else None)}
+            "choice": faster if pipe["fits"] and ulysses["fits"] else ("pipefusion" if pipe["fits"] else
+                                                                       "ulysses" if ulysses["fits"] else None)}

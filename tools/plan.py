@@ -290,6 +290,29 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
+PIPEFUSION_COLUMNS = [("stages", "stages", "d"), ("split", "split", ""), ("blocks per stage", "sizes", ""),
+                      ("transformer GiB/device", "gib", ".2f"), ("denoise s", "denoise_s", ".3f"),
+                      ("Ulysses denoise s", "ulysses_s", ".3f"), ("fits", "fits", ""),
+                      ("Ulysses fits", "ulysses_fits", "")]
+
+
+def pipefusion_rows(w: cm.Workload, hw: cm.Hardware, gpus: int) -> list[dict]:
+    """PipeFusion (M = N, W = 1) on every stage count up to `gpus` that Ulysses can match: the default
+    weight-balanced split, then the compute-balanced one (pass its sizes as --pipefusion-stage-sizes)."""
+    rows = []
+    for n in range(2, min(gpus, w.flux.depth + w.flux.depth_single_blocks) + 1):
+        if w.flux.num_heads % n:
+            continue
+        verdict = cm.pipefusion_or_ulysses(w, hw, n)
+        for split, key in (("weights", "pipefusion"), ("compute", "compute_balanced")):
+            pipe = verdict[key]
+            rows.append({"stages": n, "split": split, "sizes": " ".join(map(str, pipe["stage_sizes"])),
+                         "gib": pipe["transformer_bytes_per_device"] / cm.GIB, "denoise_s": pipe["denoise_s"],
+                         "ulysses_s": verdict["ulysses"]["denoise_s"], "fits": pipe["fits"],
+                         "ulysses_fits": verdict["ulysses"]["fits"]})
+    return rows
+
+
 def bench_records(path: str) -> list[dict]:
     """The measurement records of a tools/benchmark.py JSON: a list, or a dict holding one."""
     try:
@@ -402,6 +425,11 @@ def main(argv=None) -> int:
     else:
         print(describe(args.model, w, hw, args.gpus))
         print(format_table(rows))
+        pipefusion = pipefusion_rows(w, hw, args.gpus)
+        if pipefusion:
+            print("\nPipeFusion (M = N patches, 1 warm-up step) against Ulysses over the same devices; the weight-"
+                  "balanced split is the default, the compute-balanced one runs with --pipefusion-stage-sizes:")
+            print(format_table(pipefusion, PIPEFUSION_COLUMNS))
     return 0
 
 
