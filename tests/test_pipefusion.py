@@ -321,3 +321,36 @@ def test_cost_model_pipefusion():
     assert [(r["stages"], r["split"], r["sizes"]) for r in rows if r["stages"] == 2] == [
         (2, "weights", "17 40"), (2, "compute", "28 29")]
     assert {r["stages"] for r in rows} == {2, 3, 4}
+
+
+def _no_exchange_rank(rank, world):
+    from bench_pipefusion import NO_EXCHANGE
+    from common import flux_inputs
+
+    from parallel import pipefusion
+    from parallel.runtime import Conditioning, parallelize
+    from parallel.swap import swapped
+    from weights import seeded_init
+
+    model = seeded_init(Flux(CONFIGS["tiny"]), 0)
+    x = flux_inputs(CONFIGS["tiny"], (6, 2), 7, seed=0)
+    ctx = ParallelContext(pipefusion_degree=2, num_pipeline_patch=3, warmup_steps=1)
+    ctx.rank("pipefusion")  # builds the mesh (collectives) before counting
+    cond = {"positive": Conditioning(x["txt"], x["txt_ids"], x["y"])}
+    generation = parallelize(model, ctx).start(x["img"], x["img_ids"], cond, None, None)
+    with swapped([(pipefusion, "comm", NO_EXCHANGE)]), comm.count_comm() as stats:
+        out = generation.denoise([1.0, 0.7, 0.4, 0.0])
+    assert not stats.calls and torch.isfinite(out).all()  # each rank ran its stage alone, waiting for nobody
+
+
+def test_the_benchmark_ceiling_runs_each_stage_without_messages():
+    """bench_parallel.py --steps: PipeFusion's no-exchange ceiling sends nothing and cannot wait on a peer."""
+    run_distributed(_no_exchange_rank, 2)
+
+
+def test_bench_parallel_refuses_a_bad_pipefusion_row(capsys):
+    import bench_parallel
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_parallel.main(["--steps", "2", "--pipefusion", "2:weights"])
+    assert exit_info.value.code == 2 and "--pipefusion '2:weights': give a patch count" in capsys.readouterr().err

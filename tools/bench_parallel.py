@@ -1,6 +1,11 @@
 """Sequence-parallel speed-up of the FLUX transformer on the CPU: ours (Ulysses, Ring) and diffusers'.
 
     python tools/bench_parallel.py [--img-tokens 1024 4096] [--txt-tokens 128] [--repeats 5] [--no-pin]
+    python tools/bench_parallel.py --steps 28 --img-tokens 1024 --repeats 1 [--pipefusion 2 4 2:compute]
+
+With --steps the rows are whole denoising loops instead: one rank, Ulysses 2 and PipeFusion (2 stages,
+M patches) beside each PipeFusion variant's no-exchange ceiling, with per-rank parameter bytes and
+peak memory; tools/bench_pipefusion.py runs them and says how. Without it, as follows.
 
 The medium config of tools/bench_transformer.py (hidden 768, 12 heads of 64, 4 double + 8 single
 blocks), fp32, the same random weights everywhere. Two gloo ranks with one thread each, rank r
@@ -30,6 +35,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_pipefusion import parse_pipefusion
+from bench_pipefusion import run as run_loops
 from bench_transformer import MEDIUM, make_inputs, make_models
 from common import free_port
 
@@ -207,19 +214,36 @@ def report(tokens, args, stats):
     sys.stdout.flush()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--img-tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--txt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the ranks float between cores (by default rank r is pinned to core r)")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=None,
+                        help="time whole denoising loops of this many steps, with the PipeFusion rows")
+    parser.add_argument("--pipefusion", nargs="+", default=["2", "4", "2:compute"],
+                        help="with --steps: PipeFusion rows, M patches each, M:compute for the compute-balanced split")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="with --steps: steps of each variant's peak-memory run in fresh processes (0: none)")
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.txt_tokens < 0 or min(args.img_tokens) < WORLD:
         parser.error(
             f"--repeats must be at least 1, --txt-tokens at least 0 and --img-tokens at least {WORLD} (one per rank)"
         )
-    mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
+    if args.steps is None:
+        mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
+        return
+    if args.steps < 1 or args.memory_steps < 0:
+        parser.error(f"--steps must be at least 1 and --memory-steps at least 0, got {args.steps} and "
+                     f"{args.memory_steps}")
+    for spec in args.pipefusion:
+        try:
+            parse_pipefusion(spec)
+        except ValueError as e:
+            parser.error(str(e))
+    run_loops(args)
 
 
 if __name__ == "__main__":

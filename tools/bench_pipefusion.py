@@ -1,39 +1,100 @@
-"""PipeFusion against Ulysses on 2 CPU ranks: whole denoising loops of the medium transformer.
+"""Whole denoising loops on 2 CPU ranks: PipeFusion beside one rank and Ulysses (tools/bench_parallel.py --steps).
 
-    python tools/bench_pipefusion.py [--steps 28] [--img-tokens 1024] [--txt-tokens 128] [--repeats 3]
+    python tools/bench_parallel.py --steps 28 --img-tokens 1024 [--txt-tokens 128] [--repeats 1]
+                                   [--pipefusion 2 4 2:compute] [--memory-steps 2]
 
 The medium config of tools/bench_transformer.py (hidden 768, 12 heads, 4 double + 8 single blocks),
-fp32, seeded random weights. Two gloo ranks, one thread each, rank r pinned to core r. Variants, run
-once each per repeat, alternated, each timed from a barrier to a barrier (median over repeats):
-- one rank: the plain Euler loop on rank 0 (rank 1 waits in the barrier);
-- the ceiling: half of that, what two ranks reach when the work splits perfectly and moves for free;
-- Ulysses 2 (parallel/runtime.py's loop), PipeFusion 2 stages with M = 2 and 4 patches, W = 1.
-Parameter bytes are those each rank computes with (its stage's under PipeFusion). Peak memory per
-variant is not separable here (one process runs every variant): see tools/generate.py --report.
+fp32, seeded random weights. Two gloo ranks, one thread each, rank r pinned to core r (--no-pin: not).
+A variant is a whole denoising loop of --steps Euler steps, not one transformer call; within each
+repeat every variant runs once, alternated, each timed from a barrier to a barrier; the median over
+the repeats is reported. Variants:
+- one rank: flux/sampling.py's Euler loop on rank 0 (rank 1 waits in the barrier);
+- ulysses 2: parallel/runtime.py's loop, the image's tokens split over both ranks;
+- pipefusion M=m: 2 stages (the default weight-balanced split of parallel/stages.py), m patches, one
+  warm-up step; "M=m, compute split": explicit stage sizes that balance per-token compute instead;
+- each PipeFusion variant's no-exchange ceiling, defined as the Ulysses one of the per-call table is
+  (what each rank computes with the messages left out): every rank runs its stage's blocks over its
+  patches as the schedule has them, but the point-to-point messages and the two broadcasts are left
+  out (a receive hands back zeros at once), so no rank ever waits for another. Its latency is the
+  busier rank's: what PipeFusion reaches here when messages cost nothing and the warm-up bubble is
+  free. Not exact (stage 1 computes on zeros); it only measures the work.
+Parameter bytes are those each rank computes with (its stage's under PipeFusion). Peak memory: each
+variant runs again for --memory-steps steps in fresh processes that hold only what it holds (under
+PipeFusion the stage's parameters, the rest left on the meta device as a stage-only checkpoint load
+leaves it); the peak resident set (VmHWM) of each rank from before the model is built, and the
+process's resident set at that point (Python and torch), are reported. One warm-up step and one
+pipelined step allocate everything a longer loop does (the stale K/V buffers on the first step).
 """
 
-import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from bench_transformer import MEDIUM, make_inputs
-from common import free_port
+from common import free_port, peak_memory_bytes, reset_peak_memory
+from torch import nn
 
 from flux.model import Flux
 from flux.sampling import Schedule, denoise, get_schedule
-from parallel import comm
+from parallel import comm, pipefusion
 from parallel.context import ParallelContext, bind_to_cores
 from parallel.runtime import Conditioning, parallelize
+from parallel.stages import split_stages, stage_filter
+from parallel.swap import swapped
 from weights import seeded_init
 
 WORLD = 2
 
 
-def variants(model, x, timesteps):
-    """name -> (run() -> latents, parameter bytes this rank computes with)."""
+def parse_pipefusion(spec: str) -> tuple[int, bool]:
+    """"4" -> (4 patches, weight split); "2:compute" -> (2 patches, compute-balanced stage sizes)."""
+    patches, _, split = spec.partition(":")
+    if not patches.isdigit() or int(patches) < 1 or split not in ("", "compute"):
+        raise ValueError(f"--pipefusion {spec!r}: give a patch count, optionally followed by ':compute'")
+    return int(patches), split == "compute"
+
+
+def contexts(specs: list[str]) -> dict[str, dict | None]:
+    """variant name -> ParallelContext keywords (None: one rank). Ceilings share their variant's keywords."""
+    out = {"one rank": None, "ulysses 2": dict(ulysses_degree=2)}
+    compute = tuple(len(r) for r in split_stages(MEDIUM, WORLD, balance="compute"))
+    for patches, by_compute in map(parse_pipefusion, specs):
+        name = f"pipefusion M={patches}" + (f", compute split {compute[0]}+{compute[1]}" if by_compute else "")
+        out[name] = dict(pipefusion_degree=WORLD, num_pipeline_patch=patches, warmup_steps=1,
+                         pipefusion_stage_sizes=compute if by_compute else None)
+    return out
+
+
+class NoMessages:
+    """comm.P2P with the messages left out: a receive hands back zeros at once, a send is dropped."""
+
+    def __init__(self, group):
+        pass
+
+    def send(self, x, dst):
+        pass
+
+    def recv(self, shape, dtype, device, src):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def commit(self):
+        pass
+
+    def wait(self):
+        pass
+
+
+NO_EXCHANGE = SimpleNamespace(P2P=NoMessages, broadcast=lambda *args, **kwargs: None, all_gather=comm.all_gather)
+
+
+def loops(model: nn.Module, x: dict, timesteps: list[float], specs: list[str]) -> dict:
+    """name -> (run() on this rank, parameter bytes this rank computes with or None when it computes nothing)."""
     cond = {"positive": Conditioning(x["txt"], x["txt_ids"], x["y"])}
 
     def one_rank():
@@ -43,28 +104,39 @@ def variants(model, x, timesteps):
         return denoise(lambda img, t: model(img, x["img_ids"], x["txt"], x["txt_ids"], t_vec.fill_(t), x["y"]),
                        x["img"], timesteps)
 
-    out = {"one rank": (one_rank, sum(p.numel() * p.element_size() for p in model.parameters()))}
-    contexts = {"ulysses 2": dict(ulysses_degree=2)}
-    contexts |= {f"pipefusion M={m}": dict(pipefusion_degree=2, num_pipeline_patch=m, warmup_steps=1) for m in (2, 4)}
-    for name, degrees in contexts.items():
+    everything = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    out = {}
+    for name, degrees in contexts(specs).items():
+        if degrees is None:
+            out[name] = (one_rank, everything if dist.get_rank() == 0 else None)
+            continue
         denoiser = parallelize(model, ParallelContext(**degrees))
-        out[name] = (lambda d=denoiser: d.start(x["img"], x["img_ids"], cond, None, None).denoise(timesteps),
-                     denoiser.parameter_bytes())
+        run = lambda d=denoiser: d.start(x["img"], x["img_ids"], cond, None, None).denoise(timesteps)  # noqa: E731
+        out[name] = (run, denoiser.parameter_bytes())
+        if "pipefusion_degree" in degrees:
+            def ceiling(run=run):
+                with swapped([(pipefusion, "comm", NO_EXCHANGE)]):
+                    return run()
+
+            out[f"{name}: no exchange (ceiling)"] = (ceiling, denoiser.parameter_bytes())
     return out
 
 
-def worker(rank: int, port: int, args) -> None:
-    bind_to_cores(rank, WORLD)
+def setup(rank: int, port: int, pin: bool) -> None:
+    if pin:
+        bind_to_cores(rank, WORLD)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    params = MEDIUM
-    model = seeded_init(Flux(params), 0).eval().requires_grad_(False)
+
+
+def timing_worker(rank: int, port: int, args, tokens: int, out_file: str) -> None:
+    setup(rank, port, args.pin)
+    model = seeded_init(Flux(MEDIUM), 0).eval().requires_grad_(False)
     torch.manual_seed(0)
-    x = make_inputs(params, args.img_tokens, args.txt_tokens)
+    x = make_inputs(MEDIUM, tokens, args.txt_tokens)
     timesteps = get_schedule(args.steps, x["img"].shape[1], Schedule())
-    runs = variants(model, x, timesteps)
-    times = {name: [] for name in runs}
-    sent = {}
+    runs = loops(model, x, timesteps, args.pipefusion)
+    times, sent = {name: [] for name in runs}, {}
     with torch.inference_mode():
         for _ in range(args.repeats):
             for name, (run, _) in runs.items():
@@ -75,37 +147,95 @@ def worker(rank: int, port: int, args) -> None:
                 dist.barrier()
                 times[name].append(time.perf_counter() - start)
                 sent[name] = sum(stats.bytes.values()) / args.steps
-    rows = {name: (statistics.median(t), runs[name][1], sent[name]) for name, t in times.items()}
+    rows = {name: dict(times=t, params=runs[name][1], sent=sent[name]) for name, t in times.items()}
     everyone = comm.all_gather_object(rows, None)
     if rank == 0:
-        report(everyone, args)
+        Path(out_file).write_text(json.dumps(everyone))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def report(ranks: list[dict], args) -> None:
-    one = ranks[0]["one rank"][0]
-    print(f"medium config, {args.img_tokens} image + {args.txt_tokens} text tokens, {args.steps} steps, fp32, "
-          f"2 gloo ranks x 1 thread, median of {args.repeats}")
-    print("| variant | latency s | speed-up | vs ceiling | parameter bytes rank 0 / 1 | bytes sent/step rank 0 / 1 |")
-    print("|---|---|---|---|---|---|")
-    print(f"| ceiling (one rank / 2) | {one / 2:.2f} | 2.00 | 1.00 | | |")
+def held_model(ctx: ParallelContext | None) -> nn.Module:
+    """The medium transformer with what this rank holds: everything, or under PipeFusion only its stage's
+    parameters, materialised from the meta device (random values: only their memory matters here)."""
+    keep = stage_filter(ctx) if ctx is not None else None
+    if keep is None:
+        return seeded_init(Flux(MEDIUM), 0).eval().requires_grad_(False)
+    with torch.device("meta"):
+        model = Flux(MEDIUM)
+    wanted = keep(MEDIUM)
+    for name, param in list(model.named_parameters()):
+        if wanted(name):
+            owner, _, attr = name.rpartition(".")
+            value = torch.empty(param.shape)
+            value.normal_(0.0, param[0].numel() ** -0.5) if param.ndim > 1 else value.fill_(1.0)
+            setattr(model.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
+    return model.eval()
+
+
+def memory_worker(rank: int, port: int, args, tokens: int, degrees: dict | None, out_file: str) -> None:
+    setup(rank, port, args.pin)
+    status = Path("/proc/self/status").read_text().splitlines()
+    runtime = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+    reset_peak_memory(torch.device("cpu"))
+    ctx = ParallelContext(**degrees) if degrees is not None else None
+    model = held_model(ctx) if ctx is not None or rank == 0 else None
+    torch.manual_seed(0)
+    x = make_inputs(MEDIUM, tokens, args.txt_tokens)
+    timesteps = get_schedule(args.memory_steps, x["img"].shape[1], Schedule())
+    with torch.inference_mode():
+        if ctx is None and rank == 0:
+            t_vec = torch.ones(1)
+            denoise(lambda img, t: model(img, x["img_ids"], x["txt"], x["txt_ids"], t_vec.fill_(t), x["y"]),
+                    x["img"], timesteps)
+        elif ctx is not None:
+            cond = {"positive": Conditioning(x["txt"], x["txt_ids"], x["y"])}
+            parallelize(model, ctx).start(x["img"], x["img_ids"], cond, None, None).denoise(timesteps)
+    peak = comm.all_gather_object((peak_memory_bytes(torch.device("cpu")), runtime), None)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(peak))
+    dist.destroy_process_group()
+
+
+def run(args) -> None:
+    """Every --img-tokens size: the timed loops, then each variant's peak memory; a table per size."""
+    for spec in args.pipefusion:
+        parse_pipefusion(spec)  # refused before any process starts
+    with tempfile.TemporaryDirectory() as folder:
+        for tokens in args.img_tokens:
+            out = str(Path(folder) / "times.json")
+            mp.spawn(timing_worker, args=(free_port(), args, tokens, out), nprocs=WORLD, join=True)
+            ranks = json.loads(Path(out).read_text())
+            memory = {}
+            for name, degrees in contexts(args.pipefusion).items() if args.memory_steps else ():
+                out = str(Path(folder) / "memory.json")
+                mp.spawn(memory_worker, args=(free_port(), args, tokens, degrees, out), nprocs=WORLD, join=True)
+                memory[name] = json.loads(Path(out).read_text())
+            report(ranks, memory, args, tokens)
+
+
+def report(ranks: list[dict], memory: dict, args, tokens: int) -> None:
+    latency = {name: statistics.median(max(r[name]["times"][i] for r in ranks) for i in range(args.repeats))
+               for name in ranks[0]}  # each repeat lasts until the slower rank is done
+    one, whole = latency["one rank"], ranks[0]["one rank"]["params"]
+    print(f"\nmedium config, {tokens} image + {args.txt_tokens} text tokens, {args.steps}-step loops, fp32, "
+          f"{WORLD} gloo ranks x 1 thread, median of {args.repeats}, torch {torch.__version__}")
+    print("| variant | latency s | speed-up over 1 rank | vs its ceiling | parameter bytes rank 0 / 1 (x one rank) "
+          f"| peak RSS MB rank 0 / 1 ({args.memory_steps} steps) | MB sent per step rank 0 / 1 |")
+    print("|---|---:|---:|---:|---|---|---|")
     for name in ranks[0]:
-        latency = max(r[name][0] for r in ranks)
-        params = " / ".join(f"{r[name][1]:,}" for r in ranks)
-        sent = " / ".join(f"{r[name][2]:,.0f}" for r in ranks)
-        print(f"| {name} | {latency:.2f} | {one / latency:.2f} | {latency / (one / 2):.2f} | {params} | {sent} |")
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--img-tokens", type=int, default=1024)
-    p.add_argument("--txt-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
-
-
-if __name__ == "__main__":
-    main()
+        ceiling = latency.get(f"{name}: no exchange (ceiling)")
+        vs = f"{latency[name] / ceiling:.2f}" if ceiling else "–"
+        held = " / ".join("–" if r[name]["params"] is None else f"{r[name]['params']:,}" for r in ranks)
+        share = " / ".join("–" if r[name]["params"] is None else f"{r[name]['params'] / whole:.3f}" for r in ranks)
+        peaks = memory.get(name)
+        peak = " / ".join(f"{p / 1e6:,.0f}" for p, _ in peaks) if peaks else "–"
+        sent = " / ".join(f"{r[name]['sent'] / 1e6:.2f}" for r in ranks)
+        print(f"| {name} | {latency[name]:.2f} | {one / latency[name]:.2f}x | {vs} | {held} ({share}) | {peak} "
+              f"| {sent} |")
+    if memory:
+        runtime = [f"{rss / 1e6:,.0f}" for _, rss in next(iter(memory.values()))]
+        print(f"resident before the model was built (Python and torch): {' / '.join(runtime)} MB")
+    print("times per repeat (s): " + "; ".join(
+        f"{name}: {[round(max(r[name]['times'][i] for r in ranks), 2) for i in range(args.repeats)]}"
+        for name in ranks[0]))
