@@ -354,3 +354,15 @@ def test_bench_parallel_refuses_a_bad_pipefusion_row(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_parallel.main(["--steps", "2", "--pipefusion", "2:weights"])
     assert exit_info.value.code == 2 and "--pipefusion '2:weights': give a patch count" in capsys.readouterr().err
+
+
+def test_pipefusion_error_tool_reports_exact_rows_as_exact(capsys):
+    """tools/pipefusion_error.py on the trained tiny model: with W >= steps every row is the exact image."""
+    import pipefusion_error
+
+    pipefusion_error.main(["--captions", "2", "--steps", "2", "--warmup", "2", "0"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
+            or line.startswith("| 4 |")]
+    exact = [r for r in rows if r[1] == "2"]
+    assert len(rows) == 4 and all(r[2] == "inf" and r[3] == "0.0000" and r[-1] == "100% |" for r in exact)
+    assert all(r[2] != "inf" for r in rows if r[1] == "0")  # stale K/V from the first step on: not exact
