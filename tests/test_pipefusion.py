@@ -309,6 +309,8 @@ def test_cost_model_pipefusion():
     small = dataclasses.replace(plan.PRESETS["l40-pcie"], memory_gib=24)
     verdict = cm.pipefusion_or_ulysses(w, small, 4)
     assert verdict["choice"] == "pipefusion" and not verdict["ulysses"]["fits"]
+    two_cards = cm.pipefusion_or_ulysses(w, small, 2)  # on two 24 GB cards only the weight-balanced split fits
+    assert two_cards["pipefusion"]["fits"] and not two_cards["compute_balanced"]["fits"]
     warm = cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=28)["denoise_s"]
     assert warm > cm.predict_pipefusion(w, plan.PRESETS["l40-pcie"], 4, warmup=1)["denoise_s"]  # the bubbles
     # the compute-balanced split trades bytes for pace: its slowest stage runs fewer blocks
