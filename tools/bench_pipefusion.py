@@ -220,8 +220,9 @@ def report(ranks: list[dict], memory: dict, args, tokens: int) -> None:
     one, whole = latency["one rank"], ranks[0]["one rank"]["params"]
     print(f"\nmedium config, {tokens} image + {args.txt_tokens} text tokens, {args.steps}-step loops, fp32, "
           f"{WORLD} gloo ranks x 1 thread, median of {args.repeats}, torch {torch.__version__}")
+    steps = f" ({args.memory_steps} steps)" if memory else ""
     print("| variant | latency s | speed-up over 1 rank | vs its ceiling | parameter bytes rank 0 / 1 (x one rank) "
-          f"| peak RSS MB rank 0 / 1 ({args.memory_steps} steps) | MB sent per step rank 0 / 1 |")
+          f"| peak RSS MB rank 0 / 1{steps} | MB sent per step rank 0 / 1 |")
     print("|---|---:|---:|---:|---|---|---|")
     for name in ranks[0]:
         ceiling = latency.get(f"{name}: no exchange (ceiling)")
