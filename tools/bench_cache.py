@@ -40,6 +40,7 @@ from flux.configs import CONFIGS
 from flux.model import Flux
 from flux.pipeline import FluxPipeline
 from flux.sampling import Schedule
+from parallel import comm
 from parallel.context import ParallelContext
 from vae import VAE_CONFIGS, AutoEncoder
 from weights import seeded_init
@@ -126,20 +127,25 @@ def decision_cost(pipe: FluxPipeline, config: CacheConfig, batch: int, size: int
     return statistics.median(times)
 
 
-def collective_floor(pipe: FluxPipeline, repeats: int = 100) -> float | None:
-    """Median seconds of one bare reduction of the decision's [2, 1] float64 sums after a barrier (the same
-    call the decision makes); None on one rank, where there is none."""
+def collective_floor(pipe: FluxPipeline, repeats: int = 100) -> dict | None:
+    """Median seconds of one bare reduction of the decision's [2, 1] float64 sums after a barrier: the call
+    the decision makes ("used"), and for comparison the all-gather + rank-order sum it makes on 3 or more
+    ranks ("all_gather"); None on one rank, where there is none."""
     reduce_sums = pipe.denoiser.cache_sums()
     if reduce_sums is None:
         return None
-    times = []
+    group = pipe.parallel.group("sp")
+    calls = {"used": reduce_sums,
+             "all_gather": lambda sums: comm.all_gather(sums[None], group, dim=0).sum(dim=0)}
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        sums = torch.ones(2, 1, dtype=torch.float64)
-        dist.barrier()
-        start = time.perf_counter()
-        reduce_sums(sums)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():  # alternated
+            sums = torch.ones(2, 1, dtype=torch.float64)
+            dist.barrier()
+            start = time.perf_counter()
+            call(sums)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def worker(rank: int, args, port: int, out_dir: str) -> None:
@@ -219,8 +225,9 @@ def floors(table: list[dict]) -> str:
     for row in table:
         if row["cache"] == "none":
             floor = "no reduction (one rank)" if row["collective_s"] is None else \
-                f"one bare reduction {1e6 * row['collective_s']:.0f} us = " \
-                f"{100 * row['collective_s'] / row['step_s']:.2f}% of a step"
+                f"one bare reduction (all-reduce) {1e6 * row['collective_s']['used']:.0f} us = " \
+                f"{100 * row['collective_s']['used'] / row['step_s']:.2f}% of a step (all-gather + sum: " \
+                f"{1e6 * row['collective_s']['all_gather']:.0f} us)"
             zero = [f"{r['cache']} {r['median_step_vs_uncached_pct']:+.1f}%" for r in table
                     if (r["model"], r["layout"]) == (row["model"], row["layout"]) and r["cache"].endswith(" 0")]
             lines.append(f"- {row['model']}, {row['layout']}: uncached step {1e3 * row['step_s']:.1f} ms; "
