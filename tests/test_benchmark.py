@@ -17,7 +17,7 @@ from flux.configs import CONFIGS
 ROOT = Path(__file__).resolve().parents[1]
 
 RESOLUTIONS = (32, 64)
-TEXT_TOKENS = 32  # --max-sequence-length: fixes the joint sequence the byte counts below follow
+TEXT_TOKENS = 16  # --max-sequence-length (the tiny model's T5 length): fixes the joint sequence the bytes follow
 EXPECTED = {(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (1, 2, True)}
 
 
