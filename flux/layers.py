@@ -120,10 +120,21 @@ class DoubleStreamBlock(nn.Module):
         q, k = attn.norm(q, k)
         return q, k, v
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: PE) -> tuple[Tensor, Tensor]:
+    def modulate_img(self, img: Tensor, vec: Tensor) -> tuple[ModulationOut, ModulationOut, Tensor]:
+        """The image stream's two modulations and its modulated attention input [B, L, hidden]. The first
+        block's is TeaCache's indicator (flux/cache.py), which hands it back to forward instead of
+        having it computed twice."""
         img_mod1, img_mod2 = self.img_mod(vec)
+        return img_mod1, img_mod2, img_mod1.modulate(layer_norm(img))
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: PE,
+                img_modulated: tuple[ModulationOut, ModulationOut, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """img_modulated: modulate_img(img, vec), where the caller has computed it already."""
+        if img_modulated is None:
+            img_modulated = self.modulate_img(img, vec)
+        img_mod1, img_mod2, img_in = img_modulated
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self._qkv(self.img_attn, img_mod1.modulate(layer_norm(img)))
+        img_q, img_k, img_v = self._qkv(self.img_attn, img_in)
         txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt_mod1.modulate(layer_norm(txt)))
 
         # joint attention over [txt; img]: [B, H, S + L, D]

@@ -5,11 +5,11 @@ The algorithm is flux/cache.py's single-device StepCache, which the pipeline mak
 the model's `run_blocks` seam for the call and collects its report.
 
 - sp (ring x ulysses): every rank holds some of the image's tokens. Its indicator sums (never its
-  means: shards may be uneven) are all-gathered over the sp group and added up in rank order, so every
-  sp rank computes bit for bit the same ratio, the one a single device computes over the whole image,
-  and takes the same branch. A rank that skipped the blocks while another waited in their collectives
-  would deadlock (vllm-project/vllm-omni#6180); xDiT and ParaAttention average per-rank means instead,
-  which is not the image's mean when shards are uneven.
+  means: shards may be uneven) are summed over the sp group so that every sp rank holds bit for bit the
+  same sums, the ones a single device computes over the whole image (up to float64 rounding), and takes
+  the same branch. A rank that skipped the blocks while another waited in their collectives would
+  deadlock (vllm-project/vllm-omni#6180); xDiT and ParaAttention average per-rank means instead, which is
+  not the image's mean when shards are uneven.
 - cfg: each branch has its own state, on one device (two chunks of one batched forward) and with
   cfg_degree 2 (one branch per half of the mesh) alike, so both decide the same steps.
 - data: each replica decides from its own images; replicas share nothing.
@@ -24,20 +24,29 @@ from parallel.context import ParallelContext
 
 
 def sp_sums(ctx: ParallelContext):
-    """[n, 2] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank;
+    """[2, n] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank;
     None when the sp group is this rank alone (the sums are then the image's already)."""
-    # PipeFusion is refused with a cache (ParallelDenoiser.start): its stages see one patch at a time, and
+    # PipeFusion is refused with a cache (ParallelDenoiser.check): its stages see one patch at a time, and
     # the first block and the rest of the stack live on different ranks.
     if ctx.sp_degree == 1:
         return None
     group = ctx.group("sp")
+    # The reduction is waited for at once, not overlapped (async_op): between the indicator and the
+    # decision's use the seam holds no work that every outcome needs (a skipped step only adds the stored
+    # residuals, a computed one starts with the blocks, whose collectives the decision gates); the work
+    # that does not depend on it (text embedding, RoPE table, final layer's modulation) lies outside the
+    # seam, in Flux.forward. Running blocks meanwhile would be speculation, wasted on every skipped step.
 
-    def gather_sums(local: Tensor) -> Tensor:
-        # all-gather, then one sum in rank order over the same bytes on every rank: identical results
-        # by construction, whatever order a backend's all-reduce adds in
-        return comm.all_gather(local[None].contiguous(), group, dim=0).sum(dim=0)
+    def reduce_sums(local: Tensor) -> Tensor:
+        if ctx.sp_degree == 2:
+            # one all-reduce: each element is one IEEE addition of two numbers, and a + b == b + a bit for
+            # bit, so both ranks hold the same bytes whichever rank's value a backend adds first
+            return comm.all_reduce(local, group)
+        # 3 or more ranks: addition is not associative, and a backend may add in a different order on each
+        # rank; all-gather, then one sum in rank order over the same bytes on every rank
+        return comm.all_gather(local[None], group, dim=0).sum(dim=0)
 
-    return gather_sums
+    return reduce_sums
 
 
 def cache_swaps(model: nn.Module, cache) -> list[tuple[nn.Module, str, object]]:

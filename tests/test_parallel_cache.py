@@ -1,7 +1,8 @@
 """Step caches on real gloo ranks make the single-device decisions and the single-device cached image.
 
-Every layout shards the 6 image and 7 text tokens unevenly (e.g. 2, 2, 1, 1 image tokens on 4 sp ranks),
-where an average of per-rank means (xDiT, ParaAttention) is not the image's mean. One spawn per world size
+Every layout shards the image or the 7 text tokens unevenly (5 and 4 image tokens of a 48x48 image on 2 sp
+ranks, 2, 2, 1, 1 of a 48x32 one on 4), where an average of per-rank means (xDiT, ParaAttention) is not the
+image's mean. One spawn per world size
 runs each of its layouts with both caches.
 """
 
@@ -27,14 +28,14 @@ def tiny_pipeline(**options) -> FluxPipeline:
     return FluxPipeline.tiny_random(seed=0, **options)
 
 
-def _check_rank(rank, world, layouts, expected_file, records):
+def _check_rank(rank, world, layouts, call, expected_file, records):
     if world == 2:  # bundled here to save a spawn
         _refused_before_any_collective(rank, world)
     expected = load_file(expected_file)
     for degrees in layouts:
         pipe = tiny_pipeline(parallel=ParallelContext(**degrees))
         for i, cache in enumerate(CACHES):
-            image = pipe(**CALL, cache=cache)
+            image = pipe(**call, cache=cache)
             report = pipe.last_run["cache"]
             # the decisions of one device, on every rank (under cfg_degree 2 each half made its branch's)
             branches = {b: {k: r[k] for k in ("computed", "reused")} for b, r in report["branches"].items()}
@@ -56,11 +57,11 @@ def _refused_before_any_collective(rank, world):
     assert messages == [messages[0]] * world and "cache must be a CacheConfig" in messages[0]
 
 
-def _spawn_with_both(world, layouts, tmp_path):
+def _spawn_with_both(world, layouts, call, tmp_path):
     pipe = tiny_pipeline()
     images, records = {}, []
     for i, cache in enumerate(CACHES):
-        images[str(i)] = pipe(**CALL, cache=cache).contiguous()
+        images[str(i)] = pipe(**call, cache=cache).contiguous()
         branches = pipe.last_run["cache"]["branches"]
         records.append({b: {k: r[k] for k in ("computed", "reused")} for b, r in branches.items()})
         for record in branches.values():
@@ -68,15 +69,15 @@ def _spawn_with_both(world, layouts, tmp_path):
             for value in record["indicators"]:
                 assert value is None or abs(value - cache.threshold) > MARGIN * cache.threshold, (cache, value)
     save_file(images, tmp_path / "expected.safetensors")
-    run_distributed(_check_rank, world, layouts, str(tmp_path / "expected.safetensors"), records)
+    run_distributed(_check_rank, world, layouts, call, str(tmp_path / "expected.safetensors"), records)
 
 
-@pytest.mark.parametrize("world, layouts", [
-    (2, [dict(ulysses_degree=2), dict(cfg_degree=2)]),
-    (3, [dict(ring_degree=3), dict(ulysses_degree=3)]),
-    (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2)]),
+@pytest.mark.parametrize("world, layouts, width", [
+    (2, [dict(ulysses_degree=2), dict(cfg_degree=2)], 48),  # 9 image tokens: 5 and 4 (the all-reduce path)
+    (3, [dict(ring_degree=3), dict(ulysses_degree=3)], 32),  # 6 image tokens: the all-gather path
+    (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2)], 32),  # 2, 2, 1, 1
 ])
-def test_cached_decisions_and_image_equal_one_device(world, layouts, tmp_path):
+def test_cached_decisions_and_image_equal_one_device(world, layouts, width, tmp_path):
     """(On 2 ranks also: a bad cache argument is refused identically before any collective.)"""
-    _spawn_with_both(world, layouts, tmp_path)
+    _spawn_with_both(world, layouts, {**CALL, "width": width}, tmp_path)
 

@@ -11,10 +11,12 @@ schedule) with the tiny text encoders and VAE. For each, one process runs the un
 every cache setting in turn, `--repeats` rounds, then two gloo processes do the same with Ulysses 2.
 Per setting: the steps computed (per CFG branch), the median denoising time and its speed-up over the
 uncached one in the same layout, PSNR and max abs error of the decoded image ([0, 1]) against the
-uncached one, the decision's share of an uncached step (as timed inside the generation, which on several
-ranks includes waiting in the gather for the slower rank; and alone, after a barrier), and, on 2 ranks,
-whether the steps and the image are those of 1 rank. fp32, 1 thread per process, 64x64 px for tiny and
-128x128 px for medium. The CPU is shared and noisy: figures drift 10-20% or more.
+uncached one, the decision's share of an uncached step (the sums, their reduction and the comparison;
+(a) timed inside the generation, the time it holds up the step, which on several ranks includes waiting
+in the reduction for the slower rank; (b) alone, on the same shapes, after a barrier), and, on 2 ranks,
+whether the steps and the image are those of 1 rank. On 2 ranks also the latency of one bare reduction
+of the decision's size after a barrier: the floor under (b). fp32, 1 thread per process, 64x64 px for
+tiny and 128x128 px for medium. Figures drift 10-20% between runs on a shared CPU.
 """
 
 import argparse
@@ -35,10 +37,10 @@ from safetensors.torch import load_file, save_file
 
 from flux.cache import CacheConfig, StepCache
 from flux.configs import CONFIGS
-from flux.layers import layer_norm
 from flux.model import Flux
 from flux.pipeline import FluxPipeline
 from flux.sampling import Schedule
+from parallel import comm
 from parallel.context import ParallelContext
 from vae import VAE_CONFIGS, AutoEncoder
 from weights import seeded_init
@@ -70,9 +72,10 @@ def label(config: CacheConfig | None) -> str:
 
 def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = None) -> dict:
     """Every setting once (images, decisions, caption accuracy when `captions` are the prompts), then
-    `repeats` rounds of all settings in turn (times)."""
-    call = dict(prompt=captions or args.prompt, height=size, width=size, num_steps=args.steps, seed=0,
-                output_type="pt", max_sequence_length=16)
+    `repeats` rounds of all settings in turn (times, and the decision's seconds inside each generation)."""
+    prompts = captions or [args.prompt]
+    call = dict(prompt=prompts, height=size, width=size, num_steps=args.steps, seed=0, output_type="pt",
+                max_sequence_length=16)
     if pipe.transformer.params.guidance_embed:
         call["guidance"] = 3.5
     results = {}
@@ -80,38 +83,69 @@ def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = No
         image = pipe(**call, cache=config)
         cache = pipe.last_run["cache"]
         results[label(config)] = {
-            "image": image, "times": [], "decision_s": cache["decision_s"] if cache else 0.0,
+            "image": image, "times": [], "step_times": [], "decision_times": [],
             "computed": {b: r["computed"] for b, r in cache["branches"].items()} if cache else None,
             "caption": caption_accuracy(image, captions) if captions and image is not None else None}
     for _ in range(args.repeats):
         for config in settings(args):
             pipe(**call, cache=config)
             results[label(config)]["times"].append(sum(pipe.last_run["steps_s"]))
+            results[label(config)]["step_times"] += pipe.last_run["steps_s"]
+            cache = pipe.last_run["cache"]
+            results[label(config)]["decision_times"].append(cache["decision_s"] if cache else 0.0)
+    batch = len(prompts)
     for config in settings(args)[1:]:
-        results[label(config)]["decision_alone_s"] = decision_cost(pipe, config, size, args.steps)
+        results[label(config)]["decision_alone_s"] = decision_cost(pipe, config, batch, size, args.steps)
+    results["none"]["collective_s"] = collective_floor(pipe)
     return results
 
 
-def decision_cost(pipe: FluxPipeline, config: CacheConfig, size: int, steps: int, repeats: int = 30) -> float:
-    """Median seconds of one decision alone, on this rank's share of the image: the indicator (TeaCache:
-    with the modulated input), the sp gather, the comparison. On several ranks a barrier comes first, so
-    that waiting for a slower rank (which the next attention collective would wait anyway) is not counted."""
-    ctx, hidden = pipe.parallel, pipe.transformer.params.hidden_size
+def local_tokens(pipe: FluxPipeline, size: int) -> int:
+    """This rank's image tokens at size x size px."""
     layout = pipe.denoiser.sp.layout(16, (size // 16) ** 2)
-    img, img_first = torch.randn(2, 1, layout.img_lens[ctx.rank("sp")], hidden)
-    vec, block = torch.randn(1, hidden), pipe.transformer.double_blocks[0]
+    return layout.img_lens[pipe.parallel.rank("sp")]
+
+
+def decision_cost(pipe: FluxPipeline, config: CacheConfig, batch: int, size: int, steps: int,
+                  repeats: int = 100) -> float:
+    """Median seconds of one decision alone on this rank's share of the generation's watched tensor
+    [batch, tokens, hidden]: the sums, their reduction, the comparison. On several ranks a barrier comes
+    first, so that waiting for a slower rank (which the next attention collective would wait anyway) is
+    not counted."""
+    shape = (batch, local_tokens(pipe, size), pipe.transformer.params.hidden_size)
+    previous, signal = torch.randn(shape), torch.randn(shape)
     cache = StepCache(config, ("positive",), steps, pipe.denoiser.cache_sums())
-    cache.decide(img)  # the first step: only sets the reference
-    cache.step = 1
+    cache.decide(previous)  # the first step: only sets the reference
     times = []
     for _ in range(repeats):
-        if ctx.world_size > 1:
+        cache.step, cache.reference = 1, previous  # a middle step, every time against the same reference
+        if pipe.parallel.world_size > 1:
             dist.barrier()
         start = time.perf_counter()
-        signal = block.img_mod(vec)[0].modulate(layer_norm(img)) if config.kind == "teacache" else img_first - img
         cache.decide(signal)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def collective_floor(pipe: FluxPipeline, repeats: int = 100) -> dict | None:
+    """Median seconds of one bare reduction of the decision's [2, 1] float64 sums after a barrier: the call
+    the decision makes ("used"), and for comparison the all-gather + rank-order sum it makes on 3 or more
+    ranks ("all_gather"); None on one rank, where there is none."""
+    reduce_sums = pipe.denoiser.cache_sums()
+    if reduce_sums is None:
+        return None
+    group = pipe.parallel.group("sp")
+    calls = {"used": reduce_sums,
+             "all_gather": lambda sums: comm.all_gather(sums[None], group, dim=0).sum(dim=0)}
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():  # alternated
+            sums = torch.ones(2, 1, dtype=torch.float64)
+            dist.barrier()
+            start = time.perf_counter()
+            call(sums)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def worker(rank: int, args, port: int, out_dir: str) -> None:
@@ -145,16 +179,20 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
 
 def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: int) -> list[dict]:
     base = results["none"]
-    base_s = statistics.median(base["times"])
+    step_s = statistics.median(base["times"]) / steps  # one uncached step
     out = []
     for key, r in results.items():
         med = statistics.median(r["times"])
         row = {"model": name, "layout": layout, "cache": key, "computed": r["computed"],
-               "denoise_s": med, "speedup": base_s / med, "psnr_db": psnr(r["image"], base["image"]),
-               "max_abs_err": (r["image"] - base["image"]).abs().max().item(),
-               "decision_pct_of_step": 100 * r["decision_s"] / steps / (base_s / steps),
-               "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / (base_s / steps),
-               "caption": r.get("caption")}
+               "denoise_s": med, "speedup": step_s * steps / med, "psnr_db": psnr(r["image"], base["image"]),
+               "max_abs_err": (r["image"] - base["image"]).abs().max().item(), "step_s": step_s,
+               "decision_pct_of_step": 100 * statistics.median(r["decision_times"]) / steps / step_s,
+               "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / step_s,
+               "collective_s": base["collective_s"], "caption": r.get("caption"),
+               # the median step against the uncached median step: at threshold 0 every step runs every
+               # block, so the difference is what deciding adds to the step, waits included
+               "median_step_vs_uncached_pct": 100 * (statistics.median(r["step_times"]) /
+                                                     statistics.median(base["step_times"]) - 1)}
         if one_rank is not None:
             ref = one_rank[key]
             row["same_steps_as_1_rank"] = r["computed"] == ref["computed"]
@@ -172,11 +210,28 @@ def markdown(table: list[dict], steps: int) -> str:
             f"{steps}/{steps}"
         vs_one = "" if "same_steps_as_1_rank" not in row else \
             f"{'yes' if row['same_steps_as_1_rank'] else 'NO'} / {row['rel_err_vs_1_rank']:.1e}"
+        decision = "–" if row["cache"] == "none" else \
+            f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f}"
         lines.append(f"| {row['model']} | {row['layout']} | {row['cache']} | {computed} | {row['denoise_s']:.2f} | "
-                     f"{row['speedup']:.2f}x | {row['psnr_db']:.1f} | {row['max_abs_err']:.3f} | "
-                     f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f} | "
-                     f"{caption_cell(row['caption'])} | "
-                     f"{vs_one} |")
+                     f"{row['speedup']:.2f}x | {row['psnr_db']:.1f} | {row['max_abs_err']:.3f} | {decision} | "
+                     f"{caption_cell(row['caption'])} | {vs_one} |")
+    return "\n".join(lines)
+
+
+def floors(table: list[dict]) -> str:
+    """One line per model and layout: the uncached step, the bare reduction under the decision, and the
+    median step at threshold 0 (every block runs, and the decision is made) against the uncached one."""
+    lines = []
+    for row in table:
+        if row["cache"] == "none":
+            floor = "no reduction (one rank)" if row["collective_s"] is None else \
+                f"one bare reduction (all-reduce) {1e6 * row['collective_s']['used']:.0f} us = " \
+                f"{100 * row['collective_s']['used'] / row['step_s']:.2f}% of a step (all-gather + sum: " \
+                f"{1e6 * row['collective_s']['all_gather']:.0f} us)"
+            zero = [f"{r['cache']} {r['median_step_vs_uncached_pct']:+.1f}%" for r in table
+                    if (r["model"], r["layout"]) == (row["model"], row["layout"]) and r["cache"].endswith(" 0")]
+            lines.append(f"- {row['model']}, {row['layout']}: uncached step {1e3 * row['step_s']:.1f} ms; "
+                         f"{floor}; median step at threshold 0 vs uncached: {', '.join(zero) or 'not run'}")
     return "\n".join(lines)
 
 
@@ -232,6 +287,7 @@ def main():
           f"tiny = {tiny}, {SIZES['tiny']} px, {args.captions} held-out captions (caption acc: both colours / "
           f"position right); medium = {SIZES['medium']} px")
     print(markdown(table, args.steps))
+    print(floors(table))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "tiny": tiny, "rows": table}, indent=1))
     if args.image_row and "tiny" in one_rank:
