@@ -115,20 +115,11 @@ class FluxPipeline:
         return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, **options)
 
     @classmethod
-    def tiny(
-        cls,
-        dtype: torch.dtype = torch.float32,
-        device="cpu",
-        parallel: ParallelContext | None = None,
-        parallel_vae: bool = False,
-        vae_stripes: int | None = None,
-        **options,
-    ) -> "FluxPipeline":
+    def tiny(cls, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
         """The trained tiny model shipped in flux/assets/tiny (tools/train_tiny.py; docs/tiny-model.md): it draws
-        the captioned shapes of tools/shapes.py at 64x64 px, offline, loaded like any checkpoint folder."""
-        folder = Path(__file__).resolve().parent / "assets" / "tiny"
-        return cls.from_pretrained(folder, dtype, device, parallel=parallel, parallel_vae=parallel_vae,
-                                   vae_stripes=vae_stripes, **options)
+        the captioned shapes of tools/shapes.py at 64x64 px, offline, loaded like any checkpoint folder.
+        `options` are from_pretrained's (parallel, parallel_vae, vae_stripes, ...)."""
+        return cls.from_pretrained(Path(__file__).resolve().parent / "assets" / "tiny", dtype, device, **options)
 
     @classmethod
     def tiny_random(
