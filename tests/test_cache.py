@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flux.cache import TEACACHE_FLUX_POLY, CacheConfig, check_cache
+from flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache
 from flux.configs import CONFIGS
 from flux.model import Flux, run_blocks
 from flux.pipeline import FluxPipeline
@@ -73,6 +73,20 @@ def test_teacache_skips_while_the_accumulated_change_stays_below_the_threshold(p
     poly = sum(c * 0.5**p for p, c in enumerate(reversed(TEACACHE_FLUX_POLY)))  # Horner by hand below
     assert poly == pytest.approx(((((498.651651 * 0.5 - 283.781631) * 0.5 + 55.8554382) * 0.5 - 3.82021401) * 0.5
                                   + 0.264230861))
+
+
+def test_change_sums_are_the_float64_sums_per_branch_at_a_large_size():
+    # two branches of 1024 tokens x 1536 at FLUX-like magnitudes: float32 sums that accumulate naively
+    # (torch.linalg.vector_norm(x, 1) on CPU) are 1e-4 off here and would move decisions near the threshold
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(2, 1024, 1536, generator=generator) * 3 + 1
+    signal = reference + 0.05 * torch.randn(2, 1024, 1536, generator=generator)
+    sums = change_sums(signal, reference, 2)
+    assert sums.dtype == torch.float64 and sums.shape == (2, 2)
+    exact = torch.stack(((signal.double() - reference.double()).abs().flatten(1).sum(1),
+                         reference.double().abs().flatten(1).sum(1)))
+    torch.testing.assert_close(sums, exact, rtol=1e-6, atol=0)
+    assert torch.equal(reference, torch.randn(2, 1024, 1536, generator=torch.Generator().manual_seed(0)) * 3 + 1)
 
 
 @pytest.mark.parametrize("kind, threshold, message", [

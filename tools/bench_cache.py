@@ -4,19 +4,21 @@
                                 [--fbcache 0 0.05 0.1 0.2] [--teacache 0 0.25 0.4 0.6]
                                 [--json docs/cache.json] [--image-row docs/cache_row.png]
 
-Two models: the tiny pipeline (the trained one where FluxPipeline.tiny_random exists, else the seeded
-random one; the output says which) and the medium transformer of tools/bench_transformer.py (hidden 768,
-12 heads, 4 double + 8 single blocks, random weights) made dev-style (guidance embedding, shifted
-schedule) with the tiny text encoders and VAE. For each, one process runs the uncached generation and
-every cache setting in turn, `--repeats` rounds, then two gloo processes do the same with Ulysses 2.
+Two models: the trained tiny pipeline (FluxPipeline.tiny) and the medium transformer of
+tools/bench_transformer.py (hidden 768, 12 heads, 4 double + 8 single blocks, random weights) made
+dev-style (guidance embedding, shifted schedule) with the tiny text encoders and VAE. For each, one
+process runs the uncached generation and every cache setting in turn, `--repeats` rounds, then two gloo
+processes do the same with Ulysses 2.
 Per setting: the steps computed (per CFG branch), the median denoising time and its speed-up over the
 uncached one in the same layout, PSNR and max abs error of the decoded image ([0, 1]) against the
 uncached one, the decision's share of an uncached step (the sums, their reduction and the comparison;
-(a) timed inside the generation, the time it holds up the step, which on several ranks includes waiting
-in the reduction for the slower rank; (b) alone, on the same shapes, after a barrier), and, on 2 ranks,
-whether the steps and the image are those of 1 rank. On 2 ranks also the latency of one bare reduction
-of the decision's size after a barrier: the floor under (b). fp32, 1 thread per process, 64x64 px for
-tiny and 128x128 px for medium. Figures drift 10-20% between runs on a shared CPU.
+(a) timed inside the generation, the time it holds up the step, and of that the reduction, which on
+several ranks includes waiting for the slower rank; (b) alone, on the same shapes, after a barrier), and,
+on 2 ranks, whether the steps and the image are those of 1 rank. On 2 ranks also the latency of one bare
+reduction of the decision's size after a barrier, the floor under (b), and after 20 ms of compute, as
+collectives come inside a step. fp32, 1 thread per process,
+64x64 px for tiny (the 60 held-out captions of eval_tiny.py as one batch by default) and 128x128 px for
+medium. Figures drift 10-20% between runs on a shared CPU.
 """
 
 import argparse
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import free_port
 from eval_tiny import caption_accuracy, evaluation_captions
 from safetensors.torch import load_file, save_file
 
@@ -41,7 +44,7 @@ from flux.model import Flux
 from flux.pipeline import FluxPipeline
 from flux.sampling import Schedule
 from parallel import comm
-from parallel.context import ParallelContext
+from parallel.context import ParallelContext, close_distributed, exit_process
 from vae import VAE_CONFIGS, AutoEncoder
 from weights import seeded_init
 
@@ -83,7 +86,7 @@ def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = No
         image = pipe(**call, cache=config)
         cache = pipe.last_run["cache"]
         results[label(config)] = {
-            "image": image, "times": [], "step_times": [], "decision_times": [],
+            "image": image, "times": [], "step_times": [], "decision_times": [], "reduction_times": [],
             "computed": {b: r["computed"] for b, r in cache["branches"].items()} if cache else None,
             "caption": caption_accuracy(image, captions) if captions and image is not None else None}
     for _ in range(args.repeats):
@@ -93,6 +96,7 @@ def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = No
             results[label(config)]["step_times"] += pipe.last_run["steps_s"]
             cache = pipe.last_run["cache"]
             results[label(config)]["decision_times"].append(cache["decision_s"] if cache else 0.0)
+            results[label(config)]["reduction_times"].append(cache["reduction_s"] if cache else 0.0)
     batch = len(prompts)
     for config in settings(args)[1:]:
         results[label(config)]["decision_alone_s"] = decision_cost(pipe, config, batch, size, args.steps)
@@ -127,21 +131,30 @@ def decision_cost(pipe: FluxPipeline, config: CacheConfig, batch: int, size: int
     return statistics.median(times)
 
 
-def collective_floor(pipe: FluxPipeline, repeats: int = 100) -> dict | None:
-    """Median seconds of one bare reduction of the decision's [2, 1] float64 sums after a barrier: the call
-    the decision makes ("used"), and for comparison the all-gather + rank-order sum it makes on 3 or more
-    ranks ("all_gather"); None on one rank, where there is none."""
+def collective_floor(pipe: FluxPipeline, repeats: int = 100, busy_s: float = 0.02) -> dict | None:
+    """Median seconds of one bare reduction of the decision's [2, 1] float64 sums: the call the decision
+    makes, right after a barrier ("used") and after `busy_s` of matrix products on each rank, as inside
+    a step, where every collective follows a phase of compute ("after_compute"); and for comparison the
+    all-gather + rank-order sum it makes on 3 or more ranks, after a barrier ("all_gather"). Alternated;
+    None on one rank, where there is none."""
     reduce_sums = pipe.denoiser.cache_sums()
     if reduce_sums is None:
         return None
     group = pipe.parallel.group("sp")
-    calls = {"used": reduce_sums,
-             "all_gather": lambda sums: comm.all_gather(sums[None], group, dim=0).sum(dim=0)}
+    matrix = torch.randn(64, 64)  # a few microseconds a product: both ranks stop within that of 20 ms
+
+    def compute() -> None:
+        end = time.perf_counter() + busy_s
+        while time.perf_counter() < end:
+            matrix @ matrix
+
+    calls = {"used": (dist.barrier, reduce_sums), "after_compute": (compute, reduce_sums),
+             "all_gather": (dist.barrier, lambda sums: comm.all_gather(sums[None], group, dim=0).sum(dim=0))}
     times = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, call in calls.items():  # alternated
+        for name, (before, call) in calls.items():
             sums = torch.ones(2, 1, dtype=torch.float64)
-            dist.barrier()
+            before()
             start = time.perf_counter()
             call(sums)
             times[name].append(time.perf_counter() - start)
@@ -157,8 +170,8 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
             results = measure(build_pipeline(name, ParallelContext(ulysses_degree=2)), args, SIZES[name], captions)
             if rank == 0:
                 save(results, Path(out_dir) / f"{name}.ulysses2")
-    dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
+    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def save(results: dict, stem: Path) -> None:
@@ -187,6 +200,7 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
                "denoise_s": med, "speedup": step_s * steps / med, "psnr_db": psnr(r["image"], base["image"]),
                "max_abs_err": (r["image"] - base["image"]).abs().max().item(), "step_s": step_s,
                "decision_pct_of_step": 100 * statistics.median(r["decision_times"]) / steps / step_s,
+               "reduction_pct_of_step": 100 * statistics.median(r["reduction_times"]) / steps / step_s,
                "decision_alone_pct_of_step": 100 * r.get("decision_alone_s", 0.0) / step_s,
                "collective_s": base["collective_s"], "caption": r.get("caption"),
                # the median step against the uncached median step: at threshold 0 every step runs every
@@ -203,15 +217,17 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
 
 def markdown(table: list[dict], steps: int) -> str:
     lines = ["| model | layout | cache | steps computed | denoise s | speed-up | PSNR dB | max abs err | "
-             "decision % of a step: in the step / alone | caption acc | same steps / rel err vs 1 rank |",
+             "decision % of a step: in the step (its reduction) / alone | caption acc | "
+             "same steps / rel err vs 1 rank |",
              "|" + "---|" * 11]
     for row in table:
         computed = ", ".join(f"{len(c)}/{steps}" for c in row["computed"].values()) if row["computed"] else \
             f"{steps}/{steps}"
         vs_one = "" if "same_steps_as_1_rank" not in row else \
             f"{'yes' if row['same_steps_as_1_rank'] else 'NO'} / {row['rel_err_vs_1_rank']:.1e}"
+        reduction = f" ({row['reduction_pct_of_step']:.2f})" if row["collective_s"] else ""
         decision = "–" if row["cache"] == "none" else \
-            f"{row['decision_pct_of_step']:.2f} / {row['decision_alone_pct_of_step']:.2f}"
+            f"{row['decision_pct_of_step']:.2f}{reduction} / {row['decision_alone_pct_of_step']:.2f}"
         lines.append(f"| {row['model']} | {row['layout']} | {row['cache']} | {computed} | {row['denoise_s']:.2f} | "
                      f"{row['speedup']:.2f}x | {row['psnr_db']:.1f} | {row['max_abs_err']:.3f} | {decision} | "
                      f"{caption_cell(row['caption'])} | {vs_one} |")
@@ -226,7 +242,9 @@ def floors(table: list[dict]) -> str:
         if row["cache"] == "none":
             floor = "no reduction (one rank)" if row["collective_s"] is None else \
                 f"one bare reduction (all-reduce) {1e6 * row['collective_s']['used']:.0f} us = " \
-                f"{100 * row['collective_s']['used'] / row['step_s']:.2f}% of a step (all-gather + sum: " \
+                f"{100 * row['collective_s']['used'] / row['step_s']:.2f}% of a step, after 20 ms of compute " \
+                f"{1e6 * row['collective_s']['after_compute']:.0f} us = " \
+                f"{100 * row['collective_s']['after_compute'] / row['step_s']:.2f}% (all-gather + sum: " \
                 f"{1e6 * row['collective_s']['all_gather']:.0f} us)"
             zero = [f"{r['cache']} {r['median_step_vs_uncached_pct']:+.1f}%" for r in table
                     if (r["model"], r["layout"]) == (row["model"], row["layout"]) and r["cache"].endswith(" 0")]
@@ -257,7 +275,8 @@ def main():
     parser.add_argument("--fbcache", type=float, nargs="*", default=[0, 0.5, 0.6, 0.8])
     parser.add_argument("--teacache", type=float, nargs="*", default=[0, 0.4, 0.8, 1.5])
     parser.add_argument("--prompt", default="a red fox in the snow", help="the medium model's prompt")
-    parser.add_argument("--captions", type=int, default=16, help="held-out captions the tiny model draws")
+    parser.add_argument("--captions", type=int, default=60, help="held-out captions the tiny model draws as "
+                        "one batch (eval_tiny.py's default count)")
     parser.add_argument("--json", default=None, help="write every row as JSON here")
     parser.add_argument("--image-row", default=None, help="write the tiny model's images (uncached, then each "
                         "setting, 1 rank) side by side as a PNG here")
@@ -275,7 +294,7 @@ def main():
         one_rank = {name: measure(build_pipeline(name), args, SIZES[name], captions if name == "tiny" else None)
                     for name in args.models}
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(args, 29500 + os.getpid() % 1000, out_dir), nprocs=2, join=True)
+        mp.spawn(worker, args=(args, free_port(), out_dir), nprocs=2, join=True)
         two_ranks = {name: load(Path(out_dir) / f"{name}.ulysses2") for name in args.models}
     table = []
     for name in args.models:

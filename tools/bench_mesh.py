@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from bench_transformer import MEDIUM, make_inputs, make_models
+from common import free_port
 
 from flux.sampling import denoise
 from parallel import Conditioning, ParallelContext, batch_slice, comm, gather_batch, parallelize
-from parallel.context import bind_to_cores
+from parallel.context import bind_to_cores, close_distributed, exit_process
 
 WORLD = 2
 SCALE = 3.0  # true_cfg_scale
@@ -135,7 +136,8 @@ def worker(rank, args):
                 times[name].append(timed(rank, ranks, fn)[0])
     if rank == 0:
         report(args, variants, times, sent, outputs)
-    dist.destroy_process_group()
+    close_distributed()
+    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def report(args, variants, times, sent, outputs):
@@ -165,7 +167,7 @@ def main():
     if args.repeats < 1 or args.steps < 1 or args.txt_tokens < 0 or args.img_tokens < 1:
         parser.error("--repeats and --steps must be at least 1, --img-tokens at least 1, --txt-tokens at least 0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     mp.spawn(worker, args=(args,), nprocs=WORLD, join=True)
 
 

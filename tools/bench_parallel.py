@@ -43,7 +43,7 @@ from common import free_port
 from kernels import attention
 from parallel import comm
 from parallel.apply import parallelize_flux
-from parallel.context import ParallelContext, bind_to_cores
+from parallel.context import ParallelContext, bind_to_cores, close_distributed, exit_process
 from parallel.ring import ring_attention
 from parallel.swap import attention_swaps, swapped
 
@@ -180,7 +180,8 @@ def worker(rank, port, args):
             stats = measure(rank, make_variants(rank, ours, ref, ref_cp, x), args.repeats, diffusers_bytes)
             if rank == 0:
                 report(x["img"].shape[1], args, stats)  # the tokens make_inputs' grid holds
-    dist.destroy_process_group()
+    close_distributed()
+    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def report(tokens, args, stats):

@@ -43,7 +43,7 @@ from torch import nn
 from flux.model import Flux
 from flux.sampling import Schedule, denoise, get_schedule
 from parallel import comm, pipefusion
-from parallel.context import ParallelContext, bind_to_cores
+from parallel.context import ParallelContext, bind_to_cores, close_distributed, exit_process
 from parallel.runtime import Conditioning, parallelize
 from parallel.stages import split_stages, stage_filter
 from parallel.swap import swapped
@@ -151,8 +151,8 @@ def timing_worker(rank: int, port: int, args, tokens: int, out_file: str) -> Non
     everyone = comm.all_gather_object(rows, None)
     if rank == 0:
         Path(out_file).write_text(json.dumps(everyone))
-    dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
+    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def held_model(ctx: ParallelContext | None) -> nn.Module:
@@ -194,7 +194,8 @@ def memory_worker(rank: int, port: int, args, tokens: int, degrees: dict | None,
     peak = comm.all_gather_object((peak_memory_bytes(torch.device("cpu")), runtime), None)
     if rank == 0:
         Path(out_file).write_text(json.dumps(peak))
-    dist.destroy_process_group()
+    close_distributed()
+    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def run(args) -> None:
