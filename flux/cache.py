@@ -92,9 +92,9 @@ def change_sums(signal: Tensor, reference: Tensor, n: int) -> Tensor:
     of elements (torch.linalg.vector_norm(x, 1) does not on CPU: 1% off at 12M; tests/test_cache.py);
     float64 accumulation would buy no closer decisions, since the watched tensor itself differs between
     layouts by fp32 rounding."""
-    scratch = torch.sub(signal, reference).abs_()  # [N, L, hidden]
-    differences = scratch.reshape(n, -1).sum(dim=-1)
-    magnitudes = torch.abs(reference, out=scratch).reshape(n, -1).sum(dim=-1)
+    scratch = torch.sub(signal, reference).abs_()  # [N, L, hidden], in the model's dtype
+    differences = scratch.reshape(n, -1).sum(dim=-1, dtype=torch.float32)  # not in fp16: it overflows
+    magnitudes = torch.abs(reference, out=scratch).reshape(n, -1).sum(dim=-1, dtype=torch.float32)
     return torch.stack((differences, magnitudes)).double()
 
 
