@@ -6,8 +6,8 @@ the model's `run_blocks` seam for the call and collects its report.
 
 - sp (ring x ulysses): every rank holds some of the image's tokens. Its indicator sums (never its
   means: shards may be uneven) are summed over the sp group so that every sp rank holds bit for bit the
-  same sums, the ones a single device computes over the whole image (up to float64 rounding), and takes
-  the same branch. A rank that skipped the blocks while another waited in their collectives would
+  same sums, those of the whole image (a single device's up to fp32 rounding), and takes the same
+  branch. A rank that skipped the blocks while another waited in their collectives would
   deadlock (vllm-project/vllm-omni#6180); xDiT and ParaAttention average per-rank means instead, which is
   not the image's mean when shards are uneven.
 - cfg: each branch has its own state, on one device (two chunks of one batched forward) and with

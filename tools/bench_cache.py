@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from common import free_port
+from common import free_port, spawn
 from eval_tiny import caption_accuracy, evaluation_captions
 from safetensors.torch import load_file, save_file
 
@@ -44,7 +43,7 @@ from flux.model import Flux
 from flux.pipeline import FluxPipeline
 from flux.sampling import Schedule
 from parallel import comm
-from parallel.context import ParallelContext, close_distributed, exit_process
+from parallel.context import ParallelContext
 from vae import VAE_CONFIGS, AutoEncoder
 from weights import seeded_init
 
@@ -170,8 +169,6 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
             results = measure(build_pipeline(name, ParallelContext(ulysses_degree=2)), args, SIZES[name], captions)
             if rank == 0:
                 save(results, Path(out_dir) / f"{name}.ulysses2")
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def save(results: dict, stem: Path) -> None:
@@ -294,7 +291,7 @@ def main():
         one_rank = {name: measure(build_pipeline(name), args, SIZES[name], captions if name == "tiny" else None)
                     for name in args.models}
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(args, free_port(), out_dir), nprocs=2, join=True)
+        spawn(worker, 2, args, free_port(), out_dir)
         two_ranks = {name: load(Path(out_dir) / f"{name}.ulysses2") for name in args.models}
     table = []
     for name in args.models:

@@ -24,13 +24,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_transformer import MEDIUM, make_inputs, make_models
-from common import free_port
+from common import free_port, spawn
 
 from flux.sampling import denoise
 from parallel import Conditioning, ParallelContext, batch_slice, comm, gather_batch, parallelize
-from parallel.context import bind_to_cores, close_distributed, exit_process
+from parallel.context import bind_to_cores
 
 WORLD = 2
 SCALE = 3.0  # true_cfg_scale
@@ -136,8 +135,6 @@ def worker(rank, args):
                 times[name].append(timed(rank, ranks, fn)[0])
     if rank == 0:
         report(args, variants, times, sent, outputs)
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def report(args, variants, times, sent, outputs):
@@ -168,7 +165,7 @@ def main():
         parser.error("--repeats and --steps must be at least 1, --img-tokens at least 1, --txt-tokens at least 0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    mp.spawn(worker, args=(args,), nprocs=WORLD, join=True)
+    spawn(worker, WORLD, args)
 
 
 if __name__ == "__main__":

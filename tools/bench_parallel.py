@@ -34,16 +34,15 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_pipefusion import parse_pipefusion
 from bench_pipefusion import run as run_loops
 from bench_transformer import MEDIUM, make_inputs, make_models
-from common import free_port
+from common import free_port, spawn
 
 from kernels import attention
 from parallel import comm
 from parallel.apply import parallelize_flux
-from parallel.context import ParallelContext, bind_to_cores, close_distributed, exit_process
+from parallel.context import ParallelContext, bind_to_cores
 from parallel.ring import ring_attention
 from parallel.swap import attention_swaps, swapped
 
@@ -180,8 +179,6 @@ def worker(rank, port, args):
             stats = measure(rank, make_variants(rank, ours, ref, ref_cp, x), args.repeats, diffusers_bytes)
             if rank == 0:
                 report(x["img"].shape[1], args, stats)  # the tokens make_inputs' grid holds
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def report(tokens, args, stats):
@@ -234,7 +231,7 @@ def main(argv=None):
             f"--repeats must be at least 1, --txt-tokens at least 0 and --img-tokens at least {WORLD} (one per rank)"
         )
     if args.steps is None:
-        mp.spawn(worker, args=(free_port(), args), nprocs=WORLD, join=True)
+        spawn(worker, WORLD, free_port(), args)
         return
     if args.steps < 1 or args.memory_steps < 0:
         parser.error(f"--steps must be at least 1 and --memory-steps at least 0, got {args.steps} and "

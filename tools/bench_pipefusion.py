@@ -35,15 +35,14 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_transformer import MEDIUM, make_inputs
-from common import free_port, peak_memory_bytes, reset_peak_memory
+from common import free_port, peak_memory_bytes, reset_peak_memory, resident_bytes, spawn
 from torch import nn
 
 from flux.model import Flux
 from flux.sampling import Schedule, denoise, get_schedule
 from parallel import comm, pipefusion
-from parallel.context import ParallelContext, bind_to_cores, close_distributed, exit_process
+from parallel.context import ParallelContext, bind_to_cores
 from parallel.runtime import Conditioning, parallelize
 from parallel.stages import split_stages, stage_filter
 from parallel.swap import swapped
@@ -151,8 +150,6 @@ def timing_worker(rank: int, port: int, args, tokens: int, out_file: str) -> Non
     everyone = comm.all_gather_object(rows, None)
     if rank == 0:
         Path(out_file).write_text(json.dumps(everyone))
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def held_model(ctx: ParallelContext | None) -> nn.Module:
@@ -175,8 +172,7 @@ def held_model(ctx: ParallelContext | None) -> nn.Module:
 
 def memory_worker(rank: int, port: int, args, tokens: int, degrees: dict | None, out_file: str) -> None:
     setup(rank, port, args.pin)
-    status = Path("/proc/self/status").read_text().splitlines()
-    runtime = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+    runtime = resident_bytes()
     reset_peak_memory(torch.device("cpu"))
     ctx = ParallelContext(**degrees) if degrees is not None else None
     model = held_model(ctx) if ctx is not None or rank == 0 else None
@@ -194,23 +190,20 @@ def memory_worker(rank: int, port: int, args, tokens: int, degrees: dict | None,
     peak = comm.all_gather_object((peak_memory_bytes(torch.device("cpu")), runtime), None)
     if rank == 0:
         Path(out_file).write_text(json.dumps(peak))
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
 
 
 def run(args) -> None:
-    """Every --img-tokens size: the timed loops, then each variant's peak memory; a table per size."""
-    for spec in args.pipefusion:
-        parse_pipefusion(spec)  # refused before any process starts
+    """Every --img-tokens size: the timed loops, then each variant's peak memory; a table per size (args as
+    bench_parallel.main parses and checks them)."""
     with tempfile.TemporaryDirectory() as folder:
         for tokens in args.img_tokens:
             out = str(Path(folder) / "times.json")
-            mp.spawn(timing_worker, args=(free_port(), args, tokens, out), nprocs=WORLD, join=True)
+            spawn(timing_worker, WORLD, free_port(), args, tokens, out)
             ranks = json.loads(Path(out).read_text())
             memory = {}
             for name, degrees in contexts(args.pipefusion).items() if args.memory_steps else ():
                 out = str(Path(folder) / "memory.json")
-                mp.spawn(memory_worker, args=(free_port(), args, tokens, degrees, out), nprocs=WORLD, join=True)
+                spawn(memory_worker, WORLD, free_port(), args, tokens, degrees, out)
                 memory[name] = json.loads(Path(out).read_text())
             report(ranks, memory, args, tokens)
 
@@ -236,7 +229,7 @@ def report(ranks: list[dict], memory: dict, args, tokens: int) -> None:
         print(f"| {name} | {latency[name]:.2f} | {one / latency[name]:.2f}x | {vs} | {held} ({share}) | {peak} "
               f"| {sent} |")
     if memory:
-        runtime = [f"{rss / 1e6:,.0f}" for _, rss in next(iter(memory.values()))]
+        runtime = ["–" if rss is None else f"{rss / 1e6:,.0f}" for _, rss in next(iter(memory.values()))]
         print(f"resident before the model was built (Python and torch): {' / '.join(runtime)} MB")
     print("times per repeat (s): " + "; ".join(
         f"{name}: {[round(max(r[name]['times'][i] for r in ranks), 2) for i in range(args.repeats)]}"

@@ -1,4 +1,4 @@
-"""What several tools share: a free port, the peak-memory read and reset, random transformer inputs.
+"""What several tools share: spawning gloo ranks, a free port, memory reads, random transformer inputs.
 
 The tools import the project as an installed package (`pip install -e .`, as the README sets up)
 and each other from this folder, which Python puts first on the path of `python tools/x.py`.
@@ -9,9 +9,24 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 from flux.configs import FluxParams
 from flux.sampling import make_img_ids
+from parallel.context import close_distributed, exit_process
+
+
+def spawn(worker, nprocs: int, *args) -> None:
+    """mp.spawn: `worker(rank, *args)` in `nprocs` fresh processes, which then leave the process group at a
+    barrier and end through parallel/context.exit_process (a spawned interpreter's teardown sometimes
+    lets gloo's threads abort a rank whose work is done). The worker joins the group itself."""
+    mp.spawn(_run_then_exit, args=(worker, args), nprocs=nprocs, join=True)
+
+
+def _run_then_exit(rank: int, worker, args) -> None:
+    worker(rank, *args)
+    close_distributed()
+    exit_process(0)
 
 
 def free_port() -> int:
@@ -25,10 +40,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     lowers); not ru_maxrss, which a child started by subprocess inherits from its parent."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux's VmRSS); None where /proc is absent."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int | None:
     status = Path("/proc/self/status")
-    if status.is_file():
-        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM"))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS reports bytes
+    if not status.is_file():
+        return None
+    return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith(field))
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -152,7 +152,6 @@ def _gloo_probe(rank: int, port: int, out: str, reps: int) -> None:
     import torch.distributed as dist
 
     from parallel import comm
-    from parallel.context import close_distributed, exit_process
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -178,8 +177,7 @@ def _gloo_probe(rank: int, port: int, out: str, reps: int) -> None:
         result[name] = (latency, sent / max(_time_calls(make(big), reps) - latency, 1e-9))
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    close_distributed()
-    exit_process(0)  # not interpreter teardown, where gloo's threads sometimes abort a rank
+    dist.destroy_process_group()
 
 
 def probe_links(reps: int = 5) -> cm.Link:

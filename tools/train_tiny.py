@@ -158,7 +158,7 @@ def train_transformer(pool: dict, text: TextConditioner, seed: int, steps: int, 
     for step in range(steps):
         pick = torch.randint(len(pool["img"]), (batch,), generator=generator)
         x0, caption = pool["img"][pick], pool["caption_index"][pick]  # [B, 16, 64] clean latent tokens
-        txt, y = text.t5(pool["t5_ids"][caption]), text.clip(pool["clip_ids"][caption])  # [B, 32, 64], [B, 32]
+        txt, y = text.t5(pool["t5_ids"][caption]), text.clip(pool["clip_ids"][caption])  # [B, 16, 64], [B, 32]
         noise = torch.randn(x0.shape, generator=generator)
         # uniform t, not SD3's logit-normal: the 4-step sampler spends a quarter of its steps at each level
         t = torch.rand(batch, generator=generator)
