@@ -1,12 +1,14 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="flux-parallel",
     version="0.1.0",
     description="A from-scratch PyTorch framework for exact parallel FLUX.1 inference",
-    packages=["flux", "parallel", "vae", "kernels", "weights"],
-    # the trained tiny model (FluxPipeline.tiny(), --model tiny) ships inside the package
-    package_data={"flux": ["assets/tiny/*", "assets/tiny/*/*"]},
+    # one import root, named after the distribution: `kernels`, `flux`, `parallel` ... are other
+    # distributions' import names (Hugging Face's kernels, BFL's flux), so nothing else is installed
+    packages=find_packages(include=["flux_parallel", "flux_parallel.*"]),
+    # the trained tiny model (FluxPipeline.tiny(), --model tiny) and the service's page ship inside the package
+    package_data={"flux_parallel.flux": ["assets/tiny/*", "assets/tiny/*/*"], "flux_parallel.serve": ["page.html"]},
     python_requires=">=3.10",
     # torch is pinned by the README's install step (a CPU or CUDA wheel of the user's choice);
     # a bare range here keeps pip from replacing it.
@@ -21,7 +23,7 @@ setup(
     extras_require={
         # diffusers and transformers are test-only oracles: library code never imports them.
         "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf", "fastapi", "uvicorn", "httpx", "selenium"],
-        # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench_vae.py measures beside ours
+        # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench/bench_vae.py measures beside ours
         "bench": ["matplotlib", "distvae"],
         # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)
         "serve": ["fastapi", "uvicorn"],

@@ -1,17 +1,17 @@
-"""Small helpers shared by the test modules (tests/ and tools/ are on sys.path, see conftest.py)."""
+"""Small helpers shared by the test modules (pytest puts tests/ on the path; tools/ via pyproject.toml)."""
 
 import json
 
 import torch
-from common import flux_inputs
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import flux
-from flux import CONFIGS, Flux
-from flux.checkpoint import diffusers_to_bfl
-from vae import VAE_CONFIGS
+from flux_parallel import flux
+from flux_parallel.flux import CONFIGS, Flux
+from flux_parallel.flux.checkpoint import diffusers_to_bfl
+from flux_parallel.flux.sampling import flux_inputs
+from flux_parallel.vae import VAE_CONFIGS
 
 PARAMS = CONFIGS["tiny-dev"]  # 12 heads: Ulysses degrees 2, 3 and 4 divide them; guidance embedding on
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import httpx
 import serve
 import torch
-from serve_app import JobQueue, create_app
-from serve_request import Limits
 
-from flux.pipeline import FluxPipeline
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.serve.app import JobQueue, create_app
+from flux_parallel.serve.request import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 

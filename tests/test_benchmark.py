@@ -10,9 +10,9 @@ from pathlib import Path
 
 import benchmark
 import pytest
-from plan import bench_records
 
-from flux.configs import CONFIGS
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.planning.planner import bench_records
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache
-from flux.configs import CONFIGS
-from flux.model import Flux, run_blocks
-from flux.pipeline import FluxPipeline
+from flux_parallel.flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.model import Flux, run_blocks
+from flux_parallel.flux.pipeline import FluxPipeline
 
 # one prompt with true CFG: two branches in one batched forward; 48x32 px, 6 image tokens
 CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32, num_steps=8,
@@ -153,16 +153,16 @@ def test_generate_reports_the_steps_computed_per_branch(tmp_path):
 
 
 def test_a_cache_needs_the_number_of_steps():
-    from flux.cache import StepCache
+    from flux_parallel.flux.cache import StepCache
 
     with pytest.raises(ValueError, match="needs the generation's number of steps"):
         StepCache(CacheConfig("teacache", 0.1), ("positive",), 0)
 
 
 def test_the_runtime_refuses_a_cache_made_for_other_branches(pipe):
-    from flux.cache import StepCache
-    from flux.sampling import make_img_ids
-    from parallel import Conditioning
+    from flux_parallel.flux.cache import StepCache
+    from flux_parallel.flux.sampling import make_img_ids
+    from flux_parallel.parallel import Conditioning
 
     conds = {b: Conditioning(torch.zeros(1, 7, 64), torch.zeros(1, 7, 3), torch.zeros(1, 32))
              for b in ("negative", "positive")}

@@ -9,9 +9,9 @@ from helpers import rel_err
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import flux
-from flux.clip import CLIP_CONFIGS, ClipTextModel
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux.clip import CLIP_CONFIGS, ClipTextModel
+from flux_parallel.weights import CheckpointError
 
 SMALL = dict(
     vocab_size=99,

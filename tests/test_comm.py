@@ -1,4 +1,4 @@
-"""The collectives in parallel/comm.py on real gloo groups, against their definitions."""
+"""The collectives in flux_parallel/parallel/comm.py on real gloo groups, against their definitions."""
 
 import os
 import subprocess
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 
-from parallel import comm
-from parallel.context import ParallelContext
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 
 def _all_to_all_uneven(rank, world):
@@ -98,7 +98,7 @@ def test_bind_to_cores():
     """Each local rank gets its own slice of the cores; more ranks than cores leaves them all."""
     cores = sorted(os.sched_getaffinity(0))
     code = (
-        "import os, sys; from parallel.context import bind_to_cores; "
+        "import os, sys; from flux_parallel.parallel.context import bind_to_cores; "
         "mine = bind_to_cores(int(sys.argv[1]), int(sys.argv[2])); print(sorted(os.sched_getaffinity(0)) == mine, mine)"
     )
     root = Path(__file__).resolve().parents[1]

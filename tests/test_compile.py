@@ -11,13 +11,13 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo
-from distributed import run_distributed
 from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
 
-from flux import Flux
-from flux.compile import compile_blocks, compile_counters, set_attention_backend
-from parallel.apply import parallelize_flux
-from parallel.context import ParallelContext
+from flux_parallel.flux import Flux
+from flux_parallel.flux.compile import compile_blocks, compile_counters, set_attention_backend
+from flux_parallel.parallel.apply import parallelize_flux
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 GRIDS = [(5, 5), (6, 4)]  # two resolutions (25 and 24 image tokens): the second must reuse the graphs
 
@@ -89,7 +89,7 @@ def test_attention_backend_is_installed_in_every_block_and_checked():
 
 
 def test_pipeline_options_install_the_backend_compile_the_blocks_and_refuse_fp8_here():
-    from flux.pipeline import FluxPipeline
+    from flux_parallel.flux.pipeline import FluxPipeline
 
     call = dict(prompt="a red fox", height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
     pipe = FluxPipeline.tiny()

@@ -3,7 +3,8 @@
 import time
 
 import pytest
-from distributed import run_distributed
+
+from flux_parallel.parallel.launch import run_distributed
 
 
 def _raise_in_order(rank, world):

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from kernels import (
+from flux_parallel.kernels import (
     BACKENDS,
     apply_rope,
     apply_rope_reference,

@@ -9,13 +9,13 @@ runs each of its layouts with both caches.
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-from flux.cache import CacheConfig
-from flux.pipeline import FluxPipeline
-from parallel import comm
-from parallel.context import ParallelContext
+from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 # true CFG: on cfg_degree 1 both branches run as one batched forward, with their own cache states
 CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32, num_steps=8,

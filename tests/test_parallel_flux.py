@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
 
-from flux import Flux
-from parallel import comm
-from parallel.apply import parallelize_flux
-from parallel.context import ParallelContext
-from parallel.sequence import shard_sizes
+from flux_parallel.flux import Flux
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.apply import parallelize_flux
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.parallel.sequence import shard_sizes
 
 FACTORISATIONS = {2: [(2, 1), (1, 2)], 3: [(3, 1), (1, 3)], 4: [(4, 1), (2, 2), (1, 4)]}  # (ulysses, ring)
 LENGTHS = [(7, (5, 5)), (3, (4, 4))]  # (text tokens, image grid): 7 and 25 divide by none of 2, 3, 4; 3 < 4

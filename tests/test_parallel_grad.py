@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
-from distributed import run_distributed
 from helpers import PARAMS, rel_err, tiny_flux_inputs
 
-from flux import Flux
-from parallel.apply import parallelize_flux, sync_gradients
-from parallel.context import ParallelContext
+from flux_parallel.flux import Flux
+from flux_parallel.parallel.apply import parallelize_flux, sync_gradients
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 
 def _loss_and_grads(model, forward, x):

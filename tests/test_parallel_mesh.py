@@ -8,12 +8,12 @@ alone and composed with sequence parallelism and the parallel VAE, against one p
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-from flux.pipeline import FluxPipeline
-from parallel import comm
-from parallel.context import ParallelContext
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 CFG_CALL = dict(prompt=["a red fox", "snow"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32,
                 num_steps=2, max_sequence_length=7, output_type="pt")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-from flux.pipeline import FluxPipeline
-from parallel.context import ParallelContext
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
 
 CALL = dict(prompt=["a red fox", ""], height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
 

@@ -7,14 +7,14 @@ per-stripe means (DistVAE's old bug) would be off by tens of percent on them, fa
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 from helpers import rel_err
 
-from parallel.context import ParallelContext
-from parallel.halo import DistGroupNorm, split_rows
-from parallel.stripes import decode_in_stripes
-from parallel.vae import decode_parallel
-from vae import VAE_CONFIGS, AutoEncoder
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.halo import DistGroupNorm, split_rows
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.parallel.stripes import decode_in_stripes
+from flux_parallel.parallel.vae import decode_parallel
+from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
 
 TOL = 1e-5  # fp32: the sharded decode only reorders sums (halo rows, reductions), ~1e-7 in practice
 

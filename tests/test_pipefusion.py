@@ -12,18 +12,18 @@ Two references, both single-process:
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-from flux.cache import CacheConfig
-from flux.configs import CONFIGS
-from flux.layers import DoubleStreamBlock, SingleStreamBlock
-from flux.model import Flux
-from flux.pipeline import FluxPipeline
-from parallel import comm
-from parallel.context import ParallelContext
-from parallel.pipefusion import make_schedule, patch_bounds
-from parallel.stages import (
+from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.layers import DoubleStreamBlock, SingleStreamBlock
+from flux_parallel.flux.model import Flux
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.parallel.pipefusion import make_schedule, patch_bounds
+from flux_parallel.parallel.stages import (
     block_flops,
     block_weights,
     embedder_weights,
@@ -259,10 +259,10 @@ def test_generate_usage_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
 def test_a_stage_loads_only_its_tensors(layout, tmp_path):
-    from flux.checkpoint import bfl_to_diffusers, load_transformer
-    from flux.model import Flux
-    from parallel.stages import stage_prefixes
-    from weights import seeded_init
+    from flux_parallel.flux.checkpoint import bfl_to_diffusers, load_transformer
+    from flux_parallel.flux.model import Flux
+    from flux_parallel.parallel.stages import stage_prefixes
+    from flux_parallel.weights import seeded_init
 
     params = CONFIGS["tiny"]
     model = seeded_init(Flux(params), 0)
@@ -294,8 +294,8 @@ def test_cost_model_pipefusion():
     (xDiT docs/performance/flux.md); on 24 GB cards only PipeFusion holds FLUX.1-dev."""
     import dataclasses
 
-    import cost_model as cm
-    import plan
+    from flux_parallel.planning import cost_model as cm
+    from flux_parallel.planning import planner as plan
 
     w = plan.make_workload("dev", 1024, "bf16", steps=28)
     one = cm.stage_weight_bytes(w, 1)[0]
@@ -327,12 +327,12 @@ def test_cost_model_pipefusion():
 
 def _no_exchange_rank(rank, world):
     from bench_pipefusion import NO_EXCHANGE
-    from common import flux_inputs
 
-    from parallel import pipefusion
-    from parallel.runtime import Conditioning, parallelize
-    from parallel.swap import swapped
-    from weights import seeded_init
+    from flux_parallel.flux.sampling import flux_inputs
+    from flux_parallel.parallel import pipefusion
+    from flux_parallel.parallel.runtime import Conditioning, parallelize
+    from flux_parallel.parallel.swap import swapped
+    from flux_parallel.weights import seeded_init
 
     model = seeded_init(Flux(CONFIGS["tiny"]), 0)
     x = flux_inputs(CONFIGS["tiny"], (6, 2), 7, seed=0)
@@ -359,7 +359,7 @@ def test_bench_parallel_refuses_a_bad_pipefusion_row(capsys):
 
 
 def test_pipefusion_error_tool_reports_exact_rows_as_exact(capsys):
-    """tools/pipefusion_error.py on the trained tiny model: with W >= steps every row is the exact image."""
+    """tools/bench/pipefusion_error.py on the trained tiny model: with W >= steps every row is the exact image."""
     import pipefusion_error
 
     pipefusion_error.main(["--captions", "2", "--steps", "2", "--warmup", "2", "0"])

@@ -22,13 +22,13 @@ from helpers import (
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-import flux
-from flux import tokenizer_training as tt
-from flux.checkpoint import diffusers_to_bfl
-from flux.pipeline import FluxPipeline
-from flux.pipeline_folder import check_pipeline_folder, load_schedule
-from flux.sampling import Schedule, get_schedule, pack, unpack
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux import tokenizer_training as tt
+from flux_parallel.flux.checkpoint import diffusers_to_bfl
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.flux.pipeline_folder import check_pipeline_folder, load_schedule
+from flux_parallel.flux.sampling import Schedule, get_schedule, pack, unpack
+from flux_parallel.weights import CheckpointError
 
 HEIGHT, WIDTH = 48, 80  # 3x5 packed tokens: not square, so a row/column mix-up shows
 PROMPTS = ["a red fox in the snow", ""]
@@ -120,8 +120,10 @@ def test_bfl_single_file_overrides_give_the_same_image(saved, tmp_path):
     (tmp_path / "t").mkdir(), (tmp_path / "ae").mkdir()
     save_file(diffusers_to_bfl(dict(ref.transformer.state_dict()), params), tmp_path / "t" / "flux1-tiny.safetensors")
     (tmp_path / "t" / "config.json").write_text('{"axes_dim": [2, 2, 4]}')  # head_dim 8 has no 16:56:56 split
-    from vae import VAE_CONFIGS
-    from vae.checkpoint import diffusers_to_bfl as vae_to_bfl  # proven against diffusers' converter in test_vae
+    from flux_parallel.vae import VAE_CONFIGS
+    from flux_parallel.vae.checkpoint import (
+        diffusers_to_bfl as vae_to_bfl,  # proven against diffusers' converter in test_vae
+    )
 
     save_file(vae_to_bfl(dict(ref.vae.state_dict()), VAE_CONFIGS["tiny"]), tmp_path / "ae" / "ae.safetensors")
     (tmp_path / "ae" / "config.json").write_text('{"norm_groups": 4}')  # a BFL file implies 32 groups

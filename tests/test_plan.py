@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cost_model as cm
 import plan
 import pytest
 import torch
 from einops import rearrange
+
+from flux_parallel.planning import cost_model as cm
+from flux_parallel.planning import planner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def test_l40_8_gpus_pay_for_the_socket_link():
 
 
 def test_one_a100_runs_out_in_the_plain_vae_above_2048px():
-    """With the mid-block attention materialising its scores (what vae/autoencoder.py does today:
+    """With the mid-block attention materialising its scores (what flux_parallel/vae/autoencoder.py does today:
     SDPA's math kernel allocated 81 GiB at 3072 px on the H100), one 80 GB device decodes 2048 px
     but not 3072; the transformer itself fits at 3072."""
     plain = cm.Config(1, 1, False)
@@ -113,7 +115,7 @@ def test_link_tiers_and_ring_overlap():
 
 
 def test_detect_vae_attention_sees_the_kernel_sdpa_picks():
-    class Strided(torch.nn.Module):  # the layout vae/autoencoder.py hands SDPA today
+    class Strided(torch.nn.Module):  # the layout flux_parallel/vae/autoencoder.py hands SDPA today
         def forward(self, q, k, v):
             q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c") for t in (q, k, v))
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -123,8 +125,8 @@ def test_detect_vae_attention_sees_the_kernel_sdpa_picks():
             q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c").contiguous() for t in (q, k, v))
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    assert plan.detect_vae_attention(Strided()) == "math"
-    assert plan.detect_vae_attention(Contiguous()) == "fused"
+    assert planner.detect_vae_attention(Strided()) == "math"
+    assert planner.detect_vae_attention(Contiguous()) == "fused"
 
 
 def test_validate_reports_the_error_per_configuration(tmp_path):

@@ -7,10 +7,18 @@ import torch
 from helpers import rel_err, tiny_flux_inputs
 from torch import nn
 
-from flux import CONFIGS, Flux
-from flux.quantize import FP8, FP8Linear, Int8Linear, check_fp8, quantize_fp8, quantize_int8_weights, quantize_rows
-from flux.t5 import T5_CONFIGS, T5Encoder
-from weights import seeded_init
+from flux_parallel.flux import CONFIGS, Flux
+from flux_parallel.flux.quantize import (
+    FP8,
+    FP8Linear,
+    Int8Linear,
+    check_fp8,
+    quantize_fp8,
+    quantize_int8_weights,
+    quantize_rows,
+)
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder
+from flux_parallel.weights import seeded_init
 
 
 def test_quantize_rows_puts_each_row_max_at_the_fp8_limit():
@@ -43,7 +51,7 @@ def test_fp8_transformer_error_is_small_and_the_unquantized_model_is_untouched()
         err = rel_err(quantized(**x), ref)
         assert torch.equal(model(**x), ref)  # the exact setting: no --fp8, no change
     assert sum(isinstance(m, FP8Linear) for m in quantized.modules()) == 2 * 8 + 2 * 2  # 8 per double, 2 per single
-    # 3 mantissa bits per operand: a few percent per GEMM at most; measured 1e-2 here (tools/bench_quantize.py)
+    # 3 mantissa bits per operand: a few percent per GEMM at most; measured 1e-2 here (tools/bench/bench_quantize.py)
     assert 1e-4 < err < 5e-2, err
 
 
@@ -68,7 +76,7 @@ def test_int8_linear_rounds_each_weight_to_its_row_step():
 
 def test_int8_t5_changes_the_prompt_embedding_little_and_stores_a_quarter_of_the_fp32_bytes():
     t5 = seeded_init(T5Encoder(T5_CONFIGS["tiny"]), 0).eval()
-    for block in t5.encoder.block:  # T5 initialises q at d_kv^-1/2 of our draw (tools/bench_quantize.py)
+    for block in t5.encoder.block:  # T5 initialises q at d_kv^-1/2 of our draw (tools/bench/bench_quantize.py)
         block.layer[0].SelfAttention.q.weight.data.mul_(t5.params.d_kv**-0.5)
     ids = torch.randint(0, 512, (2, 16))
     linear_bytes = sum(m.weight.numel() * 4 for m in t5.modules() if isinstance(m, nn.Linear))
@@ -80,5 +88,5 @@ def test_int8_t5_changes_the_prompt_embedding_little_and_stores_a_quarter_of_the
                      for b in m.buffers())
     assert int8_bytes < 0.3 * linear_bytes  # 1 byte per weight plus one fp32 scale per row
     # 8 bits per weight, one scale per row of Gaussian weights: about 0.7% rms per weight, so some 3%
-    # after the 14 GEMMs of 2 layers; measured 2.7e-2 (tools/bench_quantize.py: XXL width too)
+    # after the 14 GEMMs of 2 layers; measured 2.7e-2 (tools/bench/bench_quantize.py: XXL width too)
     assert 1e-3 < err < 5e-2, err

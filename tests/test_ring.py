@@ -2,11 +2,11 @@
 
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 
-from kernels import attention_with_lse_reference
-from parallel import comm
-from parallel.ring import merge_attention, ring_attention
+from flux_parallel.kernels import attention_with_lse_reference
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.parallel.ring import merge_attention, ring_attention
 
 LENGTHS = [5, 2, 4]  # uneven shards: 11 tokens over 3 ranks
 

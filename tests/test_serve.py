@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from generate import encode_png
-from serve_request import Limits
 from serving import Service, serve
 
-from flux.pipeline import FluxPipeline
+from flux_parallel.flux.images import encode_png
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.serve.request import Limits
 
 SIZE = (64, 48)  # (height, width) of requests without one: small, and not square, to catch a swap
 LIMITS = Limits(max_prompt_length=100)

@@ -1,11 +1,12 @@
-"""tools/shapes.py (the tiny model's data set) and the pixel statistics of tools/eval_tiny.py."""
+"""flux_parallel/shapes/data.py (the tiny model's data set) and the pixel statistics of tools/eval_tiny.py."""
 
 import random
 
-import eval_tiny
 import pytest
-import shapes
 import torch
+
+from flux_parallel.shapes import data as shapes
+from flux_parallel.shapes import evaluate as eval_tiny
 
 
 def test_the_data_set_is_seeded():

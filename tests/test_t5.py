@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-import flux
-from flux.t5 import T5_CONFIGS, T5Params, relative_position_bucket
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Params, relative_position_bucket
+from flux_parallel.weights import CheckpointError
 
 # Small, but with more tokens than max_distance so that the exact, log-spaced and clipped buckets all occur.
 SMALL = dict(

@@ -8,12 +8,12 @@ import torch
 from helpers import CORPUS, PROMPTS, clip_model, rel_err, write_clip_files, write_t5_files
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-import flux
-from flux import tokenizer_training as tt
-from flux.clip import CLIP_CONFIGS, ClipTextModel
-from flux.t5 import T5_CONFIGS, T5Encoder
-from flux.text_encoders import TextConditioner
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux import tokenizer_training as tt
+from flux_parallel.flux.clip import CLIP_CONFIGS, ClipTextModel
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder
+from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.weights import CheckpointError
 
 PROMPTS = PROMPTS[:3] + PROMPTS[4:6] + PROMPTS[-1:]  # plain, empty, whitespace, unicode and over-long prompts
 

@@ -1,26 +1,26 @@
-"""The shipped tiny model (flux/assets/tiny): real checkpoint files read by the public loaders, images
+"""The shipped tiny model (flux_parallel/flux/assets/tiny): real checkpoint files read by the public loaders, images
 that match held-out captions, and the same image on several gloo ranks (USP and the parallel VAE)."""
 
 import dataclasses
 import json
 from pathlib import Path
 
-import eval_tiny
 import generate
 import pytest
-import shapes
 import torch
-from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
-import flux
-from flux.configs import CONFIGS
-from flux.pipeline import FluxPipeline
-from parallel.context import ParallelContext
-from vae import VAE_CONFIGS, load_autoencoder
+from flux_parallel import flux
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.shapes import data as shapes
+from flux_parallel.shapes import evaluate as eval_tiny
+from flux_parallel.vae import VAE_CONFIGS, load_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "flux" / "assets" / "tiny"
+TINY = ROOT / "flux_parallel" / "flux" / "assets" / "tiny"
 # held-out (colour, shape, background) combinations, most with a named position: never seen in training
 CAPTIONS = eval_tiny.evaluation_captions("held_out", 8, seed=1)
 HELD_OUT_CAPTIONS = eval_tiny.evaluation_captions("held_out", 16, seed=1)

@@ -8,10 +8,10 @@ import torch
 from helpers import CORPUS, PROMPTS, write_clip_files, write_t5_files
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-import flux
-from flux import tokenizer_training as tt
-from flux import tokenizers as tk
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux import tokenizer_training as tt
+from flux_parallel.flux import tokenizers as tk
+from flux_parallel.weights import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import torch
 import train_tiny
 from safetensors.torch import load_file
 
-from flux.pipeline import FluxPipeline
-from flux.t5 import T5_CONFIGS, T5Encoder
-from flux.tokenizers import load_t5_tokenizer
-from weights import seeded_init
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder
+from flux_parallel.flux.tokenizers import load_t5_tokenizer
+from flux_parallel.weights import seeded_init
 
 
 def test_train_tiny_writes_a_loadable_folder_with_trained_text_encoders(tmp_path):

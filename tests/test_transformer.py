@@ -9,9 +9,9 @@ from diffusers import FluxTransformer2DModel
 from helpers import diffusers_model, rel_err, write_source
 from safetensors.torch import save_file
 
-import flux
-from flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
-from weights import CheckpointError
+from flux_parallel import flux
+from flux_parallel.flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
+from flux_parallel.weights import CheckpointError
 
 TINY = flux.CONFIGS["tiny"]
 

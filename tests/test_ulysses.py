@@ -1,11 +1,11 @@
 """Ulysses attention on real gloo groups, against attention over the full sequence."""
 
 import torch
-from distributed import run_distributed
 
-from kernels import attention_reference
-from parallel import comm
-from parallel.ulysses import ulysses_attention
+from flux_parallel.kernels import attention_reference
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.parallel.ulysses import ulysses_attention
 
 LENGTHS = [5, 2, 4]  # uneven shards: 11 tokens over 3 ranks
 HEADS = 6

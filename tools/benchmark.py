@@ -7,7 +7,7 @@
 --model: `tiny` (built in), a preset of flux.CONFIGS (`schnell`, `dev`: full size, random weights)
 or a checkpoint folder / hub repo id. For every world size W, every (ulysses, ring) factorisation
 of W whose Ulysses degree divides the head count, with the parallel VAE off and (W > 1) on, the
-benchmark runs `torchrun --standalone --nproc_per_node W tools/bench_worker.py` (gloo on the CPU,
+benchmark runs `torchrun --standalone --nproc_per_node W tools/bench/bench_worker.py` (gloo on the CPU,
 NCCL on GPUs). One launch per (ulysses, ring) loads the pipeline once and runs every resolution
 with both VAE modes, warm-up first, then the repeats; latency is the median over the repeats of the
 slowest rank's end-to-end time (text encoding + denoising + decode). A configuration that fails is
@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from flux.configs import CONFIGS
-from flux.sampling import check_image_size
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.sampling import check_image_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+WORKER = Path(__file__).resolve().parent / "bench" / "bench_worker.py"
 DTYPES = ("bfloat16", "float16", "float32")
 FLUX_HEADS = 24  # every FLUX.1 checkpoint; one that differs fails its Ulysses configurations, recorded
 

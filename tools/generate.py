@@ -13,27 +13,24 @@ Usage errors exit with status 2, loading errors with 1, each with one sentence o
 """
 
 import argparse
-import ctypes
 import json
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
-from common import peak_memory_bytes
 
-from flux.cache import KINDS, CacheConfig
-from flux.pipeline import FluxPipeline
-from flux.quantize import check_fp8, quantize_int8_weights
-from flux.sampling import check_image_size
-from kernels import BACKENDS, check_backend
-from parallel import comm
-from parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
-from weights import CheckpointError, check_device
+from flux_parallel.flux.cache import KINDS, CacheConfig
+from flux_parallel.flux.images import write_png
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.flux.quantize import check_fp8, quantize_int8_weights
+from flux_parallel.flux.sampling import check_image_size
+from flux_parallel.kernels import BACKENDS, check_backend
+from flux_parallel.memory import peak_memory_bytes
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
+from flux_parallel.weights import DTYPES, CheckpointError, check_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
 
 
@@ -178,25 +175,6 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
             check_fp8(torch.device(args.device))
     except ValueError as err:
         parser.error(str(err))
-
-
-def write_png(path: str, image: torch.Tensor) -> None:
-    Path(path).write_bytes(encode_png(image))
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """image [3, H, W] in [0, 1] -> an 8-bit RGB PNG (zlib from the standard library; no Pillow needed)."""
-    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
-    height, width = pixels.shape[:2]
-    filtered = torch.cat((torch.zeros(height, 1, dtype=torch.uint8), pixels.view(height, -1)), dim=1)
-    # each row: filter type 0 (none), then its RGB bytes; read straight from the tensor's memory
-    rows = ctypes.string_at(filtered.data_ptr(), filtered.numel())
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 class Progress:

@@ -24,14 +24,14 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from common import peak_memory_bytes, reset_peak_memory
 from generate import add_pipeline_arguments, apply_defaults, build_pipeline, check_pipeline_usage
-from serve_app import Job, JobQueue, create_app
-from serve_request import Limits
 
-from flux.sampling import check_image_size
-from parallel.context import close_distributed, exit_process
-from weights import CheckpointError
+from flux_parallel.flux.sampling import check_image_size
+from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
+from flux_parallel.parallel.context import close_distributed, exit_process
+from flux_parallel.serve.app import Job, JobQueue, create_app
+from flux_parallel.serve.request import Limits
+from flux_parallel.weights import CheckpointError
 
 OK, FAILED, FATAL = 0, 1, 2  # a job's outcome on one rank; the ranks agree on the worst
 

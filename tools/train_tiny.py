@@ -1,6 +1,6 @@
-"""Train the tiny FLUX on the captioned shapes of tools/shapes.py and write it as a FLUX checkpoint folder.
+"""Train the tiny FLUX on the captioned shapes of flux_parallel/shapes/data.py and write it as a FLUX checkpoint folder.
 
-    python tools/train_tiny.py --output flux/assets/tiny      # about 27 min on 2 CPU cores
+    python tools/train_tiny.py --output flux_parallel/flux/assets/tiny      # about 27 min on 2 CPU cores
 
 Three stages, each from the seed:
   1. tokenizers: a SentencePiece model (T5) and a byte-level BPE vocabulary (CLIP) learnt from the
@@ -25,21 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-import shapes
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flux.clip import CLIP_CONFIGS, ClipTextModel
-from flux.configs import CONFIGS
-from flux.model import Flux
-from flux.sampling import make_img_ids, pack
-from flux.t5 import T5_CONFIGS, T5Encoder
-from flux.text_encoders import TextConditioner
-from flux.tokenizer_training import clip_vocab, train_spiece
-from flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
-from vae import VAE_CONFIGS, AutoEncoder
-from weights import seeded_init
+from flux_parallel.flux.clip import CLIP_CONFIGS, ClipTextModel
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.model import Flux
+from flux_parallel.flux.sampling import make_img_ids, pack
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder
+from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.flux.tokenizer_training import clip_vocab, train_spiece
+from flux_parallel.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+from flux_parallel.shapes import data as shapes
+from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
+from flux_parallel.weights import seeded_init
 
 TEXT_TOKENS = 16  # T5 tokens per caption (the longest has 14): the tokenizer's model_max_length, the default
 T5_PIECES, CLIP_MERGES = 64, 80  # enough for every caption word to be one token
@@ -209,7 +209,7 @@ def write_autoencoder(out: Path, ae: AutoEncoder) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="flux/assets/tiny", help="the checkpoint folder to write")
+    p.add_argument("--output", default="flux_parallel/flux/assets/tiny", help="the checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=2400)
     p.add_argument("--vae-batch", type=int, default=8)
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     write_tokenizers(out)
     text = text_conditioner(out, args.seed)
     if args.reuse_vae:
-        from vae import load_autoencoder
+        from flux_parallel.vae import load_autoencoder
 
         ae = load_autoencoder(out, dtype=torch.float32)
     else:

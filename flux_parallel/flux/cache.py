@@ -1,0 +1,211 @@
+"""Step caches for the FLUX block stack: First-Block-Cache and TeaCache.
+
+Between neighbouring denoising steps most of the block stack's work changes its output little, so a
+cheap indicator decides per step whether to run the stack or to add the residual (output - input)
+stored at the last step that ran it:
+
+- First-Block-Cache (ParaAttention, github.com/chengzeyi/ParaAttention; diffusers' FirstBlockCacheConfig):
+  run the first double block; its image residual r is compared with the one of the last computed step,
+  mean|r - r_prev| / mean|r_prev|. Below the threshold the remaining blocks are skipped and their stored
+  residuals (image and text streams) are added to the first block's output.
+- TeaCache (Liu et al. 2024, arXiv 2411.19108; ali-vilab/TeaCache, TeaCache4FLUX): the relative L1 change
+  of the first double block's modulated image input, rescaled by a polynomial fitted for FLUX, is
+  accumulated over steps; while the sum stays below the threshold the whole stack is skipped. The first
+  and the last step always run; the sum restarts at every computed step.
+
+Threshold 0 computes every step and gives the uncached output bit for bit. The state is per CFG
+branch: the forward's batch holds one contiguous chunk of rows per branch ([negative; positive] when
+both run together), each decided from its own rows, so two branches run as one batched forward decide
+as they would run apart. This module is single-device code; `StepCache.run_blocks` replaces the model's
+`run_blocks` seam during a call, and the caller hands in `reduce_sums`, which turns this process's sums
+into the sums over the whole image (parallel/cache.py does it over the sequence-parallel group).
+
+The decision is kept cheap: TeaCache's watched tensor is the first block's own modulated input, handed to
+the block rather than computed again (DoubleStreamBlock.modulate_img), and the sums of every branch take
+a few ops over one temporary and at most one reduction per step (`change_sums`).
+"""
+
+import math
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flux_parallel.flux.model import run_blocks
+
+KINDS = ("fbcache", "teacache")
+# TeaCache's rescaling of the relative L1 change for FLUX.1, highest power first (TeaCache4FLUX)
+TEACACHE_FLUX_POLY = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """kind: "fbcache" or "teacache"; threshold: >= 0, larger skips more steps, 0 computes every step."""
+
+    kind: str
+    threshold: float
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"cache kind must be 'fbcache' or 'teacache', got {self.kind!r}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"cache threshold must be a finite number >= 0 (0 computes every step), got {t!r}")
+
+
+def check_cache(cache, model: nn.Module) -> None:
+    """One sentence if `cache` cannot run on `model` (raised on every rank before any collective)."""
+    if cache is None:
+        return
+    if not isinstance(cache, CacheConfig):
+        raise ValueError(f"cache must be a CacheConfig(kind, threshold) or None, got {type(cache).__name__}")
+    if len(getattr(model, "double_blocks", ())) == 0 or not hasattr(model, "run_blocks"):
+        raise ValueError(f"a {cache.kind} cache watches the first double block, and this model has none")
+
+
+@dataclass
+class BranchState:
+    """One CFG branch's cache across the steps of one generation."""
+
+    img_residual: Tensor | None = None  # what the skipped blocks added to the image stream at the last computed step
+    txt_residual: Tensor | None = None
+    accumulated: float = 0.0  # teacache: rescaled change summed since the last computed step
+    computed: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+    # per step, the value compared with the threshold (fbcache: the relative change; teacache: the
+    # accumulated rescaled change); None where none was compared (first step, teacache's last)
+    indicators: list[float | None] = field(default_factory=list)
+
+
+def local_sums(sums: Tensor) -> Tensor:
+    return sums
+
+
+def change_sums(signal: Tensor, reference: Tensor, n: int) -> Tensor:
+    """[2, n] float64: per branch (n contiguous chunks of rows), sum|signal - reference| and sum|reference|.
+    Sums, not means: the element counts of numerator and denominator cancel, on any shard. One temporary
+    of the signal's size, reused for both sums (at FLUX.1's 4096 x 3072 per image, 50 MB). Summed in
+    float32 by torch.sum, whose blocked (pairwise) accumulation stays within 1e-6 of float64 at millions
+    of elements (torch.linalg.vector_norm(x, 1) does not on CPU: 1% off at 12M; tests/test_cache.py);
+    float64 accumulation would buy no closer decisions, since the watched tensor itself differs between
+    layouts by fp32 rounding."""
+    scratch = torch.sub(signal, reference).abs_()  # [N, L, hidden], in the model's dtype
+    differences = scratch.reshape(n, -1).sum(dim=-1, dtype=torch.float32)  # not in fp16: it overflows
+    magnitudes = torch.abs(reference, out=scratch).reshape(n, -1).sum(dim=-1, dtype=torch.float32)
+    return torch.stack((differences, magnitudes)).double()
+
+
+class StepCache:
+    """One generation's cache: call `run_blocks` once per step, in step order, with the model's arguments.
+
+    branches: the CFG branches whose rows the forward's batch stacks, in order. reduce_sums: [2, n] float64
+    sums of this process's rows (change_sums) -> the sums over every token of the image, identical on every
+    process that shares the image; None on one device."""
+
+    def __init__(self, config: CacheConfig, branches: tuple[str, ...], num_steps: int,
+                 reduce_sums: Callable[[Tensor], Tensor] | None = None):
+        if num_steps < 1:  # teacache must know the last step
+            raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
+        self.config, self.branches, self.num_steps = config, branches, num_steps
+        self.reduce_sums = reduce_sums or local_sums
+        self.state = [BranchState() for _ in branches]
+        # the whole batch's watched tensor that each branch compares with, [N, L, hidden] (fbcache: the
+        # first-block residual at its last computed step; teacache: the modulated input of the last step)
+        self.reference: Tensor | None = None
+        self.step = 0
+        # seconds spent deciding: the sums, their reduction (with waiting for the other ranks), the comparison.
+        # Not the watched tensor: that is the first block's own work (fbcache: its output; teacache: its
+        # modulated input, handed to it), which every step runs. reduction_s: the part spent in reduce_sums
+        # and reading its result to the host (on several ranks, waits for the slowest rank included).
+        self.decision_s = 0.0
+        self.reduction_s = 0.0
+
+    def run_blocks(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
+        """The model's block stack, skipped for the branches whose indicator stays below the threshold."""
+        if self.config.kind == "fbcache":
+            img_first, txt_first = model.double_blocks[0](img, txt, vec, pe)
+            compute = self.timed_decide(img_first - img)  # the first block's image residual [N, L, hidden]
+            out = self._run_rest(model, img_first, txt_first, vec, pe, 1, compute)
+        else:
+            img_modulated = model.double_blocks[0].modulate_img(img, vec)
+            compute = self.timed_decide(img_modulated[2])  # the first block's modulated input [N, L, hidden]
+            out = self._run_rest(model, img, txt, vec, pe, 0, compute, img_modulated)
+        self.step += 1
+        return out
+
+    def timed_decide(self, signal: Tensor) -> list[bool]:
+        start = time.perf_counter()
+        compute = self.decide(signal)
+        self.decision_s += time.perf_counter() - start
+        return compute
+
+    def decide(self, signal: Tensor) -> list[bool]:
+        """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
+        first block's image residual; teacache: its modulated input). Updates the reference; calls
+        reduce_sums once at most (and waits for it at once: parallel/cache.py says why)."""
+        n = len(self.state)
+        edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
+        changes = [None] * n
+        if self.step > 0 and not edge:
+            local = change_sums(signal, self.reference, n)
+            start = time.perf_counter()
+            differences, magnitudes = self.reduce_sums(local).tolist()
+            self.reduction_s += time.perf_counter() - start
+            changes = [d / p if p > 0 else math.inf for d, p in zip(differences, magnitudes)]
+        compute = [self._decide_branch(s, change) for s, change in zip(self.state, changes)]
+        if self.config.kind == "teacache" or all(compute):  # teacache compares neighbouring steps
+            self.reference = signal
+        elif any(compute):  # fbcache: each branch compares with its last computed step
+            self.reference = torch.cat([new if c else old for c, new, old in
+                                        zip(compute, signal.chunk(n), self.reference.chunk(n))])
+        return compute
+
+    def _decide_branch(self, state: BranchState, change: float | None) -> bool:
+        threshold = self.config.threshold
+        if self.config.kind == "fbcache":
+            state.indicators.append(change)
+            return change is None or not change < threshold
+        if change is not None:
+            state.accumulated += sum(c * change**p for p, c in enumerate(reversed(TEACACHE_FLUX_POLY)))
+        state.indicators.append(None if change is None else state.accumulated)
+        if change is not None and state.accumulated < threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+    def _run_rest(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, start: int,
+                  compute: list[bool], img_modulated=None) -> tuple[Tensor, Tensor]:
+        """Blocks `start`.. on the computing branches' rows; the stored residuals for the others.
+        img_modulated: block `start`'s modulate_img(img, vec) for the whole batch, where computed already."""
+        n, todo = len(compute), [i for i, c in enumerate(compute) if c]
+        if len(todo) == n and img_modulated is not None:  # bit for bit the uncached forward
+            img_first, txt_first = model.double_blocks[start](img, txt, vec, pe, img_modulated)
+            img_out, txt_out = run_blocks(model, img_first, txt_first, vec, pe, start + 1)
+        elif len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
+            img_out, txt_out = run_blocks(model, img, txt, vec, pe, start)
+        elif todo:  # (the first block recomputes its modulated input on these rows: rare, only under true CFG)
+            def pick(x: Tensor) -> Tensor:  # the rows of the computing branches
+                return torch.cat([x.chunk(n)[i] for i in todo]) if x.shape[0] == img.shape[0] else x
+
+            img_out, txt_out = run_blocks(model, pick(img), pick(txt), pick(vec), tuple(map(pick, pe)), start)
+        ran = dict(zip(todo, zip(img_out.chunk(len(todo)), txt_out.chunk(len(todo))))) if todo else {}
+        outputs = []
+        for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
+            if i in ran:
+                state.img_residual, state.txt_residual = ran[i][0] - img_in, ran[i][1] - txt_in
+                state.computed.append(self.step)
+                outputs.append(ran[i])
+            else:
+                state.reused.append(self.step)
+                outputs.append((img_in + state.img_residual, txt_in + state.txt_residual))
+        if len(todo) == n:
+            return img_out, txt_out
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+    def report(self) -> dict:
+        """Per branch: the steps computed and reused, and each step's indicator (see BranchState)."""
+        return {branch: {"computed": s.computed, "reused": s.reused, "indicators": s.indicators}
+                for branch, s in zip(self.branches, self.state)}

@@ -1,0 +1,332 @@
+"""Text to image: encode the prompt, denoise the packed latents, decode them with the VAE.
+
+Thin glue over `flux.sampling` and `parallel`; each stage's seconds land in `pipe.last_run`.
+Everything parallel (token shards, CFG branches, data replicas, the parallel VAE) sits behind
+the one denoiser that `parallel.parallelize` returns and the functions beside it.
+"""
+
+import math
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flux_parallel.flux.cache import CacheConfig, StepCache, check_cache
+from flux_parallel.flux.checkpoint import load_transformer
+from flux_parallel.flux.compile import prepare_transformer
+from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.model import Flux
+from flux_parallel.flux.pipeline_folder import check_pipeline_folder, load_schedule
+from flux_parallel.flux.sampling import (
+    Schedule,
+    check_image_size,
+    denoise,
+    get_noise,
+    get_schedule,
+    make_img_ids,
+    pack,
+    unpack,
+)
+from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.flux.tokenizers import as_prompt_list
+from flux_parallel.parallel import (
+    Conditioning,
+    ParallelContext,
+    batch_slice,
+    check_decode,
+    count_comm,
+    decode,
+    gather_batch,
+    parallelize,
+    release_other_stages,
+    stage_filter,
+)
+from flux_parallel.parallel.pipefusion import PipeFusionGeneration
+from flux_parallel.vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
+from flux_parallel.weights import check_device, check_dtype, module_or_load, resolve, seeded_init
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+class FluxPipeline:
+    """Text to image with FLUX.1, on one device or every rank of a ParallelContext.
+
+    parallel: the mesh (sequence, CFG and data parallelism); every rank builds the pipeline and calls
+    it with the same arguments. parallel_vae: decode across all ranks of a data replica. vae_stripes:
+    decode on one device in that many exact row stripes (lower peak memory). compile: regional
+    torch.compile of the blocks; attention_backend: one of kernels.BACKENDS (default: the rule in
+    kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py."""
+
+    def __init__(
+        self,
+        transformer: Flux,
+        vae: AutoEncoder,
+        text: TextConditioner,
+        schedule: Schedule,
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_stripes: int | None = None,
+        compile: bool = False,
+        attention_backend: str | None = None,
+        fp8: bool = False,
+    ):
+        if vae_stripes is not None and (not isinstance(vae_stripes, int) or vae_stripes < 1):
+            raise ValueError(f"vae_stripes must be a positive integer (the number of row stripes), got {vae_stripes!r}")
+        self.transformer, self.vae, self.text, self.schedule = transformer, vae, text, schedule
+        self.parallel = parallel or ParallelContext()
+        self.parallel_vae = parallel_vae
+        self.vae_stripes = vae_stripes
+        prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
+        # the transformer itself is never modified by the parallel strategies
+        self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
+        self.last_run: dict = {}
+        self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        transformer=None,
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_stripes: int | None = None,
+        **options,
+    ) -> "FluxPipeline":
+        """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
+        folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
+        parallel, parallel_vae, vae_stripes and `options` (compile, attention_backend, fp8): see the class
+        docstring."""
+        dtype, device = check_dtype(dtype), check_device(device)
+        overrides = {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+        }
+        wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
+        root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
+        check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
+
+        load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
+        model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
+        ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
+        text = TextConditioner.from_pretrained(
+            root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
+        )
+        schedule = load_schedule(root, model.params.guidance_embed)
+        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, **options)
+
+    @classmethod
+    def tiny(cls, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
+        """The trained tiny model shipped in flux/assets/tiny (tools/train_tiny.py; docs/tiny-model.md): it draws
+        the captioned shapes of shapes/data.py at 64x64 px, offline, loaded like any checkpoint folder.
+        `options` are from_pretrained's (parallel, parallel_vae, vae_stripes, ...)."""
+        return cls.from_pretrained(Path(__file__).resolve().parent / "assets" / "tiny", dtype, device, **options)
+
+    @classmethod
+    def tiny_random(
+        cls,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        parallel: ParallelContext | None = None,
+        parallel_vae: bool = False,
+        vae_stripes: int | None = None,
+        **options,
+    ) -> "FluxPipeline":
+        """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds,
+        identically on every rank. It shows the machinery, not image quality."""
+        dtype, device = check_dtype(dtype), check_device(device)
+        model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
+        if parallel is not None and (keep := stage_filter(parallel)) is not None:
+            model = release_other_stages(model, keep(model.params))  # a PipeFusion rank holds its stage only
+        ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
+        text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
+        return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes,
+                   **options)
+
+    @property
+    def device(self) -> torch.device:
+        # the first held parameter: a later PipeFusion stage holds no embedder (the rest is on the meta device)
+        return next(p.device for p in self.transformer.parameters() if not p.is_meta)
+
+    def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
+                   max_sequence_length: int, latents: Tensor | None, cache: bool = False) -> None:
+        """One sentence per bad argument, raised identically on every rank before any collective and
+        before the text encoders run."""
+        check_image_size("height", height)
+        check_image_size("width", width)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        limit = self.text.model_max_length  # the argument's own name in the message, not the tokenizer's max_length
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
+            raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
+                             "(the T5 tokenizer's model_max_length)")
+        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None,
+                            rows=height // 16, cache=cache)
+        check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
+        expected = (len(prompts), 16, height // 8, width // 8)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {list(expected)} for {len(prompts)} images of {height}x{width}, "
+                             f"got {list(latents.shape)}")
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int = 1024,
+        width: int = 1024,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        latents: Tensor | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        cache: CacheConfig | None = None,
+    ):
+        """Images for `prompt`: PIL images ("pil"), a [B, 3, H, W] tensor in [0, 1] ("pt") or the
+        unpacked latents [B, 16, H/8, W/8] ("latent"), B = prompts x num_images_per_prompt in prompt
+        order, on global rank 0 (the other ranks return None). With a negative prompt and
+        true_cfg_scale > 1, every step uses neg + true_cfg_scale * (pos - neg) (true CFG, as diffusers).
+        Image i's noise is drawn for image i (seed, then the batch order), whatever the parallel layout.
+        cache: skip steps of the block stack (flux/cache.py); last_run["cache"] lists the steps computed."""
+        has_guidance = self.transformer.params.guidance_embed
+        num_steps = num_steps if num_steps is not None else (28 if has_guidance else 4)
+        if max_sequence_length is None:
+            max_sequence_length = min(512 if has_guidance else 256, self.text.model_max_length)
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        prompts, negatives = expand_prompts(prompt, negative_prompt, true_cfg_scale, num_images_per_prompt)
+        check_cache(cache, self.transformer)
+        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache is not None)
+        if guidance is not None and not has_guidance:
+            warnings.warn("this model has no guidance embedding (FLUX.1-schnell): the guidance value is ignored")
+        guidance = (3.5 if guidance is None else guidance) if has_guidance else None
+
+        # the settings this call used, defaults resolved, for reports
+        run = self.last_run = {"num_steps": num_steps, "guidance": guidance, "max_sequence_length": max_sequence_length,
+                               "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": []}
+        total, part = len(prompts), batch_slice(len(prompts), self.parallel)  # this data replica's images
+        start = time.perf_counter()
+        conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
+        run["text_encoding_s"] = time.perf_counter() - start
+
+        noise = latents if latents is not None else get_noise(total, height, width, seed)
+        img = pack(noise[part].to(device=self.device, dtype=torch.float32))
+        img_ids = make_img_ids(img.shape[0], height, width, self.device)
+        timesteps = get_schedule(num_steps, img.shape[1], self.schedule)
+        branches = self.denoiser.branches(negatives is not None)
+        step_cache = None if cache is None else StepCache(cache, branches, num_steps, self.denoiser.cache_sums())
+        generation = self.denoiser.start(img, img_ids, conds, guidance, true_cfg_scale if negatives else None,
+                                         step_cache)
+        img = self._denoise(generation, timesteps)
+        run["cache"] = generation.cache_report
+        latents = unpack(img, height, width)
+        if output_type == "latent":
+            return gather_batch(latents, total, self.parallel)
+        start = time.perf_counter()
+        with count_comm() as stats:
+            image = decode(self.vae, latents.to(self.vae_dtype), self.parallel, self.parallel_vae, self.vae_stripes)
+        self._sync()
+        run["vae_decode_s"] = time.perf_counter() - start
+        run["vae_comm_bytes"] = dict(stats.bytes)
+        image = gather_batch(image, total, self.parallel)
+        if image is None:
+            return None
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        return image if output_type == "pt" else to_pil(image)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _encode(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> dict:
+        """The conditioning of each CFG branch this rank computes (cfg-parallel ranks encode only theirs)."""
+        dtype, device = self.transformer.img_in.weight.dtype, self.device
+        conds = {}
+        for branch in self.denoiser.branches(negatives is not None):
+            txt, txt_ids, y = self.text(negatives if branch == "negative" else prompts, max_sequence_length)
+            conds[branch] = Conditioning(txt.to(device=device, dtype=dtype), txt_ids.to(device), y.to(device=device,
+                                                                                                        dtype=dtype))
+        self._sync()
+        return conds
+
+    def _denoise(self, generation, timesteps: list[float]) -> Tensor:
+        steps_s = self.last_run["steps_s"]
+        last = time.perf_counter()
+
+        def on_step(step: int) -> None:
+            nonlocal last
+            self._sync()
+            now = time.perf_counter()
+            steps_s.append(now - last)
+            last = now
+            if self.progress is not None:
+                self.progress(step + 1, len(timesteps) - 1)
+
+        with count_comm() as stats:
+            img = denoise_on_mesh(generation, timesteps, on_step)
+        steps = max(1, len(timesteps) - 1)
+        self.last_run["comm_bytes_per_step"] = {k: v / steps for k, v in stats.bytes.items()}
+        self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}
+        return img
+
+    def _sync(self) -> None:
+        """Stage timings on a GPU need the queued kernels finished (a step's output is needed next anyway)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def denoise_on_mesh(generation, timesteps: list[float], on_step=None) -> Tensor:
+    """The denoising loop of one generation on this rank -> the final latents [B, L, C] on every rank of
+    the replica: the Euler loop over this rank's token shard, or PipeFusion's own patch schedule."""
+    if isinstance(generation, PipeFusionGeneration):
+        return generation.denoise(timesteps, on_step)
+    return generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step))
+
+
+def expand_prompts(prompt, negative_prompt, true_cfg_scale: float, num_images_per_prompt: int):
+    """(prompts, negatives): one entry per image, each prompt repeated num_images_per_prompt times in
+    a row; negatives is None unless true CFG is on (a negative prompt and true_cfg_scale > 1)."""
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+    if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, (int, float)) \
+            or not math.isfinite(true_cfg_scale):
+        raise ValueError(f"true_cfg_scale must be a finite number, got {true_cfg_scale!r}")
+    prompts = as_prompt_list(prompt)
+    if negative_prompt is None or true_cfg_scale <= 1:
+        if true_cfg_scale > 1:
+            warnings.warn("true_cfg_scale > 1 without a negative prompt: true CFG is off (as in diffusers)")
+        return [p for p in prompts for _ in range(num_images_per_prompt)], None
+    negatives = as_prompt_list(negative_prompt)
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} prompts for {len(prompts)} prompts: "
+                         "give one negative prompt, or one per prompt")
+    repeat = num_images_per_prompt
+    return [p for p in prompts for _ in range(repeat)], [n for n in negatives for _ in range(repeat)]
+
+
+def to_pil(images: Tensor) -> list:
+    """[B, 3, H, W] in [0, 1] -> PIL images (needs Pillow, which diffusers users already have)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(
+            "output_type='pil' needs Pillow (pip install pillow); use output_type='pt' without it"
+        ) from None
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]

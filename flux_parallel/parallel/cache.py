@@ -1,0 +1,66 @@
+"""Step caches on the mesh: one decision for all the ranks that share an image, one state per CFG branch.
+
+The algorithm is flux/cache.py's single-device StepCache, which the pipeline makes fresh for each call
+(its state lives in the runtime's per-call Generation); this file hands it the reduction, installs it in
+the model's `run_blocks` seam for the call and collects its report.
+
+- sp (ring x ulysses): every rank holds some of the image's tokens. Its indicator sums (never its
+  means: shards may be uneven) are summed over the sp group so that every sp rank holds bit for bit the
+  same sums, those of the whole image (a single device's up to fp32 rounding), and takes the same
+  branch. A rank that skipped the blocks while another waited in their collectives would
+  deadlock (vllm-project/vllm-omni#6180); xDiT and ParaAttention average per-rank means instead, which is
+  not the image's mean when shards are uneven.
+- cfg: each branch has its own state, on one device (two chunks of one batched forward) and with
+  cfg_degree 2 (one branch per half of the mesh) alike, so both decide the same steps.
+- data: each replica decides from its own images; replicas share nothing.
+"""
+
+from torch import Tensor, nn
+
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.context import ParallelContext
+
+# (parallel/ does not import flux/: the pipeline imports parallel, and flux/__init__ imports the pipeline)
+
+
+def sp_sums(ctx: ParallelContext):
+    """[2, n] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank;
+    None when the sp group is this rank alone (the sums are then the image's already)."""
+    # PipeFusion is refused with a cache (ParallelDenoiser.check): its stages see one patch at a time, and
+    # the first block and the rest of the stack live on different ranks.
+    if ctx.sp_degree == 1:
+        return None
+    group = ctx.group("sp")
+    # The reduction is waited for at once, not overlapped (async_op): between the indicator and the
+    # decision's use the seam holds no work that every outcome needs (a skipped step only adds the stored
+    # residuals, a computed one starts with the blocks, whose collectives the decision gates); the work
+    # that does not depend on it (text embedding, RoPE table, final layer's modulation) lies outside the
+    # seam, in Flux.forward. Running blocks meanwhile would be speculation, wasted on every skipped step.
+
+    def reduce_sums(local: Tensor) -> Tensor:
+        if ctx.sp_degree == 2:
+            # one all-reduce: each element is one IEEE addition of two numbers, and a + b == b + a bit for
+            # bit, so both ranks hold the same bytes whichever rank's value a backend adds first
+            return comm.all_reduce(local, group)
+        # 3 or more ranks: addition is not associative, and a backend may add in a different order on each
+        # rank; all-gather, then one sum in rank order over the same bytes on every rank
+        return comm.all_gather(local[None], group, dim=0).sum(dim=0)
+
+    return reduce_sums
+
+
+def cache_swaps(model: nn.Module, cache) -> list[tuple[nn.Module, str, object]]:
+    """The change that installs the cache in the model's `run_blocks` seam (none without a cache)."""
+    return [] if cache is None else [(model, "run_blocks", cache.run_blocks)]
+
+
+def cache_report(cache, ctx: ParallelContext) -> dict | None:
+    """{kind, threshold, decision_s, reduction_s, branches: {branch: computed/reused steps}}, with both
+    branches on every rank under cfg_degree 2 (one object gather over the cfg group). Call it on every rank."""
+    if cache is None:
+        return None
+    branches = cache.report()
+    if ctx.cfg_degree > 1 and len(cache.branches) == 1:
+        branches = {k: v for part in comm.all_gather_object(branches, ctx.group("cfg")) for k, v in part.items()}
+    return {"kind": cache.config.kind, "threshold": cache.config.threshold, "decision_s": cache.decision_s,
+            "reduction_s": cache.reduction_s, "branches": branches}

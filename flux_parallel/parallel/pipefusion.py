@@ -1,0 +1,248 @@
+"""PipeFusion (Fang et al. 2024, arXiv:2405.14430): the transformer's blocks in stages on the ranks of
+the pipefusion axis, the image in row-band patches that flow through the stages as a pipeline, and
+attention that reads the other patches' image keys and values from the previous step.
+
+Schedule. A *message* is one patch of one step passing through every stage. Steps before
+`warmup_steps` are one message holding the whole image (synchronous); later steps are
+`num_pipeline_patch` messages, row bands of the latent image (uneven when the count does not divide
+the rows: `shard_sizes`). Stage s runs message i in slot `slot(i) + s`: stage 0 starts a message one
+slot after the previous one, but never before the last stage has sent back the latents it needs
+(the previous step's overlapping patches, `make_schedule`). With at least as many patches as stages
+the first stage is never idle after warm-up; the last stage applies the Euler update to each patch
+as it comes and sends the new latents of that patch to stage 0.
+
+No deadlock, whatever the stages, patches and message sizes: after every slot each rank posts ONE
+batch of point-to-point operations (comm.P2P) holding everything it sends and receives in that
+slot, and waits for it. Every rank derives the same schedule, so the operations of one slot match
+pairwise across ranks and no rank waits for an operation that a peer posts only later. (xDiT posts
+isend/irecv one by one; a large send queued before a receive on the same peer hangs both ranks,
+xDiT#310.) The price: a slot's transfers are not overlapped with its compute.
+
+Text stream. The text hidden states and the conditioning vector travel with the first patch of
+each step (as in xDiT). The first patch's pass is the text stream's pass: every block keeps the
+text input it saw then, and runs each later patch of the step on [that text; the patch], so text
+keys and values are recomputed for every patch from this step's text, never stale, and the text
+output of later patches is dropped. Because the text a block sees does not depend on where the
+stage boundaries are, the result with stale activations is the same for every number of stages.
+
+Stale keys and values (`StaleKV`, installed on each block's attention seam for the call): a
+per-block buffer of the image K/V of the whole image. A patch writes its fresh rows, then attends
+to [its fresh text K/V; the buffer]: patches already run this step are fresh, the later ones are
+from the previous step. Before the buffer has seen the whole image once (warmup_steps 0), a patch
+attends to the image tokens written so far. With sp ranks inside a stage, each holds a shard of the
+text and of every patch, and the fresh K/V shards are all-gathered into every rank's whole buffer.
+With warmup_steps >= the number of steps every step is one whole-image message: the buffer holds only
+fresh values, and the result is exactly the single-device one.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flux_parallel.kernels import attention
+from flux_parallel.parallel import comm, stages
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.sequence import shard_sizes
+from flux_parallel.parallel.swap import swapped
+
+
+@dataclass(frozen=True)
+class Message:
+    step: int
+    patch: int  # index within its step: 0 carries the text stream
+    start: int  # image tokens [start, end)
+    end: int
+    slot: int  # stage s runs it in slot + s
+
+
+def patch_bounds(rows: int, width: int, patches: int) -> list[tuple[int, int]]:
+    """Token ranges of `patches` row bands of a rows x width token grid (row-major), first bands larger."""
+    if patches > rows:
+        raise ValueError(f"num_pipeline_patch {patches} is more than the {rows} rows of image tokens "
+                         "(height / 16): every patch needs a row")
+    bounds, start = [], 0
+    for band in shard_sizes(rows, patches):
+        bounds.append((start, start + band * width))
+        start += band * width
+    return bounds
+
+
+def make_schedule(num_steps: int, warmup_steps: int, patches: list[tuple[int, int]], img_len: int,
+                  num_stages: int) -> list[Message]:
+    """Every message of a call in the order stage 0 runs them, with its slot."""
+    messages, previous = [], []
+    for step in range(num_steps):
+        current = []
+        for patch, (start, end) in enumerate([(0, img_len)] if step < warmup_steps else patches):
+            slot = messages[-1].slot + 1 if messages else 0
+            # its latents: the last stage's update of the previous step's overlapping patches, made in
+            # slot m.slot + num_stages - 1 and received by stage 0 at the end of that slot
+            for m in previous:
+                if m.start < end and start < m.end:
+                    slot = max(slot, m.slot + num_stages)
+            messages.append(Message(step, patch, start, end, slot))
+            current.append(messages[-1])
+        previous = current
+    return messages
+
+
+class StaleKV:
+    """A block's attention_fn under PipeFusion: fresh text K/V, the image K/V buffer for the rest.
+
+    With an sp group inside the stage, each sp rank holds a shard of the text and of the patch; the
+    fresh K/V shards are all-gathered over the group, so every sp rank keeps the whole buffer and
+    attends its own queries to every key, in the single-device key order (xDiT replicates the fresh
+    K/V over the sp group likewise)."""
+
+    def __init__(self, img_len: int, group=None, rank: int = 0):
+        self.img_len, self.group, self.rank = img_len, group, rank  # the sp group and this rank's index in it
+        self.keys = self.values = None  # [B, H, L, D]: the image K/V of each patch's latest pass
+        self.filled = 0  # image tokens [0, filled) have been written
+        self.txt_sizes, self.patch_sizes, self.start, self.end = [0], [0], 0, 0
+
+    def set_patch(self, txt_sizes: list[int], patch_sizes: list[int], start: int, end: int) -> None:
+        """Text and patch tokens per sp rank (one entry without sp); the patch is image tokens [start, end)."""
+        self.txt_sizes, self.patch_sizes, self.start, self.end = txt_sizes, patch_sizes, start, end
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v [B, H, S_r + P_r, D] of this rank's [txt; patch] -> attention over [txt; whole image]."""
+        text = self.txt_sizes[self.rank]
+        kv = torch.stack((k, v))  # [2, B, H, S_r + P_r, D]
+        kv_txt, kv_img = kv[:, :, :, :text], kv[:, :, :, text:]
+        if self.group is not None:
+            kv_txt = comm.all_gather(kv_txt.contiguous(), self.group, dim=3, sizes=self.txt_sizes)
+            kv_img = comm.all_gather(kv_img.contiguous(), self.group, dim=3, sizes=self.patch_sizes)
+        if self.keys is None:
+            shape = (*k.shape[:2], self.img_len, k.shape[3])
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        self.keys[:, :, self.start : self.end] = kv_img[0]
+        self.values[:, :, self.start : self.end] = kv_img[1]
+        self.filled = max(self.filled, self.end)
+        keys = torch.cat((kv_txt[0], self.keys[:, :, : self.filled]), dim=2)
+        values = torch.cat((kv_txt[1], self.values[:, :, : self.filled]), dim=2)
+        return attention(q, keys, values)
+
+
+class PipeFusionGeneration:
+    """One call's denoising on one stage; the same interface as runtime.Generation (denoise)."""
+
+    cache_report = None  # step caching is refused with PipeFusion (ParallelDenoiser.start)
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, blocks: range, img: Tensor, img_ids: Tensor,
+                 cond, branches: int, guidance: float | None, true_cfg_scale: float | None):
+        """img [B, L, 64], img_ids [B, L, 3] full on every rank; cond: the branches' conditioning
+        stacked along the batch ([negative; positive] when both are on this rank)."""
+        self.model, self.ctx, self.blocks, self.scale = model, ctx, blocks, true_cfg_scale
+        self.stage, self.num_stages, self.branches = ctx.rank("pipefusion"), ctx.pipefusion_degree, branches
+        self.sp_rank, self.sp_group = ctx.rank("sp"), ctx.group("sp") if ctx.sp_degree > 1 else None
+        self.img = img.float().clone()  # full latents, kept current on the first and the last stage
+        self.img_ids = img_ids.repeat(branches, 1, 1)
+        # sp inside a stage: this rank's contiguous shard of the text (and, per message, of the patch)
+        self.txt_sizes = shard_sizes(cond.txt.shape[1], ctx.sp_degree)
+        text = slice(sum(self.txt_sizes[: self.sp_rank]), sum(self.txt_sizes[: self.sp_rank + 1]))
+        self.txt, self.txt_ids, self.y = cond.txt[:, text], cond.txt_ids[:, text], cond.y
+        rows = self.txt.shape[0]
+        self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
+        grid_rows = int(img_ids[0, -1, 1].item()) + 1  # row-major position ids: the last token is in the last row
+        self.patches = patch_bounds(grid_rows, img.shape[1] // grid_rows, ctx.patches)
+        self.kv = [StaleKV(img.shape[1], self.sp_group, self.sp_rank) for _ in blocks]
+        self.swaps = [(b, "attention_fn", kv) for b, kv in zip(stages.stage_blocks(model, blocks), self.kv)]
+        self.txt_h = self.vec = None  # this step's text input and conditioning vector at this stage
+        self.block_txt = [None] * len(blocks)  # each block's text input in this step's first patch
+
+    def denoise(self, timesteps: list[float], on_step=None) -> Tensor:
+        """Run every step; returns the final latents [B, L, 64] on every rank of the pipefusion group."""
+        schedule = make_schedule(len(timesteps) - 1, self.ctx.warmup_steps, self.patches, self.img.shape[1],
+                                 self.num_stages)
+        by_slot = {m.slot: m for m in schedule}  # what stage 0 runs in each slot
+        ends_step = {max((m for m in schedule if m.step == s), key=lambda m: m.slot) for s in range(len(timesteps) - 1)}
+        if self.num_stages > 1:
+            # every stage starts from the same noise anyway; this collective makes the group's first
+            # NCCL call one that all its ranks join, as batch_isend_irecv requires (torch.distributed docs)
+            comm.broadcast(self.img, self.ctx.group("pipefusion"), src=0)
+        inbox = None
+        for slot in range(schedule[-1].slot + self.num_stages):
+            message = by_slot.get(slot - self.stage)
+            out = self._run(message, inbox, timesteps) if message is not None else None
+            inbox = self._exchange(slot, by_slot, message, out, len(timesteps) - 2)
+            if message in ends_step and on_step is not None:
+                on_step(message.step)
+        if self.num_stages > 1:
+            comm.broadcast(self.img, self.ctx.group("pipefusion"), src=self.num_stages - 1)
+        return self.img
+
+    def _shard(self, message: Message) -> tuple[list[int], int, int]:
+        """(patch tokens per sp rank, this rank's first and end token): contiguous shards of the patch."""
+        sizes = shard_sizes(message.end - message.start, self.ctx.sp_degree)
+        first = message.start + sum(sizes[: self.sp_rank])
+        return sizes, first, first + sizes[self.sp_rank]
+
+    def _run(self, message: Message, inbox: Tensor | None, timesteps: list[float]) -> Tensor | None:
+        """This stage's blocks on one message; the last stage updates the patch's latents instead."""
+        model, text = self.model, self.txt.shape[1]
+        patch_sizes, start, end = self._shard(message)  # this sp rank's image tokens
+        if self.stage == 0:
+            if message.patch == 0:
+                t = torch.full((self.txt.shape[0],), timesteps[message.step], device=self.img.device)
+                self.vec = stages.conditioning(model, t, self.y, self.guidance)
+                self.txt_h = stages.embed_text(model, self.txt)
+            img_h = stages.embed_image(model, self.img[:, start:end].repeat(self.branches, 1, 1))
+        elif message.patch == 0:  # [txt; vec; img] from the previous stage
+            self.txt_h, self.vec, img_h = inbox[:, :text], inbox[:, text], inbox[:, text + 1 :]
+        else:
+            img_h = inbox
+        for kv in self.kv:
+            kv.set_patch(self.txt_sizes, patch_sizes, message.start, message.end)
+        pe = stages.rope(model, self.txt_ids, self.img_ids[:, start:end])
+        txt_h = self.txt_h
+        with swapped(self.swaps):
+            for i, block in enumerate(self.blocks):
+                if message.patch == 0:
+                    self.block_txt[i] = txt_h  # the text input of block i in this step's text pass
+                img_h, txt_h = stages.run_blocks(model, range(block, block + 1), img_h, self.block_txt[i],
+                                                 self.vec, pe)
+        if self.stage < self.num_stages - 1:
+            return torch.cat((txt_h, self.vec[:, None], img_h), dim=1) if message.patch == 0 else img_h
+        velocity = self._guided(stages.final(model, img_h, self.vec).float())
+        if self.sp_group is not None:  # every sp rank of the last stage updates (and sends back) the whole patch
+            velocity = comm.all_gather(velocity, self.sp_group, dim=1, sizes=patch_sizes)
+        step = timesteps[message.step + 1] - timesteps[message.step]
+        self.img[:, message.start : message.end] += step * velocity
+        return None
+
+    def _guided(self, pred: Tensor) -> Tensor:
+        """The branches' predictions [n B, l, C] -> the guided velocity [B, l, C] (as runtime.Generation)."""
+        preds = pred.chunk(self.branches)
+        if self.scale is None:
+            return preds[0]
+        if self.branches == 1:  # cfg_degree 2: the last stages of the two cfg halves exchange predictions
+            preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
+        negative, positive = preds[0], preds[1]
+        return negative + self.scale * (positive - negative)
+
+    def _exchange(self, slot: int, by_slot: dict, message: Message | None, out: Tensor | None,
+                  final_step: int) -> Tensor | None:
+        """After a slot: one batch of everything this rank sends and receives in it; returns the next input."""
+        if self.num_stages == 1:
+            return None
+        stage, last = self.stage, self.num_stages - 1
+        p2p = comm.P2P(self.ctx.group("pipefusion"))
+        if message is not None and stage < last:
+            p2p.send(out, dst=stage + 1)
+        if message is not None and stage == last and message.step < final_step:
+            p2p.send(self.img[:, message.start : message.end], dst=0)
+        arriving = by_slot.get(slot - (stage - 1)) if stage > 0 else None  # what the previous stage just ran
+        if arriving is not None:
+            rows = self._shard(arriving)[0][self.sp_rank] + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
+            shape = (self.txt.shape[0], rows, self.model.params.hidden_size)
+            inbox = p2p.recv(shape, self.model.img_in.weight.dtype, self.img.device, src=stage - 1)
+        returned = by_slot.get(slot - last) if stage == 0 else None  # what the last stage just updated
+        if returned is not None and returned.step < final_step:
+            latents = p2p.recv(self.img[:, returned.start : returned.end].shape, torch.float32, self.img.device,
+                               src=last)
+        p2p.commit()
+        p2p.wait()
+        if returned is not None and returned.step < final_step:
+            self.img[:, returned.start : returned.end] = latents
+        return inbox if arriving is not None else None

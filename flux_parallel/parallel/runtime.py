@@ -1,0 +1,194 @@
+"""The one entry point the pipeline calls: every axis of the mesh, composed around the denoising loop.
+
+    denoiser = parallelize(transformer, ctx)                  # once; the transformer is not modified
+    run = denoiser.start(img, img_ids, conds, guidance, true_cfg_scale)   # per generation
+    img = run.finish(denoise(run.velocity, run.img, timesteps))  # the pipeline's Euler loop (flux/sampling.py)
+    img = run.denoise(timesteps, on_step)                     # or, under PipeFusion, its own patch schedule
+
+- sp (ring x ulysses): the tokens of each image are sharded over the sp group (parallel/apply.py);
+  between steps a rank keeps only its rows, since the Euler update is elementwise.
+- cfg: true classifier-free guidance runs the transformer on the negative and the positive
+  conditioning. With cfg_degree 2 the two halves of the mesh run one branch each (cfg rank 0 the
+  negative, rank 1 the positive, as xDiT orders them), exchange their predictions with one
+  all-gather per step, and all apply the same combination, so the latents stay identical
+  everywhere. On one cfg rank both branches run as one forward on the doubled batch.
+- data: each replica makes a contiguous chunk of the batch (`batch_slice`); the images meet on
+  global rank 0 at the end (`gather_batch`). Noise is drawn per image, so image i is the same
+  whichever replica makes it.
+- pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
+  them (parallel/pipefusion.py); its generation drives its own denoising loop.
+- The parallel VAE decodes across all ranks of one replica (`decode`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.apply import parallelize_flux
+from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_sums
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.halo import split_rows
+from flux_parallel.parallel.pipefusion import PipeFusionGeneration, patch_bounds
+from flux_parallel.parallel.sequence import shard_sizes
+from flux_parallel.parallel.stages import split_stages, stage_prefixes
+from flux_parallel.parallel.stripes import decode_in_stripes
+from flux_parallel.parallel.swap import swapped
+from flux_parallel.parallel.vae import decode_parallel
+
+BRANCHES = ("negative", "positive")  # in cfg rank order
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One branch's text conditioning, for the whole batch of this replica."""
+
+    txt: Tensor  # [B, S, context_in_dim] T5 hidden states
+    txt_ids: Tensor  # [B, S, 3]
+    y: Tensor  # [B, vec_in_dim] CLIP pooled output
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto") -> "ParallelDenoiser":
+    """The denoiser for `model` on every axis of ctx; its sequence-parallel attention runs kernels
+    backend `attention_backend`. Call it on every rank (it builds ctx's mesh)."""
+    return ParallelDenoiser(model, ctx, attention_backend)
+
+
+class ParallelDenoiser:
+    def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
+        self.model, self.ctx = model, ctx
+        # PipeFusion's block range per stage, from the config alone: refused identically on every rank
+        self.stages = split_stages(model.params, ctx.pipefusion_degree, ctx.pipefusion_stage_sizes)
+        self.sp = parallelize_flux(model, ctx, attention_backend)  # validates the heads before the mesh is built
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the transformer's parameters this rank computes with: its stage's under PipeFusion."""
+        prefixes = ("",)  # every name
+        if self.ctx.uses_pipefusion:
+            stage = self.ctx.rank("pipefusion")
+            prefixes = stage_prefixes(self.model.params, self.stages[stage], stage == 0,
+                                      stage == self.ctx.pipefusion_degree - 1)
+        return sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
+                   if name.startswith(prefixes))
+
+    def branches(self, true_cfg: bool) -> tuple[str, ...]:
+        """The CFG branches this rank computes: the text encoders need only encode these."""
+        if not true_cfg:
+            return ("positive",)
+        return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
+
+    def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None,
+              cache: bool = False) -> None:
+        """One sentence per impossible request, raised identically on every rank before any collective.
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for."""
+        ctx = self.ctx
+        if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
+            raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
+                             "the stack live on different stages, so no rank sees what the decision needs")
+        if ctx.uses_pipefusion and rows is not None:
+            if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
+                raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
+                                 f"{rows} rows of image tokens (height / 16): every sp rank needs a row of every patch")
+            patch_bounds(rows, img_len // rows, ctx.patches)
+        if ctx.cfg_degree == 2 and not true_cfg:
+            raise ValueError("cfg_degree 2 runs the negative and the positive branch on two halves of the mesh: "
+                             "it needs a negative prompt and true_cfg_scale > 1")
+        if batch < ctx.data_degree:
+            raise ValueError(f"{batch} image(s) cannot be split over {ctx.data_degree} data-parallel replicas: "
+                             "each replica needs at least one image")
+        self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
+
+    def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
+              true_cfg_scale: float | None, cache=None) -> "Generation":
+        """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
+        the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
+        flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None."""
+        if self.ctx.uses_pipefusion:  # a cache was refused by check()
+            branches = tuple(b for b in BRANCHES if b in conds)
+            stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
+                                     for f in ("txt", "txt_ids", "y")))
+            blocks = self.stages[self.ctx.rank("pipefusion")]
+            return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
+                                        true_cfg_scale)
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache)
+
+    def cache_sums(self):
+        """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
+        return sp_sums(self.ctx)
+
+
+class Generation:
+    """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
+
+    def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
+                 guidance: float | None, true_cfg_scale: float | None, cache=None):
+        self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
+        self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
+        if cache is not None and tuple(cache.branches) != self.branches:
+            raise ValueError(f"the step cache is for the branches {cache.branches}, this rank runs {self.branches}")
+        self.cache = cache  # a step cache's state lives as long as this generation
+        self.cache_report = None  # filled by finish
+        batch = img.shape[0]
+        # one forward for every branch on this rank: the conditioning stacked along the batch
+        txt = torch.cat([conds[b].txt for b in self.branches])
+        txt_ids = torch.cat([conds[b].txt_ids for b in self.branches])
+        self.y = torch.cat([conds[b].y for b in self.branches])
+        self.layout = self.sp.layout(txt.shape[1], img.shape[1])
+        self.img, img_ids_l, self.txt, self.txt_ids = self.sp.shard(self.layout, img, img_ids, txt, txt_ids)
+        self.img_ids = img_ids_l.repeat(len(self.branches), 1, 1)
+        rows = len(self.branches) * batch
+        self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
+
+    def velocity(self, img_local: Tensor, t: float) -> Tensor:
+        """The (guided) velocity [B, I_r, C] of this rank's rows at time t, identical on all cfg ranks."""
+        n = len(self.branches)
+        t_vec = torch.full((n * img_local.shape[0],), t, device=img_local.device)
+        with swapped(cache_swaps(self.sp.model, self.cache)):
+            preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec,
+                            self.y, self.guidance).float().chunk(n)
+        if self.scale is None:
+            return preds[0]
+        if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
+            preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
+        negative, positive = preds[0], preds[1]
+        return negative + self.scale * (positive - negative)
+
+    def finish(self, img_local: Tensor) -> Tensor:
+        """This rank's rows -> the full [B, L, C] on every rank of the replica."""
+        self.cache_report = cache_report(self.cache, self.ctx)
+        return self.sp.gather(self.layout, img_local)
+
+
+def batch_slice(total: int, ctx: ParallelContext) -> slice:
+    """The contiguous chunk of a batch of `total` images that this rank's data replica makes."""
+    sizes = shard_sizes(total, ctx.data_degree)
+    start = sum(sizes[: ctx.rank("data")])
+    return slice(start, start + sizes[ctx.rank("data")])
+
+
+def gather_batch(images: Tensor | None, total: int, ctx: ParallelContext) -> Tensor | None:
+    """Each replica's images [b_r, ...] on its main rank -> all `total` images, in order, on global rank 0."""
+    if images is None or not ctx.is_replica_main:
+        return None
+    if ctx.data_degree > 1:
+        images = comm.all_gather(images.contiguous(), ctx.group("data"), dim=0,
+                                 sizes=shard_sizes(total, ctx.data_degree))
+    return images if ctx.is_main else None
+
+
+def check_decode(latent_rows: int, ctx: ParallelContext, parallel_vae: bool) -> None:
+    """The parallel VAE needs a latent row per rank of the replica (raised before any collective)."""
+    if parallel_vae and ctx.replica_size > 1:
+        split_rows(latent_rows, ctx.replica_size)
+
+
+def decode(vae: nn.Module, latents: Tensor, ctx: ParallelContext, parallel_vae: bool,
+           stripes: int | None) -> Tensor | None:
+    """latents [b, 16, h, w], the same on every rank of the replica -> its images [b, 3, 8h, 8w] on the
+    replica's main rank (None elsewhere): across the replica, in stripes on one device, or whole."""
+    if parallel_vae and ctx.replica_size > 1:
+        return decode_parallel(vae, latents, ctx.group("replica"))
+    if not ctx.is_replica_main:
+        return None
+    return decode_in_stripes(vae, latents, stripes) if stripes else vae.decode(latents)

@@ -1,0 +1,59 @@
+"""USP: Ulysses inside each ring group (Fang & Zhao 2024, "USP: A Unified Sequence Parallelism
+Approach for Long Context Generative AI", arXiv:2405.07719).
+
+The sp group of ulysses_degree x ring_degree ranks is a grid: a Ulysses group is the contiguous
+run of ranks sharing a ring rank, a ring group the strided set sharing a Ulysses rank. The
+Ulysses all-to-all turns the group's token shards into one longer shard for H/U heads; the ranks
+that hold the same head slice u (one per Ulysses group) then run ring attention over those
+longer shards; the inverse all-to-all returns every row to its owner. Any factorisation works.
+"""
+
+from functools import partial
+
+from torch import Tensor
+
+from flux_parallel.kernels import attention
+from flux_parallel.parallel.ring import ring_attention
+from flux_parallel.parallel.sequence import SequenceLayout
+from flux_parallel.parallel.ulysses import ulysses_attention
+
+
+def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, layout: SequenceLayout, ring_rank: int,
+                  ring_overlap: bool = True, backend: str = "auto") -> Tensor:
+    """q, k, v [B, H, J_r, D]: sp rank r's local joint sequence (J_r = layout.joint_lens[r]), all heads
+    -> [B, H, J_r, D], attention over the keys of every sp rank with kernels backend `backend`.
+    A degree of 1 skips its collectives."""
+    inner = partial(attention, backend=backend)
+    if layout.ring_degree > 1:
+        inner = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap,
+                        backend=backend)
+    if layout.ulysses_degree == 1:
+        return inner(q, k, v)
+    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner)
+
+
+def _ring_attention_output(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool,
+                           backend: str) -> Tensor:
+    """Ring attention's output alone: inside USP nothing merges it further, so its LSE is not needed."""
+    return ring_attention(q, k, v, group, seq_lens, overlap, backend)[0]
+
+
+class USPAttention:
+    """The `attention_fn` the FLUX blocks call while a sequence-parallel forward runs.
+
+    It holds the process groups and the `SequenceLayout` of the inputs it serves, both fixed at
+    construction, so no attention call needs a collective to learn the other ranks' lengths.
+    """
+
+    def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int, layout: SequenceLayout,
+                 backend: str = "auto"):
+        self.ulysses_group, self.ring_group = ulysses_group, ring_group
+        self.ring_rank, self.sp_rank = ring_rank, sp_rank
+        self.layout, self.backend = layout, backend
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        expected = self.layout.joint_lens[self.sp_rank]
+        if q.shape[2] != expected:
+            raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, its layout gives it {expected}")
+        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
+                             backend=self.backend)

@@ -1,0 +1,170 @@
+"""Rank 0's side of tools/serve.py: the job queue and the HTTP API (FastAPI) in front of it.
+
+The HTTP handlers run on uvicorn's event loop in a thread of their own; they check a request
+(serve_request.py), queue it and await its answer. The rank loop (serve.py) takes the jobs one at a
+time, in arrival order, and resolves each job's future with an image or an error.
+"""
+
+import asyncio
+import base64
+import collections
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from flux_parallel.flux.images import encode_png
+from flux_parallel.serve.request import Limits, parse_request
+
+PAGE = Path(__file__).resolve().parent / "page.html"
+RECENT_JOBS = 64  # finished jobs /progress still knows
+
+
+class Refused(Exception):
+    """A request the queue cannot take now: `status` (429 full, 503 shutting down) and one sentence."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Job:
+    """One request: the pipeline's keyword arguments, its progress and, once run, its outcome."""
+
+    def __init__(self, params: dict, request_id: str | None):
+        self.params, self.request_id = params, request_id
+        self.state, self.step, self.steps = "queued", 0, params["num_steps"]
+        self.arrived = time.perf_counter()
+        self.outcome: Future = Future()  # resolves to a dict: the image and its report, or status and error
+
+    def on_progress(self, done: int, total: int) -> None:  # FluxPipeline.progress, called on rank 0
+        self.step, self.steps = done, total
+
+    def finish(self, **outcome) -> None:
+        self.state = "done"
+        self.outcome.set_result(outcome)
+
+    def fail(self, status: int, message: str) -> None:
+        self.state = "failed"
+        self.outcome.set_result({"status": status, "error": message})
+
+
+class JobQueue:
+    """Requests in arrival order, at most `max_queue` waiting besides the one running."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.accepting = True  # a plain flag: the SIGTERM handler clears it
+        self.current: Job | None = None
+        self.served = self.failed = 0
+        self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def submit(self, params: dict, request_id: str | None) -> Job:
+        with self._lock:
+            if not self.accepting:
+                raise Refused(503, "the service is shutting down and takes no new requests")
+            job = Job(params, request_id)
+            job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
+            try:
+                self._waiting.put_nowait(job)
+            except queue.Full:
+                raise Refused(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue): "
+                                   "try again when one has finished") from None
+            if request_id:
+                self._recent[request_id] = job
+                while len(self._recent) > RECENT_JOBS:
+                    self._recent.popitem(last=False)
+        return job
+
+    def _count(self, outcome: Future) -> None:
+        if "error" in outcome.result():
+            self.failed += 1
+        else:
+            self.served += 1
+
+    def take(self, timeout_s: float) -> Job | None:
+        """The next job (the rank loop calls this), or None after `timeout_s` without one."""
+        try:
+            job = self._waiting.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        job.state, self.current = "running", job
+        return job
+
+    def close(self, status: int, message: str) -> None:
+        """Take no more requests and answer every waiting one with `status`."""
+        with self._lock:
+            self.accepting = False
+            while not self._waiting.empty():
+                self._waiting.get_nowait().fail(status, message)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.qsize()
+
+    def progress(self, request_id: str) -> dict | None:
+        job = self._recent.get(request_id)
+        if job is None:
+            return None
+        if job.state == "queued":
+            with self._waiting.mutex:
+                position = next((i for i, j in enumerate(self._waiting.queue) if j is job), 0)
+            return {"state": "queued", "position": position + 1}
+        return {"state": job.state, "step": job.step, "steps": job.steps}
+
+
+def error(status: int, message) -> JSONResponse:
+    return JSONResponse({"error": str(message)}, status_code=status)
+
+
+def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: Limits) -> FastAPI:
+    """The API. `info` (model, world size, ...) is shown by /health; `size` is the default (height, width)."""
+    app = FastAPI(title="flux-parallel", docs_url=None, redoc_url=None, openapi_url=None)
+    page = PAGE.read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    @app.get("/health")
+    def health():
+        status = "ok" if jobs.accepting else "stopping"
+        return {"status": status, **info, "default_height": size[0], "default_width": size[1],
+                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": jobs.current is not None,
+                "served": jobs.served, "failed": jobs.failed}
+
+    @app.get("/progress")
+    def progress(id: str = ""):
+        if not id:
+            return error(400, "give the id that the request was sent with: /progress?id=ID (header X-Request-Id)")
+        state = jobs.progress(id)
+        return error(404, f"no recent request has the id {id!r}") if state is None else state
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        try:
+            params = parse_request(await request.body(), pipe, size, limits)
+            job = jobs.submit(params, request.headers.get("x-request-id"))
+        except ValueError as err:
+            return error(400, err)
+        except Refused as err:
+            return error(err.status, err)
+        outcome = await asyncio.wrap_future(job.outcome)
+        if "error" in outcome:
+            return error(outcome["status"], outcome["error"])
+        start = time.perf_counter()
+        png = await run_in_threadpool(encode_png, outcome.pop("image"))  # off the event loop; the ranks go on
+        outcome["stages"]["png_encode_s"] = time.perf_counter() - start
+        if "application/json" in request.headers.get("accept", ""):
+            return {"image_png_base64": base64.b64encode(png).decode(), **outcome}
+        return Response(png, media_type="image/png", headers={"X-Report": json.dumps(outcome)})
+
+    return app

@@ -1,6 +1,0 @@
-"""The FLUX.1 autoencoder: model (`autoencoder.py`) and checkpoint loading (`checkpoint.py`)."""
-
-from vae.autoencoder import VAE_CONFIGS, AutoEncoder, AutoEncoderParams
-from vae.checkpoint import load_autoencoder
-
-__all__ = ["VAE_CONFIGS", "AutoEncoder", "AutoEncoderParams", "load_autoencoder"]
