@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
-from flux_parallel.flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache
+from flux_parallel.flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache, forecast
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.model import Flux, run_blocks
 from flux_parallel.flux.pipeline import FluxPipeline
@@ -18,6 +19,8 @@ CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, 
 # thresholds that skip some steps of the seeded random tiny model but not all (asserted below);
 # fbcache's makes the two branches decide differently at some steps
 SKIPPING = {"fbcache": 0.8, "teacache": 1.5}
+# DBCache's block ranges on the tiny model's 2 double + 2 single blocks: Fn blocks before the indicator, Bn after
+DB_RANGES = [(1, 0), (1, 1), (2, 1), (1, 2), (3, 0)]
 
 
 def tiny_pipeline(**options) -> FluxPipeline:
@@ -93,7 +96,7 @@ def test_change_sums_are_the_float64_sums_per_branch_at_a_large_size():
 
 
 @pytest.mark.parametrize("kind, threshold, message", [
-    ("fastcache", 0.1, "cache kind must be 'fbcache' or 'teacache'"),
+    ("fastcache", 0.1, "cache kind must be one of fbcache, teacache, dbcache"),
     ("fbcache", -0.1, "cache threshold must be a finite number >= 0"),
     ("teacache", math.inf, "cache threshold must be a finite number >= 0"),
     ("teacache", math.nan, "cache threshold must be a finite number >= 0"),
@@ -128,6 +131,17 @@ def _generate():
     (["--cache", "teacache", "--cache-threshold", "nan"], "(0 computes every step), got nan"),
     (["--cache", "teacache", "--cache-threshold", "x"], "invalid float value: 'x'"),
     (["--cache", "magcache", "--cache-threshold", "0.1"], "invalid choice: 'magcache'"),
+    (["--cache", "dbcache", "--cache-threshold", "0.1", "--compute-first", "0"],
+     "--compute-first must be an integer >= 1, got 0"),
+    (["--cache", "dbcache", "--cache-threshold", "0.1", "--compute-last", "-1"],
+     "--compute-last must be an integer >= 0, got -1"),
+    (["--cache", "dbcache", "--cache-threshold", "0.1", "--taylorseer-order", "3"],
+     "--taylorseer-order must be 0, 1 or 2, got 3"),
+    (["--cache", "fbcache", "--cache-threshold", "0.1", "--compute-first", "2"],
+     "--compute-first and --compute-last are dbcache's"),
+    (["--cache", "teacache", "--cache-threshold", "0.1", "--max-continuous-cached-steps", "0"],
+     "--max-continuous-cached-steps must be an integer >= 1, got 0"),
+    (["--taylorseer-order", "1"], "--taylorseer-order: only with --cache and --cache-threshold"),
 ])
 def test_generate_cache_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -152,6 +166,20 @@ def test_generate_reports_the_steps_computed_per_branch(tmp_path):
         assert sorted(record["computed"] + record["reused"]) == list(range(8)) and record["reused"]
 
 
+def test_generate_runs_dbcache_with_a_forecast_and_reports_it(tmp_path):
+    import json
+
+    report = tmp_path / "report.json"
+    argv = ["--model", "tiny", "--prompt", "a red fox", "--steps", "8", "--cache", "dbcache", "--cache-threshold",
+            "0.3", "--compute-first", "1", "--compute-last", "1", "--taylorseer-order", "1",
+            "--output", str(tmp_path / "fox.png"), "--report", str(report)]
+    assert _generate().main(argv) == 0
+    cache = json.loads(report.read_text())["cache"]
+    assert cache["kind"] == "dbcache" and cache["taylorseer_order"] == 1 and cache["compute_last"] == 1
+    record = cache["branches"]["positive"]
+    assert sorted(record["computed"] + record["reused"]) == list(range(8)) and record["reused"]
+
+
 def test_a_cache_needs_the_number_of_steps():
     from flux_parallel.flux.cache import StepCache
 
@@ -169,3 +197,111 @@ def test_the_runtime_refuses_a_cache_made_for_other_branches(pipe):
     cache = StepCache(CacheConfig("fbcache", 0.1), ("positive",), 2)  # as if true CFG were off
     with pytest.raises(ValueError, match=r"the step cache is for the branches \('positive',\), this rank runs"):
         pipe.denoiser.start(torch.zeros(1, 6, 64), make_img_ids(1, 48, 32), conds, None, 2.5, cache)
+
+
+@pytest.mark.parametrize("first, last", DB_RANGES)
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_dbcache_threshold_zero_is_the_uncached_image_bit_for_bit(pipe, first, last, order):
+    uncached = pipe(**CALL)
+    cached = pipe(**CALL, cache=CacheConfig("dbcache", 0, compute_first=first, compute_last=last,
+                                            taylorseer_order=order))
+    assert torch.equal(cached, uncached)
+    assert pipe.last_run["cache"]["branches"]["positive"]["computed"] == list(range(CALL["num_steps"]))
+
+
+@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
+def test_threshold_zero_with_a_forecast_and_limits_is_still_bit_for_bit(pipe, kind):
+    config = CacheConfig(kind, 0, taylorseer_order=2, warmup_steps=2, max_cached_steps=3,
+                         max_continuous_cached_steps=1)
+    assert torch.equal(pipe(**CALL, cache=config), pipe(**CALL))
+
+
+def test_fbcache_is_dbcache_with_one_block_first_and_none_last(pipe):
+    fbcache = pipe(**CALL, cache=CacheConfig("fbcache", SKIPPING["fbcache"], taylorseer_order=1))
+    fb_report = pipe.last_run["cache"]["branches"]
+    dbcache = pipe(**CALL, cache=CacheConfig("dbcache", SKIPPING["fbcache"], compute_first=1, compute_last=0,
+                                             taylorseer_order=1))
+    assert torch.equal(fbcache, dbcache) and pipe.last_run["cache"]["branches"] == fb_report
+
+
+def test_dbcache_runs_the_last_blocks_on_cached_steps(pipe):
+    """Bn = 1: the last single block runs at every step on every row; the middle only on computed steps."""
+    calls = {"middle": 0, "last": 0}
+
+    def count(name):
+        def hook(module, args, output):
+            calls[name] += args[0].shape[0]  # rows (CFG branches) this call ran on
+        return hook
+
+    handles = [pipe.transformer.double_blocks[1].register_forward_hook(count("middle")),
+               pipe.transformer.single_blocks[1].register_forward_hook(count("last"))]
+    try:
+        pipe(**CALL, cache=CacheConfig("dbcache", SKIPPING["fbcache"], compute_first=1, compute_last=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    branches = pipe.last_run["cache"]["branches"].values()
+    assert calls["last"] == 2 * CALL["num_steps"]  # both branches, every step
+    assert calls["middle"] == sum(len(b["computed"]) for b in branches) < 2 * CALL["num_steps"]
+
+
+def test_the_limits_bound_the_cached_steps(pipe):
+    steps = CALL["num_steps"]
+    loose = CacheConfig("dbcache", 5.0, compute_first=1, compute_last=1)  # caches everything it may
+    pipe(**CALL, cache=loose)
+    assert pipe.last_run["cache"]["branches"]["positive"]["computed"] == [0]
+    pipe(**CALL, cache=dataclasses.replace(loose, warmup_steps=3))
+    assert pipe.last_run["cache"]["branches"]["positive"]["computed"] == [0, 1, 2]
+    pipe(**CALL, cache=dataclasses.replace(loose, max_cached_steps=4))
+    assert pipe.last_run["cache"]["branches"]["positive"]["reused"] == [1, 2, 3, 4]
+    pipe(**CALL, cache=dataclasses.replace(loose, max_continuous_cached_steps=2))
+    assert pipe.last_run["cache"]["branches"]["positive"]["computed"] == list(range(0, steps, 3))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_taylorseer_forecasts_a_polynomial_of_its_order_exactly(order):
+    """Residuals that are a polynomial of degree `order` in the step index, at unevenly spaced computed
+    steps, are forecast exactly; a lower order is not exact on them."""
+    base = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+
+    def residual(step: float) -> Tensor:
+        return base * (1.5 + sum((0.3 * step) ** p for p in range(1, order + 1)))
+
+    steps = [1, 2, 4][-(order + 1):]
+    points = [(s, residual(s), 2 * residual(s)) for s in steps]
+    img, txt = forecast(points, 7)
+    torch.testing.assert_close(img, residual(7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(txt, 2 * residual(7), rtol=1e-5, atol=1e-5)
+    if order:
+        assert not torch.allclose(forecast(points[1:], 7)[0], residual(7), rtol=1e-3, atol=1e-3)
+
+
+def test_taylorseer_changes_the_cached_steps_only(pipe):
+    """A forecast replaces the reused residual on cached steps: the same decisions' images differ, and
+    order 0 is plain reuse."""
+    reuse = CacheConfig("dbcache", SKIPPING["fbcache"], compute_first=2, compute_last=1)
+    image_reuse = pipe(**CALL, cache=reuse)
+    assert torch.equal(image_reuse, pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=0)))
+    image_forecast = pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=1))
+    assert not torch.equal(image_forecast, image_reuse) and torch.isfinite(image_forecast).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(kind="fbcache", compute_first=2), "compute_first and compute_last are dbcache's"),
+    (dict(kind="teacache", compute_last=1), "compute_first and compute_last are dbcache's"),
+    (dict(compute_first=0), "cache compute_first must be an integer >= 1, got 0"),
+    (dict(compute_last=-1), "cache compute_last must be an integer >= 0, got -1"),
+    (dict(taylorseer_order=3), "cache taylorseer_order must be 0, 1 or 2, got 3"),
+    (dict(taylorseer_order=1.5), "cache taylorseer_order must be an integer >= 0, got 1.5"),
+    (dict(warmup_steps=-2), "cache warmup_steps must be an integer >= 0"),
+    (dict(max_continuous_cached_steps=0), "cache max_continuous_cached_steps must be an integer >= 1, got 0"),
+])
+def test_bad_dbcache_options_are_refused_in_one_sentence(options, message):
+    options = {"kind": "dbcache", **options}
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(threshold=0.1, **options)
+
+
+def test_dbcache_that_leaves_no_block_to_cache_is_refused(pipe):
+    with pytest.raises(ValueError, match="compute_first 3 \\+ compute_last 1 leave none of the model's 4 blocks"):
+        pipe(**CALL, cache=CacheConfig("dbcache", 0.1, compute_first=3, compute_last=1))

@@ -3,7 +3,7 @@
 Every layout shards the image or the 7 text tokens unevenly (5 and 4 image tokens of a 48x48 image on 2 sp
 ranks, 2, 2, 1, 1 of a 48x32 one on 4), where an average of per-rank means (xDiT, ParaAttention) is not the
 image's mean. One spawn per world size
-runs each of its layouts with both caches.
+runs each of its layouts with every cache.
 """
 
 import pytest
@@ -20,7 +20,9 @@ from flux_parallel.parallel.launch import run_distributed
 # true CFG: on cfg_degree 1 both branches run as one batched forward, with their own cache states
 CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32, num_steps=8,
             max_sequence_length=7, output_type="pt")
-CACHES = [CacheConfig("fbcache", 0.8), CacheConfig("teacache", 1.5)]  # both skip some steps (asserted below)
+# each skips some steps (asserted below); DBCache with a TaylorSeer forecast: each rank forecasts its own tokens
+CACHES = [CacheConfig("fbcache", 0.8), CacheConfig("teacache", 1.5),
+          CacheConfig("dbcache", 0.8, compute_first=2, compute_last=1, taylorseer_order=2)]
 MARGIN = 1e-3  # relative distance of every indicator from the threshold: far beyond fp32 rounding (~1e-6)
 
 

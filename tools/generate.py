@@ -54,9 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 256 schnell, 512 dev)")
     p.add_argument("--cache", choices=KINDS, default=None,
-                   help="skip steps of the block stack: First-Block-Cache or TeaCache (approximate; see docs/cache.md)")
+                   help="skip steps of the block stack: First-Block-Cache, TeaCache or DBCache (approximate; see "
+                        "docs/cache.md)")
     p.add_argument("--cache-threshold", "--cache_threshold", dest="cache_threshold", type=float, default=None,
                    help="with --cache: >= 0, larger skips more steps (0 computes every step)")
+    p.add_argument("--compute-first", type=int, default=None, help="dbcache: blocks always run before the indicator")
+    p.add_argument("--compute-last", type=int, default=None, help="dbcache: blocks always run after the cached ones")
+    p.add_argument("--taylorseer-order", type=int, default=None,
+                   help="with --cache: 0 reuses the skipped blocks' residual, 1 or 2 forecasts it (TaylorSeer)")
+    p.add_argument("--cache-warmup-steps", type=int, default=None, help="with --cache: the first N steps always run")
+    p.add_argument("--max-cached-steps", type=int, default=None, help="with --cache: at most N cached steps")
+    p.add_argument("--max-continuous-cached-steps", type=int, default=None,
+                   help="with --cache: at most N cached steps in a row")
     p.add_argument("--output", default="image.png")
     p.add_argument("--report", default=None, help="write stage timings and peak memory as JSON here")
     args = p.parse_args(argv)
@@ -112,6 +121,25 @@ def apply_defaults(args) -> None:
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
 
 
+# CacheConfig's options: (argparse dest, flag)
+CACHE_OPTIONS = {
+    "compute_first": ("compute_first", "--compute-first"), "compute_last": ("compute_last", "--compute-last"),
+    "taylorseer_order": ("taylorseer_order", "--taylorseer-order"),
+    "warmup_steps": ("cache_warmup_steps", "--cache-warmup-steps"),
+    "max_cached_steps": ("max_cached_steps", "--max-cached-steps"),
+    "max_continuous_cached_steps": ("max_continuous_cached_steps", "--max-continuous-cached-steps"),
+}
+
+
+def cache_flag_message(message: str) -> str:
+    """CacheConfig's sentence with the flags as spelled on the command line."""
+    if message.startswith("cache threshold"):
+        return f"--cache-threshold: {message}"
+    for field, (_, flag) in CACHE_OPTIONS.items():
+        message = message.replace(f"cache {field} ", f"{flag} ").replace(f"{field} ", f"{flag} ")
+    return message
+
+
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
     """Exit 2 with one sentence, identically on every rank, before loading or any collective."""
     for name in ("height", "width"):
@@ -132,11 +160,15 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
     if (args.cache is None) != (args.cache_threshold is None):
         parser.error("--cache and --cache-threshold go together: give both or neither")
     args.cache_config = None
+    options = {field: getattr(args, dest) for field, (dest, _) in CACHE_OPTIONS.items()
+               if getattr(args, dest) is not None}
+    if args.cache is None and options:
+        parser.error(f"{', '.join(CACHE_OPTIONS[f][1] for f in options)}: only with --cache and --cache-threshold")
     if args.cache is not None:
         try:
-            args.cache_config = CacheConfig(args.cache, args.cache_threshold)
+            args.cache_config = CacheConfig(args.cache, args.cache_threshold, **options)
         except ValueError as err:
-            parser.error(f"--cache-threshold: {err}")
+            parser.error(cache_flag_message(str(err)))
     images = len(args.prompt) * args.num_images_per_prompt
     if args.data_degree > images:
         parser.error(f"--data-parallel-degree {args.data_degree} is more than the {images} image(s) asked for: "

@@ -1,4 +1,4 @@
-"""Step caches for the FLUX block stack: First-Block-Cache and TeaCache.
+"""Step caches for the FLUX block stack: First-Block-Cache, TeaCache and DBCache, with TaylorSeer forecasts.
 
 Between neighbouring denoising steps most of the block stack's work changes its output little, so a
 cheap indicator decides per step whether to run the stack or to add the residual (output - input)
@@ -12,6 +12,18 @@ stored at the last step that ran it:
   of the first double block's modulated image input, rescaled by a polynomial fitted for FLUX, is
   accumulated over steps; while the sum stays below the threshold the whole stack is skipped. The first
   and the last step always run; the sum restarts at every computed step.
+- DBCache (cache-dit, github.com/vipshop/cache-dit): First-Block-Cache generalised over the concatenated
+  double + single blocks. The first `compute_first` (Fn) blocks always run and their image residual is the
+  indicator; on a cached step the middle is skipped and the last `compute_last` (Bn) blocks still run on
+  the approximated hidden states, correcting it. fbcache is DBCache with Fn = 1, Bn = 0.
+- TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting", arXiv 2503.06923): on a cached step the
+  skipped blocks' residual is forecast instead of repeated: the polynomial of degree k through the last
+  k + 1 computed residuals (Newton's divided differences), evaluated at this step. k = 0 is reuse. The
+  variable is the step index: the residual drifts smoothly from step to step, and the index spaces the
+  points evenly where the shifted sigma schedule bunches them near t = 1 (tools/bench/bench_cache.py
+  measures both). Order 1 and 2 apply to every kind.
+- Limits as in cache-dit: `warmup_steps` (the first W steps always run), `max_cached_steps` (at most this
+  many cached steps per branch), `max_continuous_cached_steps` (at most this many in a row).
 
 Threshold 0 computes every step and gives the uncached output bit for bit. The state is per CFG
 branch: the forward's batch holds one contiguous chunk of rows per branch ([negative; positive] when
@@ -34,26 +46,59 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from flux_parallel.flux.model import run_blocks
-
-KINDS = ("fbcache", "teacache")
+KINDS = ("fbcache", "teacache", "dbcache")
 # TeaCache's rescaling of the relative L1 change for FLUX.1, highest power first (TeaCache4FLUX)
 TEACACHE_FLUX_POLY = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """kind: "fbcache" or "teacache"; threshold: >= 0, larger skips more steps, 0 computes every step."""
+    """kind: "fbcache", "teacache" or "dbcache"; threshold: >= 0, larger skips more steps, 0 computes every step.
+
+    compute_first / compute_last: dbcache's Fn (>= 1) and Bn (>= 0) blocks of the concatenated double +
+    single blocks that run at every step (fbcache is Fn = 1, Bn = 0; teacache watches the stack's input and
+    caches all of it). taylorseer_order: 0 reuses the last computed residual, 1 and 2 forecast it.
+    warmup_steps: the first W steps always run. max_cached_steps, max_continuous_cached_steps: per branch,
+    at most this many cached steps in all / in a row (None: no limit)."""
 
     kind: str
     threshold: float
+    compute_first: int | None = None  # dbcache's Fn; default 1
+    compute_last: int | None = None  # dbcache's Bn; default 0
+    taylorseer_order: int = 0
+    warmup_steps: int = 0
+    max_cached_steps: int | None = None
+    max_continuous_cached_steps: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"cache kind must be 'fbcache' or 'teacache', got {self.kind!r}")
+            raise ValueError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
             raise ValueError(f"cache threshold must be a finite number >= 0 (0 computes every step), got {t!r}")
+        if self.kind != "dbcache" and (self.compute_first, self.compute_last) != (None, None):
+            raise ValueError(f"compute_first and compute_last are dbcache's; {self.kind} fixes which blocks run "
+                             "(fbcache is dbcache with compute_first 1, compute_last 0)")
+        lowest = {"compute_first": 1, "compute_last": 0, "taylorseer_order": 0, "warmup_steps": 0,
+                  "max_cached_steps": 0, "max_continuous_cached_steps": 1}
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if value is None and name in ("compute_first", "compute_last", "max_cached_steps",
+                                          "max_continuous_cached_steps"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"cache {name} must be an integer >= {low}, got {value!r}")
+        if self.taylorseer_order > 2:
+            raise ValueError(f"cache taylorseer_order must be 0, 1 or 2, got {self.taylorseer_order}")
+
+    @property
+    def blocks_first(self) -> int:
+        """Blocks that run before the indicator (teacache: none, it watches the stack's input)."""
+        return 0 if self.kind == "teacache" else (self.compute_first or 1)
+
+    @property
+    def blocks_last(self) -> int:
+        return self.compute_last or 0
 
 
 def check_cache(cache, model: nn.Module) -> None:
@@ -64,20 +109,68 @@ def check_cache(cache, model: nn.Module) -> None:
         raise ValueError(f"cache must be a CacheConfig(kind, threshold) or None, got {type(cache).__name__}")
     if len(getattr(model, "double_blocks", ())) == 0 or not hasattr(model, "run_blocks"):
         raise ValueError(f"a {cache.kind} cache watches the first double block, and this model has none")
+    blocks = len(model.double_blocks) + len(model.single_blocks)
+    if cache.blocks_first + cache.blocks_last >= blocks:
+        raise ValueError(f"compute_first {cache.blocks_first} + compute_last {cache.blocks_last} leave none of the "
+                         f"model's {blocks} blocks to cache: their sum must be below {blocks}")
 
 
 @dataclass
 class BranchState:
     """One CFG branch's cache across the steps of one generation."""
 
-    img_residual: Tensor | None = None  # what the skipped blocks added to the image stream at the last computed step
-    txt_residual: Tensor | None = None
+    # (step, img residual, txt residual) of the last computed steps, oldest first, at most order + 1: what
+    # the cached blocks added to each stream
+    residuals: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
     accumulated: float = 0.0  # teacache: rescaled change summed since the last computed step
     computed: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
+    cached_in_a_row: int = 0
     # per step, the value compared with the threshold (fbcache: the relative change; teacache: the
     # accumulated rescaled change); None where none was compared (first step, teacache's last)
     indicators: list[float | None] = field(default_factory=list)
+
+
+def block_count(model: nn.Module) -> int:
+    return len(model.double_blocks) + len(model.single_blocks)
+
+
+def run_block_range(model: nn.Module, blocks: range, img: Tensor, txt: Tensor, vec: Tensor, pe,
+                    img_modulated=None) -> tuple[Tensor, Tensor]:
+    """Blocks `blocks` of the concatenated double + single list on (img, txt): the same operations, in the
+    same order, as that part of the uncached stack (single blocks on [txt; img], split again after).
+    img_modulated: the first double block's modulate_img, handed to it when computed already."""
+    depth = len(model.double_blocks)
+    for i in (i for i in blocks if i < depth):
+        handed = (img_modulated,) if i == blocks.start and img_modulated is not None else ()
+        img, txt = model.double_blocks[i](img, txt, vec, pe, *handed)
+    singles = [i - depth for i in blocks if i >= depth]
+    if singles:
+        x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
+        for j in singles:
+            x = model.single_blocks[j](x, vec, pe)
+        txt, img = x[:, : txt.shape[1]], x[:, txt.shape[1] :]
+    return img, txt
+
+
+def forecast(residuals: list[tuple[int, Tensor, Tensor]], step: int) -> tuple[Tensor, Tensor]:
+    """TaylorSeer: the (img, txt) residual at `step` from the polynomial through the stored (step, img, txt)
+    points, by Newton's divided differences; one point is reuse. Elementwise: any token shard forecasts its
+    own tokens as one device does."""
+    if len(residuals) == 1:
+        return residuals[0][1], residuals[0][2]
+    steps = [float(r[0]) for r in residuals]
+    forecasts = []
+    for stream in (1, 2):
+        coefficients = [r[stream].float() for r in residuals]  # becomes the divided differences in place
+        for level in range(1, len(steps)):
+            for i in range(len(steps) - 1, level - 1, -1):
+                coefficients[i] = (coefficients[i] - coefficients[i - 1]) / (steps[i] - steps[i - level])
+        value = coefficients[-1]
+        for i in range(len(steps) - 2, -1, -1):  # Horner's rule on the Newton form
+            value = coefficients[i] + (step - steps[i]) * value
+        forecasts.append(value.to(residuals[-1][stream].dtype))
+    return forecasts[0], forecasts[1]
 
 
 def local_sums(sums: Tensor) -> Tensor:
@@ -124,17 +217,19 @@ class StepCache:
         self.reduction_s = 0.0
 
     def run_blocks(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
-        """The model's block stack, skipped for the branches whose indicator stays below the threshold."""
-        if self.config.kind == "fbcache":
-            img_first, txt_first = model.double_blocks[0](img, txt, vec, pe)
-            compute = self.timed_decide(img_first - img)  # the first block's image residual [N, L, hidden]
-            out = self._run_rest(model, img_first, txt_first, vec, pe, 1, compute)
-        else:
+        """The model's block stack, its cached range skipped for the branches whose indicator stays below the
+        threshold: blocks [0, Fn) always, then [Fn, L - Bn) or the forecast residual, then [L - Bn, L)."""
+        first, end = self.config.blocks_first, block_count(model) - self.config.blocks_last
+        if self.config.kind == "teacache":
             img_modulated = model.double_blocks[0].modulate_img(img, vec)
             compute = self.timed_decide(img_modulated[2])  # the first block's modulated input [N, L, hidden]
-            out = self._run_rest(model, img, txt, vec, pe, 0, compute, img_modulated)
+            img, txt = self._run_cached_range(model, img, txt, vec, pe, range(0, end), compute, img_modulated)
+        else:
+            img_first, txt_first = run_block_range(model, range(0, first), img, txt, vec, pe)
+            compute = self.timed_decide(img_first - img)  # the first Fn blocks' image residual [N, L, hidden]
+            img, txt = self._run_cached_range(model, img_first, txt_first, vec, pe, range(first, end), compute)
         self.step += 1
-        return out
+        return run_block_range(model, range(end, block_count(model)), img, txt, vec, pe)
 
     def timed_decide(self, signal: Tensor) -> list[bool]:
         start = time.perf_counter()
@@ -164,8 +259,13 @@ class StepCache:
         return compute
 
     def _decide_branch(self, state: BranchState, change: float | None) -> bool:
+        compute = self._indicator_says_compute(state, change) or not self._may_cache(state)
+        state.cached_in_a_row = 0 if compute else state.cached_in_a_row + 1
+        return compute
+
+    def _indicator_says_compute(self, state: BranchState, change: float | None) -> bool:
         threshold = self.config.threshold
-        if self.config.kind == "fbcache":
+        if self.config.kind != "teacache":
             state.indicators.append(change)
             return change is None or not change < threshold
         if change is not None:
@@ -176,31 +276,37 @@ class StepCache:
         state.accumulated = 0.0
         return True
 
-    def _run_rest(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, start: int,
-                  compute: list[bool], img_modulated=None) -> tuple[Tensor, Tensor]:
-        """Blocks `start`.. on the computing branches' rows; the stored residuals for the others.
-        img_modulated: block `start`'s modulate_img(img, vec) for the whole batch, where computed already."""
+    def _may_cache(self, state: BranchState) -> bool:
+        """The limits: warm-up steps, cached steps in all and in a row (counted per branch, so every rank agrees)."""
+        c = self.config
+        return (self.step >= c.warmup_steps
+                and (c.max_cached_steps is None or len(state.reused) < c.max_cached_steps)
+                and (c.max_continuous_cached_steps is None or state.cached_in_a_row < c.max_continuous_cached_steps))
+
+    def _run_cached_range(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, blocks: range,
+                          compute: list[bool], img_modulated=None) -> tuple[Tensor, Tensor]:
+        """Blocks `blocks` on the computing branches' rows; the stored (or forecast) residuals for the others.
+        img_modulated: block 0's modulate_img(img, vec) for the whole batch (teacache), where computed already."""
         n, todo = len(compute), [i for i, c in enumerate(compute) if c]
-        if len(todo) == n and img_modulated is not None:  # bit for bit the uncached forward
-            img_first, txt_first = model.double_blocks[start](img, txt, vec, pe, img_modulated)
-            img_out, txt_out = run_blocks(model, img_first, txt_first, vec, pe, start + 1)
-        elif len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
-            img_out, txt_out = run_blocks(model, img, txt, vec, pe, start)
+        if len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
+            img_out, txt_out = run_block_range(model, blocks, img, txt, vec, pe, img_modulated)
         elif todo:  # (the first block recomputes its modulated input on these rows: rare, only under true CFG)
             def pick(x: Tensor) -> Tensor:  # the rows of the computing branches
                 return torch.cat([x.chunk(n)[i] for i in todo]) if x.shape[0] == img.shape[0] else x
 
-            img_out, txt_out = run_blocks(model, pick(img), pick(txt), pick(vec), tuple(map(pick, pe)), start)
+            img_out, txt_out = run_block_range(model, blocks, pick(img), pick(txt), pick(vec), tuple(map(pick, pe)))
         ran = dict(zip(todo, zip(img_out.chunk(len(todo)), txt_out.chunk(len(todo))))) if todo else {}
         outputs = []
         for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
             if i in ran:
-                state.img_residual, state.txt_residual = ran[i][0] - img_in, ran[i][1] - txt_in
+                state.residuals = [*state.residuals, (self.step, ran[i][0] - img_in, ran[i][1] - txt_in)]
+                state.residuals = state.residuals[-(self.config.taylorseer_order + 1):]
                 state.computed.append(self.step)
                 outputs.append(ran[i])
             else:
                 state.reused.append(self.step)
-                outputs.append((img_in + state.img_residual, txt_in + state.txt_residual))
+                img_residual, txt_residual = forecast(state.residuals, self.step)
+                outputs.append((img_in + img_residual, txt_in + txt_residual))
         if len(todo) == n:
             return img_out, txt_out
         return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])

@@ -15,6 +15,8 @@ the model's `run_blocks` seam for the call and collects its report.
 - data: each replica decides from its own images; replicas share nothing.
 """
 
+import dataclasses
+
 from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
@@ -55,12 +57,13 @@ def cache_swaps(model: nn.Module, cache) -> list[tuple[nn.Module, str, object]]:
 
 
 def cache_report(cache, ctx: ParallelContext) -> dict | None:
-    """{kind, threshold, decision_s, reduction_s, branches: {branch: computed/reused steps}}, with both
+    """{kind, threshold, the other CacheConfig fields, decision_s, reduction_s, branches: {branch: computed/reused
+    steps}}, with both
     branches on every rank under cfg_degree 2 (one object gather over the cfg group). Call it on every rank."""
     if cache is None:
         return None
     branches = cache.report()
     if ctx.cfg_degree > 1 and len(cache.branches) == 1:
         branches = {k: v for part in comm.all_gather_object(branches, ctx.group("cfg")) for k, v in part.items()}
-    return {"kind": cache.config.kind, "threshold": cache.config.threshold, "decision_s": cache.decision_s,
-            "reduction_s": cache.reduction_s, "branches": branches}
+    return {**dataclasses.asdict(cache.config), "decision_s": cache.decision_s, "reduction_s": cache.reduction_s,
+            "branches": branches}
