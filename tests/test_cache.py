@@ -277,13 +277,15 @@ def test_taylorseer_forecasts_a_polynomial_of_its_order_exactly(order):
 
 
 def test_taylorseer_changes_the_cached_steps_only(pipe):
-    """A forecast replaces the reused residual on cached steps: the same decisions' images differ, and
-    order 0 is plain reuse."""
-    reuse = CacheConfig("dbcache", SKIPPING["fbcache"], compute_first=2, compute_last=1)
+    """A forecast replaces the reused residual on cached steps: another image. DBCache forecasts at order 1
+    by default; fbcache and teacache reuse (order 0) as published."""
+    reuse = CacheConfig("dbcache", SKIPPING["fbcache"], compute_first=2, compute_last=1, taylorseer_order=0)
     image_reuse = pipe(**CALL, cache=reuse)
-    assert torch.equal(image_reuse, pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=0)))
-    image_forecast = pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=1))
-    assert not torch.equal(image_forecast, image_reuse) and torch.isfinite(image_forecast).all()
+    assert pipe.last_run["cache"]["branches"]["positive"]["reused"]
+    image_default = pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=None))
+    assert torch.equal(image_default, pipe(**CALL, cache=dataclasses.replace(reuse, taylorseer_order=1)))
+    assert not torch.equal(image_default, image_reuse) and torch.isfinite(image_default).all()
+    assert CacheConfig("fbcache", 0.1).order == 0 and CacheConfig("teacache", 0.1).order == 0
 
 
 @pytest.mark.parametrize("options, message", [

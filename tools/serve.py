@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=Limits.max_size, help="pixels per side a request may ask for")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="steps a request may ask for")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between rank 0's messages when idle")
+    p.add_argument("--max-images", type=int, default=Limits.max_images, help="images one OpenAI request may ask "
+                   "for (its n)")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger requests get 413")
+    p.add_argument("--url-ttl", type=float, default=3600.0, help="seconds the images of url responses are served")
     p.set_defaults(prompt=None)  # generate.apply_defaults also fills in generate.py's --prompt; unused here
     args = p.parse_args(argv)
     apply_defaults(args)
@@ -57,9 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_image_size(name, getattr(args, name))
         except ValueError as err:
             p.error(f"--{err}")
-    for flag in ("max_queue", "max_prompt_length", "max_size", "max_steps"):
+    for flag in ("max_queue", "max_prompt_length", "max_size", "max_steps", "max_images", "max_body_bytes"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not args.url_ttl > 0:
+        p.error(f"--url-ttl must be above 0 seconds, got {args.url_ttl}")
     if not 0 < args.heartbeat < args.timeout:
         p.error(f"--heartbeat must be above 0 and below --timeout ({args.timeout}), got {args.heartbeat}")
     if args.data_degree > 1:  # generate.py splits a batch over replicas; a request here is one image
@@ -204,9 +210,9 @@ def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float)
     jobs = JobQueue(args.max_queue)
     info = {"model": args.model, "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
             "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "load_s": load_s}
-    limits = Limits(args.max_prompt_length, args.max_size, args.max_steps)
-    server, thread, port = start_http(create_app(pipe, jobs, info, (args.height, args.width), limits),
-                                      args.host, args.port)
+    limits = Limits(args.max_prompt_length, args.max_size, args.max_steps, args.max_images, args.max_body_bytes)
+    app = create_app(pipe, jobs, info, (args.height, args.width), limits, args.url_ttl)
+    server, thread, port = start_http(app, args.host, args.port)
     if port is None:
         print(f"serve.py: error: cannot listen on {args.host}:{args.port} (see the message above)", file=sys.stderr)
         broadcast_message({"kind": "stop"}, group)

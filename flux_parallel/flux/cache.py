@@ -64,8 +64,8 @@ class CacheConfig:
     kind: str
     threshold: float
     compute_first: int | None = None  # dbcache's Fn; default 1
-    compute_last: int | None = None  # dbcache's Bn; default 0
-    taylorseer_order: int = 0
+    compute_last: int | None = None  # dbcache's Bn; default 1
+    taylorseer_order: int | None = None  # default 1 for dbcache, 0 (reuse, as published) for fbcache and teacache
     warmup_steps: int = 0
     max_cached_steps: int | None = None
     max_continuous_cached_steps: int | None = None
@@ -83,12 +83,11 @@ class CacheConfig:
                   "max_cached_steps": 0, "max_continuous_cached_steps": 1}
         for name, low in lowest.items():
             value = getattr(self, name)
-            if value is None and name in ("compute_first", "compute_last", "max_cached_steps",
-                                          "max_continuous_cached_steps"):
+            if value is None and name != "warmup_steps":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"cache {name} must be an integer >= {low}, got {value!r}")
-        if self.taylorseer_order > 2:
+        if self.taylorseer_order is not None and self.taylorseer_order > 2:
             raise ValueError(f"cache taylorseer_order must be 0, 1 or 2, got {self.taylorseer_order}")
 
     @property
@@ -98,7 +97,17 @@ class CacheConfig:
 
     @property
     def blocks_last(self) -> int:
-        return self.compute_last or 0
+        if self.kind != "dbcache":
+            return 0
+        return 1 if self.compute_last is None else self.compute_last
+
+    @property
+    def order(self) -> int:
+        """TaylorSeer's order. DBCache's defaults (Fn 1, Bn 1, order 1) cache 22 of 28 steps of the trained
+        tiny model at threshold 0.3 with 41 dB against the uncached images (reuse: 35 dB less 6; docs/cache.md)."""
+        if self.taylorseer_order is not None:
+            return self.taylorseer_order
+        return 1 if self.kind == "dbcache" else 0
 
 
 def check_cache(cache, model: nn.Module) -> None:
@@ -300,7 +309,7 @@ class StepCache:
         for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
             if i in ran:
                 state.residuals = [*state.residuals, (self.step, ran[i][0] - img_in, ran[i][1] - txt_in)]
-                state.residuals = state.residuals[-(self.config.taylorseer_order + 1):]
+                state.residuals = state.residuals[-(self.config.order + 1):]
                 state.computed.append(self.step)
                 outputs.append(ran[i])
             else:

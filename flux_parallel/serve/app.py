@@ -1,4 +1,5 @@
-"""Rank 0's side of tools/serve.py: the job queue and the HTTP API (FastAPI) in front of it.
+"""Rank 0's side of tools/serve.py: the job queue and the HTTP API (FastAPI) in front of it: the service's
+own routes (/generate, /health, /progress, the page) and the OpenAI Images API's (serve/openai.py).
 
 The HTTP handlers run on uvicorn's event loop in a thread of their own; they check a request
 (serve_request.py), queue it and await its answer. The rank loop (serve.py) takes the jobs one at a
@@ -20,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from flux_parallel.flux.images import encode_png
+from flux_parallel.serve.openai import APIError, ImageFiles, models_list, parse_generation
 from flux_parallel.serve.request import Limits, parse_request
 
 PAGE = Path(__file__).resolve().parent / "page.html"
@@ -68,21 +70,25 @@ class JobQueue:
         self._lock = threading.Lock()
 
     def submit(self, params: dict, request_id: str | None) -> Job:
+        return self.submit_all([params], request_id)[0]
+
+    def submit_all(self, params: list[dict], request_id: str | None) -> list[Job]:
+        """One job per entry of `params`, queued together or not at all (the request's id names the first)."""
         with self._lock:
             if not self.accepting:
                 raise Refused(503, "the service is shutting down and takes no new requests")
-            job = Job(params, request_id)
-            job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
-            try:
-                self._waiting.put_nowait(job)
-            except queue.Full:
+            if self._waiting.qsize() + len(params) > self.max_queue:
                 raise Refused(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue): "
-                                   "try again when one has finished") from None
+                                   "try again when one has finished")
+            jobs = [Job(p, request_id) for p in params]
+            for job in jobs:
+                job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
+                self._waiting.put_nowait(job)  # the only producer holds the lock: there is room
             if request_id:
-                self._recent[request_id] = job
+                self._recent[request_id] = jobs[0]
                 while len(self._recent) > RECENT_JOBS:
                     self._recent.popitem(last=False)
-        return job
+        return jobs
 
     def _count(self, outcome: Future) -> None:
         if "error" in outcome.result():
@@ -125,10 +131,13 @@ def error(status: int, message) -> JSONResponse:
     return JSONResponse({"error": str(message)}, status_code=status)
 
 
-def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: Limits) -> FastAPI:
-    """The API. `info` (model, world size, ...) is shown by /health; `size` is the default (height, width)."""
+def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: Limits,
+               url_ttl_s: float = 3600.0) -> FastAPI:
+    """The API. `info` (model, world size, ...) is shown by /health, and its model is the OpenAI routes' model
+    id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept."""
     app = FastAPI(title="flux-parallel", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text()
+    files, started = ImageFiles(url_ttl_s), int(time.time())
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -166,5 +175,41 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         if "application/json" in request.headers.get("accept", ""):
             return {"image_png_base64": base64.b64encode(png).decode(), **outcome}
         return Response(png, media_type="image/png", headers={"X-Report": json.dumps(outcome)})
+
+    @app.get("/v1/models")
+    def models():
+        return models_list(info["model"], started)
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        try:
+            if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:  # before reading it
+                raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes "
+                                    "(--max-body-bytes)", code="request_too_large")
+            params, response_format = parse_generation(await request.body(), pipe, info["model"], size, limits)
+            submitted = jobs.submit_all(params, request.headers.get("x-request-id"))
+        except APIError as err:
+            return err.response()
+        except Refused as err:
+            return APIError(err.status, str(err), code="queue_full" if err.status == 429 else "unavailable").response()
+        outcomes = [await asyncio.wrap_future(job.outcome) for job in submitted]
+        failed = next((o for o in outcomes if "error" in o), None)
+        if failed is not None:
+            return APIError(failed["status"], failed["error"]).response()
+        pngs = await run_in_threadpool(lambda: [encode_png(o["image"]) for o in outcomes])
+        if response_format == "b64_json":
+            data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
+        else:  # absolute URLs on the host and port this request came to
+            root = str(request.base_url).rstrip("/")
+            data = [{"url": f"{root}/v1/images/files/{files.add(png)}"} for png in pngs]
+        return {"created": int(time.time()), "data": data}
+
+    @app.get("/v1/images/files/{name}")
+    def image_file(name: str):
+        png = files.get(name)
+        if png is None:
+            return APIError(404, f"no image {name!r} here: it expired (--url-ttl) or never existed",
+                            code="not_found").response()
+        return Response(png, media_type="image/png")
 
     return app

@@ -23,6 +23,8 @@ class Limits:
     max_prompt_length: int = 2000  # characters
     max_size: int = 2048  # pixels per side
     max_steps: int = 100
+    max_images: int = 10  # images one OpenAI request may ask for (`n`), as OpenAI's own limit
+    max_body_bytes: int = 16 * 2**20  # a larger body is refused with 413 before it is parsed
 
 
 def load_json_object(body: bytes) -> dict:
@@ -66,7 +68,11 @@ def check_range(name: str, value: int, low: int, high: int, flag: str = "") -> N
 
 def parse_request(body: bytes, pipe: FluxPipeline, size: tuple[int, int], limits: Limits) -> dict:
     """JSON body -> keyword arguments of pipe(...); `size` is the (height, width) of requests without one."""
-    fields = load_json_object(body)
+    return parse_fields(load_json_object(body), pipe, size, limits)
+
+
+def parse_fields(fields: dict, pipe: FluxPipeline, size: tuple[int, int], limits: Limits) -> dict:
+    """The fields of a /generate body, types checked (load_json_object) -> keyword arguments of pipe(...)."""
 
     def get(name: str, default=None):  # null means "the default", as leaving the field out does
         return default if fields.get(name) is None else fields[name]

@@ -2,6 +2,7 @@
 
     python tools/bench/bench_cache.py [--models tiny medium] [--steps 28] [--repeats 3]
                                 [--fbcache 0 0.05 0.1 0.2] [--teacache 0 0.25 0.4 0.6]
+                                [--dbcache 0.3:1:1:1 0.3:1:1:0 ...]
                                 [--json docs/cache.json] [--image-row docs/cache_row.png]
 
 Two models: the trained tiny pipeline (FluxPipeline.tiny) and the medium transformer of
@@ -65,11 +66,25 @@ def build_pipeline(name: str, parallel: ParallelContext | None = None) -> FluxPi
 
 
 def settings(args) -> list[CacheConfig | None]:
-    return [None] + [CacheConfig(kind, t) for kind in ("fbcache", "teacache") for t in getattr(args, kind)]
+    classic = [CacheConfig(kind, t) for kind in ("fbcache", "teacache") for t in getattr(args, kind)]
+    return [None] + classic + [dbcache(spec) for spec in args.dbcache]
+
+
+def dbcache(spec: str) -> CacheConfig:
+    """"THRESHOLD:FIRST:LAST:ORDER" -> DBCache with Fn = FIRST, Bn = LAST and TaylorSeer order ORDER."""
+    try:
+        threshold, first, last, order = spec.split(":")
+        return CacheConfig("dbcache", float(threshold), int(first), int(last), int(order))
+    except ValueError as err:
+        raise ValueError(f"--dbcache {spec}: expected THRESHOLD:FIRST:LAST:ORDER ({err})") from None
 
 
 def label(config: CacheConfig | None) -> str:
-    return "none" if config is None else f"{config.kind} {config.threshold:g}"
+    if config is None:
+        return "none"
+    if config.kind == "dbcache":
+        return f"dbcache {config.threshold:g} F{config.blocks_first}B{config.blocks_last} k{config.order}"
+    return f"{config.kind} {config.threshold:g}"
 
 
 def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = None) -> dict:
@@ -271,6 +286,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fbcache", type=float, nargs="*", default=[0, 0.5, 0.6, 0.8])
     parser.add_argument("--teacache", type=float, nargs="*", default=[0, 0.4, 0.8, 1.5])
+    parser.add_argument("--dbcache", nargs="*", metavar="T:FIRST:LAST:ORDER",
+                        default=["0:1:1:1", "0.2:1:1:0", "0.2:1:1:1", "0.2:1:1:2", "0.3:1:1:0", "0.3:1:1:1",
+                                 "0.3:1:1:2", "0.4:1:1:1", "0.3:2:1:1", "0.6:1:1:0", "0.6:1:1:1"],
+                        help="DBCache settings: threshold, Fn, Bn, TaylorSeer order (0 = reuse)")
     parser.add_argument("--prompt", default="a red fox in the snow", help="the medium model's prompt")
     parser.add_argument("--captions", type=int, default=60, help="held-out captions the tiny model draws as "
                         "one batch (eval_tiny.py's default count)")

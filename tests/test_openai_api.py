@@ -1,0 +1,118 @@
+"""The OpenAI Images API of tools/serve.py, driven by the official `openai` client and by hand: images equal
+the pipeline's for the same prompt, size and seed; every bad field gets OpenAI's error shape, and the
+service answers the next good request."""
+
+import base64
+import json
+
+import httpx
+import pytest
+from serving import Service
+
+from flux_parallel.flux.images import encode_png
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.serve.request import Limits
+
+openai = pytest.importorskip("openai", reason="needs the openai client: pip install -e '.[test]'")
+
+SIZE = (64, 48)  # (height, width) of requests without a size
+LIMITS = Limits(max_prompt_length=100, max_steps=8, max_images=4, max_body_bytes=4096)
+PROMPT = "a large yellow circle in the center on an orange background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return FluxPipeline.tiny()
+
+
+@pytest.fixture(scope="module")
+def service(pipe):
+    running = Service(pipe, SIZE, LIMITS, max_queue=6)
+    running.start_ranks()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=f"{service.client.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def expected_png(pipe, seed: int, height: int = 64, width: int = 64, steps: int = 4) -> bytes:
+    """What tools/generate.py writes for the same prompt, size, steps and seed (its defaults: 4 steps)."""
+    image = pipe(PROMPT, height=height, width=width, num_steps=steps, seed=seed, output_type="pt")[0]
+    return encode_png(image)
+
+
+def test_the_openai_client_generates_b64_json(client, pipe):
+    result = client.images.generate(model="tiny", prompt=PROMPT, size="64x64", response_format="b64_json",
+                                    extra_body={"seed": 1})
+    assert len(result.data) == 1 and result.created > 0
+    assert base64.b64decode(result.data[0].b64_json) == expected_png(pipe, 1)
+
+
+def test_n_images_use_seed_plus_i_and_url_responses_are_served(client, pipe, service):
+    result = client.images.generate(model="tiny", prompt=PROMPT, n=3, size="48x64", response_format="url",
+                                    extra_body={"seed": 5, "num_inference_steps": 2})
+    urls = [d.url for d in result.data]
+    assert len(urls) == 3 and all(u.startswith(f"{service.client.base_url}/v1/images/files/") for u in urls)
+    for i, url in enumerate(urls):
+        png = httpx.get(url).content
+        assert png == expected_png(pipe, 5 + i, height=64, width=48, steps=2), f"image {i}"
+    assert len(set(urls)) == 3 and httpx.get(urls[0] + "x").status_code == 404
+
+
+def test_models_lists_the_loaded_model_and_an_omitted_model_means_it(client, service, pipe):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    reply = service.client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 2})
+    assert reply.status_code == 200
+    # without a size: the service's default (height 64, width 48)
+    assert base64.b64decode(reply.json()["data"][0]["b64_json"]) == expected_png(pipe, 2, 64, 48)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": PROMPT, "size": "64"}, 400, "size"),
+    ({"prompt": PROMPT, "size": "60x64"}, 400, "size"),
+    ({"prompt": PROMPT, "n": 0}, 400, "n"),
+    ({"prompt": PROMPT, "n": 5}, 400, "n"),
+    ({"prompt": PROMPT, "n": "2"}, 400, "n"),
+    ({"prompt": PROMPT, "response_format": "png"}, 400, "response_format"),
+    ({"prompt": PROMPT, "num_inference_steps": 9}, 400, "num_inference_steps"),
+    ({"prompt": PROMPT, "seed": -1}, 400, "seed"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "x" * 101}, 400, "prompt"),
+    ({"size": "64x64"}, 400, "prompt"),
+    ({"prompt": PROMPT, "colour": "red"}, 400, "colour"),
+    ({"prompt": PROMPT, "model": "dall-e-3"}, 404, "model"),
+    ({"prompt": PROMPT, "negative_prompt": "blurry", "true_cfg_scale": 0.5}, 400, "true_cfg_scale"),
+])
+def test_bad_requests_get_openai_errors_and_the_next_request_is_served(service, body, status, param):
+    reply = service.client.post("/v1/images/generations", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    good = service.client.post("/v1/images/generations", json={"prompt": PROMPT, "num_inference_steps": 1})
+    assert good.status_code == 200
+
+
+def test_the_client_raises_on_an_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.images.generate(model="dall-e-3", prompt=PROMPT)
+    assert error.value.body["param"] == "model" and "'tiny'" in error.value.body["message"]
+
+
+def test_an_oversized_body_and_broken_json_are_refused(service):
+    reply = service.client.post("/v1/images/generations", content=json.dumps({"prompt": "x" * 5000}).encode())
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+    reply = service.client.post("/v1/images/generations", content=b"{not json")
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+
+
+def test_more_images_than_the_queue_holds_get_429(pipe):
+    full = Service(pipe, SIZE, LIMITS, max_queue=2)  # no rank loop: nothing leaves the queue
+    try:
+        reply = full.client.post("/v1/images/generations", json={"prompt": PROMPT, "n": 3})
+        assert reply.status_code == 429 and reply.json()["error"]["code"] == "queue_full"
+        assert full.jobs.waiting == 0  # all or nothing: no image of the refused request was queued
+    finally:
+        full.close()
