@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from generate import add_pipeline_arguments, apply_defaults, build_pipeline, check_pipeline_usage
 
-from flux_parallel.flux.sampling import check_image_size
+from flux_parallel.flux.sampling import check_image_size, get_noise
 from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel.context import close_distributed, exit_process
 from flux_parallel.serve.app import Job, JobQueue, create_app
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=Limits.max_size, help="pixels per side a request may ask for")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="steps a request may ask for")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between rank 0's messages when idle")
+    p.add_argument("--max-batch", type=int, default=8, help="requests that agree on size, steps and guidance "
+                   "run as one batch of up to this many (1: one at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for company")
     p.add_argument("--max-images", type=int, default=Limits.max_images, help="images one OpenAI request may ask "
                    "for (its n)")
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger requests get 413")
@@ -61,9 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_image_size(name, getattr(args, name))
         except ValueError as err:
             p.error(f"--{err}")
-    for flag in ("max_queue", "max_prompt_length", "max_size", "max_steps", "max_images", "max_body_bytes"):
+    for flag in ("max_queue", "max_prompt_length", "max_size", "max_steps", "max_images", "max_body_bytes",
+                 "max_batch"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.batch_window_ms <= 10_000:
+        p.error(f"--batch-window-ms must be between 0 and 10000, got {args.batch_window_ms}")
     if not args.url_ttl > 0:
         p.error(f"--url-ttl must be above 0 seconds, got {args.url_ttl}")
     if not 0 < args.heartbeat < args.timeout:
@@ -97,32 +103,43 @@ def agree(status: int, group) -> int:
     return int(worst)
 
 
-def run_job(pipe, params: dict, job: Job | None, group, device: torch.device) -> None:
-    """Every rank runs the pipeline on `params`; rank 0 (which holds `job`) resolves the job.
+def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torch.device) -> None:
+    """Every rank runs one pipeline call on the requests of `batch`; rank 0 (which holds their `jobs`)
+    resolves them. Each request's noise is its own seed's (get_noise(1, ...)), so its image is the one it
+    gets alone, up to the rounding of a batched product.
 
     An ordinary error, raised on every rank at the same point or on one rank after its last collective,
-    fails this request only. An error inside a collective (a timeout, a rank gone) leaves the ranks out of
+    fails this batch only. An error inside a collective (a timeout, a rank gone) leaves the ranks out of
     step: then every rank raises, and the job ends non-zero. (An ordinary error on one rank while the
     others wait in a collective becomes such a timeout.)"""
     reset_peak_memory(device)
-    if job is not None:
-        pipe.progress = job.on_progress
+    if jobs:
+        pipe.progress = lambda done, total: [job.on_progress(done, total) for job in jobs]
     start, status, problem = time.perf_counter(), OK, ""
     try:
-        images = pipe(**params, output_type="pt")
+        images = pipe(**batch_call(batch), output_type="pt")
     except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
         traceback.print_exc()
         status = FATAL if isinstance(err, dist.DistError) else FAILED
         problem = ": ".join([type(err).__name__, *str(err).splitlines()[:1]])
     total_s = time.perf_counter() - start
     status = agree(status, group)
-    if job is not None:
-        answer(job, status, problem, images if status == OK else None, pipe.last_run, total_s, device)
+    for i, job in enumerate(jobs or []):
+        answer(job, status, problem, images[i] if status == OK else None, pipe.last_run, total_s, device, len(jobs))
     if status == FATAL:
         raise RuntimeError("a rank failed inside a collective: the ranks are out of step, so the job ends")
 
 
-def answer(job: Job, status: int, problem: str, images, run: dict, total_s: float, device) -> None:
+def batch_call(batch: list[dict]) -> dict:
+    """The requests of one batch (they agree on all but prompts and seeds) -> one call's keyword arguments."""
+    first = batch[0]
+    noise = torch.cat([get_noise(1, first["height"], first["width"], p["seed"]) for p in batch])
+    negatives = [p["negative_prompt"] for p in batch] if first["negative_prompt"] is not None else None
+    shared = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed")}
+    return {**shared, "prompt": [p["prompt"] for p in batch], "negative_prompt": negatives, "latents": noise}
+
+
+def answer(job: Job, status: int, problem: str, image, run: dict, total_s: float, device, batch_size: int) -> None:
     if status != OK:
         job.fail(500, f"the generation failed: {problem or 'on another rank (see its log)'}")
         return
@@ -130,33 +147,33 @@ def answer(job: Job, status: int, problem: str, images, run: dict, total_s: floa
               "steps_s": run["steps_s"], "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"),
               "total_s": total_s}
     params = job.params
-    job.finish(image=images[0], width=params["width"], height=params["height"], seed=params["seed"],
+    job.finish(image=image, width=params["width"], height=params["height"], seed=params["seed"],
                steps=run["num_steps"], guidance=run["guidance"], max_sequence_length=run["max_sequence_length"],
-               stages=stages, peak_memory_bytes=peak_memory_bytes(device))
+               stages=stages, peak_memory_bytes=peak_memory_bytes(device), batch_size=batch_size)
 
 
-def next_message(jobs: JobQueue, heartbeat_s: float) -> tuple[Job | None, dict]:
-    """Rank 0: the next job's message, a heartbeat after `heartbeat_s` without one, or stop."""
+def next_message(jobs: JobQueue, heartbeat_s: float) -> tuple[list[Job], dict]:
+    """Rank 0: the next batch's message, a heartbeat after `heartbeat_s` without one, or stop."""
     if not jobs.accepting:
         jobs.close(503, "the service is shutting down: this request was not started")
-        return None, {"kind": "stop"}
-    job = jobs.take(heartbeat_s)
-    if job is None:
-        return None, {"kind": "heartbeat"}
-    return job, {"kind": "job", "params": job.params}
+        return [], {"kind": "stop"}
+    batch = jobs.take(heartbeat_s)
+    if not batch:
+        return [], {"kind": "heartbeat"}
+    return batch, {"kind": "job", "batch": [job.params for job in batch]}
 
 
 def serve_ranks(pipe, jobs: JobQueue | None, group, device: torch.device, heartbeat_s: float) -> None:
     """Every rank: act on rank 0's messages, in order, until it says stop. `jobs` only on rank 0."""
     while True:
-        job, message = next_message(jobs, heartbeat_s) if jobs is not None else (None, None)
+        batch, message = next_message(jobs, heartbeat_s) if jobs is not None else ([], None)
         message = broadcast_message(message, group)
         if message["kind"] == "stop":
             return
         if message["kind"] == "job":
-            run_job(pipe, message["params"], job, group, device)
+            run_job(pipe, message["batch"], batch if jobs is not None else None, group, device)
             if jobs is not None:
-                jobs.current = None
+                jobs.current = []
 
 
 def start_http(app, host: str, port: int):
@@ -207,7 +224,7 @@ def serve_other_rank(args, pipe, group, device: torch.device) -> int:
 
 
 def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float) -> int:
-    jobs = JobQueue(args.max_queue)
+    jobs = JobQueue(args.max_queue, args.max_batch, args.batch_window_ms / 1000)
     info = {"model": args.model, "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
             "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "load_s": load_s}
     limits = Limits(args.max_prompt_length, args.max_size, args.max_steps, args.max_images, args.max_body_bytes)
@@ -231,8 +248,9 @@ def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float)
         print(f"serve.py: error: rank 0 stops: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     finally:  # answer whoever still waits
-        if jobs.current is not None and not jobs.current.outcome.done():
-            jobs.current.fail(500, "the service stopped during this request: a rank failed")
+        for job in jobs.current:
+            if not job.outcome.done():
+                job.fail(500, "the service stopped during this request: a rank failed")
         jobs.close(503, "the service stopped: a rank failed")
         server.should_exit = True
         thread.join(timeout=10)

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import collections
 import json
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -58,36 +57,40 @@ class Job:
 
 
 class JobQueue:
-    """Requests in arrival order, at most `max_queue` waiting besides the one running."""
+    """Requests in arrival order, at most `max_queue` waiting besides the running batch.
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
+    `take` hands the rank loop the oldest job together with up to `max_batch - 1` later ones that can run
+    in the same pipeline call (`batch_key`), waiting at most `window_s` for such company."""
+
+    def __init__(self, max_queue: int, max_batch: int = 1, window_s: float = 0.0):
+        self.max_queue, self.max_batch, self.window_s = max_queue, max_batch, window_s
         self.accepting = True  # a plain flag: the SIGTERM handler clears it
-        self.current: Job | None = None
-        self.served = self.failed = 0
-        self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.current: list[Job] = []  # the running batch
+        self.served = self.failed = self.largest_batch = 0
+        self._waiting: collections.deque[Job] = collections.deque()
         self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def submit(self, params: dict, request_id: str | None) -> Job:
         return self.submit_all([params], request_id)[0]
 
     def submit_all(self, params: list[dict], request_id: str | None) -> list[Job]:
         """One job per entry of `params`, queued together or not at all (the request's id names the first)."""
-        with self._lock:
+        with self._changed:
             if not self.accepting:
                 raise Refused(503, "the service is shutting down and takes no new requests")
-            if self._waiting.qsize() + len(params) > self.max_queue:
+            if len(self._waiting) + len(params) > self.max_queue:
                 raise Refused(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue): "
                                    "try again when one has finished")
             jobs = [Job(p, request_id) for p in params]
             for job in jobs:
                 job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
-                self._waiting.put_nowait(job)  # the only producer holds the lock: there is room
+            self._waiting.extend(jobs)
             if request_id:
                 self._recent[request_id] = jobs[0]
                 while len(self._recent) > RECENT_JOBS:
                     self._recent.popitem(last=False)
+            self._changed.notify_all()
         return jobs
 
     def _count(self, outcome: Future) -> None:
@@ -96,35 +99,59 @@ class JobQueue:
         else:
             self.served += 1
 
-    def take(self, timeout_s: float) -> Job | None:
-        """The next job (the rank loop calls this), or None after `timeout_s` without one."""
-        try:
-            job = self._waiting.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-        job.state, self.current = "running", job
-        return job
+    def take(self, timeout_s: float) -> list[Job]:
+        """The next batch (the rank loop calls this): the oldest job and the compatible ones after it, or
+        [] after `timeout_s` without a job."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._waiting, timeout=timeout_s):
+                return []
+            first = self._waiting.popleft()
+            batch, key = [first], batch_key(first.params)
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                batch += self._pop_matching(key, self.max_batch - len(batch))
+                left = deadline - time.monotonic()
+                if len(batch) == self.max_batch or left <= 0 or not self.accepting:
+                    break
+                self._changed.wait(timeout=left)
+            for job in batch:
+                job.state = "running"
+            self.current, self.largest_batch = batch, max(self.largest_batch, len(batch))
+        return batch
+
+    def _pop_matching(self, key: tuple, count: int) -> list[Job]:
+        matching = [job for job in self._waiting if batch_key(job.params) == key][:count]
+        for job in matching:
+            self._waiting.remove(job)
+        return matching
 
     def close(self, status: int, message: str) -> None:
         """Take no more requests and answer every waiting one with `status`."""
-        with self._lock:
+        with self._changed:
             self.accepting = False
-            while not self._waiting.empty():
-                self._waiting.get_nowait().fail(status, message)
+            while self._waiting:
+                self._waiting.popleft().fail(status, message)
+            self._changed.notify_all()
 
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return len(self._waiting)
 
     def progress(self, request_id: str) -> dict | None:
         job = self._recent.get(request_id)
         if job is None:
             return None
         if job.state == "queued":
-            with self._waiting.mutex:
-                position = next((i for i, j in enumerate(self._waiting.queue) if j is job), 0)
+            with self._changed:
+                position = next((i for i, j in enumerate(self._waiting) if j is job), 0)
             return {"state": "queued", "position": position + 1}
         return {"state": job.state, "step": job.step, "steps": job.steps}
+
+
+def batch_key(params: dict) -> tuple:
+    """What the requests of one pipeline call share: all but the prompts and the seeds."""
+    return tuple((k, v) for k, v in sorted(params.items()) if k not in ("prompt", "negative_prompt", "seed")) + \
+        (params["negative_prompt"] is not None,)
 
 
 def error(status: int, message) -> JSONResponse:
@@ -147,8 +174,9 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
     def health():
         status = "ok" if jobs.accepting else "stopping"
         return {"status": status, **info, "default_height": size[0], "default_width": size[1],
-                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": jobs.current is not None,
-                "served": jobs.served, "failed": jobs.failed}
+                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": bool(jobs.current),
+                "served": jobs.served, "failed": jobs.failed, "max_batch": jobs.max_batch,
+                "largest_batch": jobs.largest_batch}
 
     @app.get("/progress")
     def progress(id: str = ""):
@@ -174,7 +202,8 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         outcome["stages"]["png_encode_s"] = time.perf_counter() - start
         if "application/json" in request.headers.get("accept", ""):
             return {"image_png_base64": base64.b64encode(png).decode(), **outcome}
-        return Response(png, media_type="image/png", headers={"X-Report": json.dumps(outcome)})
+        headers = {"X-Report": json.dumps(outcome), "X-Batch-Size": str(outcome["batch_size"])}
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/v1/models")
     def models():
@@ -202,7 +231,8 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         else:  # absolute URLs on the host and port this request came to
             root = str(request.base_url).rstrip("/")
             data = [{"url": f"{root}/v1/images/files/{files.add(png)}"} for png in pngs]
-        return {"created": int(time.time()), "data": data}
+        batch = str(max(o["batch_size"] for o in outcomes))  # the largest batch this request's images ran in
+        return JSONResponse({"created": int(time.time()), "data": data}, headers={"X-Batch-Size": batch})
 
     @app.get("/v1/images/files/{name}")
     def image_file(name: str):
