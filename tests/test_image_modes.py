@@ -33,8 +33,11 @@ from flux_parallel import flux
 from flux_parallel.flux.image_inputs import (
     PREFERRED_KONTEXT_RESOLUTIONS,
     ImageArgumentError,
+    binarised,
     kontext_size,
+    load_images,
     pack_fill_mask,
+    resized,
 )
 from flux_parallel.flux.image_modes import img2img_timesteps
 from flux_parallel.flux.pipeline import FluxPipeline
@@ -203,6 +206,26 @@ def test_control_equals_diffusers(base, tmp_path):
     assert rel_err(result, expected) <= TOLERANCE
     other = ours(**ours_call(control_image=1 - control, latents=noise_for()))
     assert rel_err(result, other) > 1e-3  # the control image mattered
+
+
+def test_pil_images_and_files_load_as_rgb_tensors(tmp_path):
+    from PIL import Image
+
+    rgba = (random_image(9, channels=4) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    expected = torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)[None].float() / 255  # alpha dropped
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "in.png")
+    for source in (Image.fromarray(rgba, "RGBA"), tmp_path / "in.png", str(tmp_path / "in.png")):
+        assert torch.equal(resized(load_images(source, "image"), HEIGHT, WIDTH), expected)
+    gray = Image.fromarray(rgba[..., 0])  # mode L: the same value in R, G and B
+    assert torch.equal(resized(load_images(gray, "image"), HEIGHT, WIDTH), expected[:, :1].expand(-1, 3, -1, -1))
+
+
+def test_masks_are_binarised_at_one_half():
+    from PIL import Image
+
+    levels = torch.tensor([[0, 127, 128, 255]], dtype=torch.uint8).repeat(16, 4)  # 16 x 16 px, 8-bit grayscale
+    mask = binarised(resized(load_images(Image.fromarray(levels.numpy()), "mask_image", channels=1), 16, 16))
+    assert torch.equal(mask[0, 0], (levels >= 128).float())
 
 
 # ---- refusals: one sentence naming the argument, before the text encoders run ----

@@ -25,13 +25,17 @@ def case(mode: str) -> tuple[str | None, dict]:
         return "kontext", dict(call, image=pixels(1, 48, 48), height=32, width=48, auto_resize=False)
     if mode == "fill":  # 9 tokens: uneven shards of the state and of Fill's channels
         return "fill", dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1))
+    if mode == "img2img":
+        return None, dict(call, image=pixels(1, 48, 48), strength=0.7, num_steps=3)
     return None, dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1), strength=0.7, num_steps=3)
 
 
-def _check_rank(rank, world, mode, ulysses, ring, expected_file):
+def _check_rank(rank, world, mode, degrees, expected_file):
     variant, call = case(mode)
-    pipe = FluxPipeline.tiny_random(seed=0, variant=variant, parallel=ParallelContext(ulysses_degree=ulysses,
-                                                                                     ring_degree=ring))
+    pipe = FluxPipeline.tiny_random(seed=0, variant=variant, parallel=ParallelContext(**degrees))
+    if "pipefusion_degree" in degrees:  # refused identically on every rank, before any collective
+        with pytest.raises(ValueError, match="^inpaint cannot be combined with PipeFusion"):
+            pipe(**case("inpaint")[1])
     image = pipe(**call)
     if rank != 0:
         assert image is None
@@ -41,10 +45,19 @@ def _check_rank(rank, world, mode, ulysses, ring, expected_file):
     assert rel_err(image, load_file(expected_file)["image"]) <= 1e-5
 
 
-@pytest.mark.parametrize("mode, ulysses, ring", [("kontext", 2, 1), ("kontext", 1, 2), ("fill", 2, 1),
-                                                 ("inpaint", 2, 1)])
-def test_image_mode_on_ranks_equals_one_process(tmp_path, mode, ulysses, ring):
+PIPEFUSION = dict(pipefusion_degree=2, warmup_steps=3)  # warm-up over every step run: exact, as one process
+CASES = {  # id: (mode, degrees, world size)
+    "kontext-ulysses2": ("kontext", dict(ulysses_degree=2), 2),
+    "kontext-ring2": ("kontext", dict(ring_degree=2), 2),
+    "fill-ulysses2": ("fill", dict(ulysses_degree=2), 2),
+    "inpaint-ulysses2": ("inpaint", dict(ulysses_degree=2), 2),
+    "img2img-pipefusion2": ("img2img", PIPEFUSION, 2),
+}
+
+
+@pytest.mark.parametrize("mode, degrees, world", CASES.values(), ids=CASES.keys())
+def test_image_mode_on_ranks_equals_one_process(tmp_path, mode, degrees, world):
     variant, call = case(mode)
     expected = FluxPipeline.tiny_random(seed=0, variant=variant)(**call)
     save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
-    run_distributed(_check_rank, ulysses * ring, mode, ulysses, ring, str(tmp_path / "expected.safetensors"))
+    run_distributed(_check_rank, world, mode, degrees, str(tmp_path / "expected.safetensors"))
