@@ -158,6 +158,18 @@ def test_kontext_equals_diffusers(base, tmp_path, reference_size):
     assert rel_err(result, other) > 1e-3  # the reference mattered
 
 
+def test_kontext_true_cfg_equals_diffusers(base, tmp_path):
+    """Both CFG branches carry the reference tokens (one batched forward here, two passes in diffusers)."""
+    theirs, ours = saved_as(base, FluxKontextPipeline, tmp_path)
+    reference, cfg = random_image(4, 48, 32), dict(negative_prompt="blurry", true_cfg_scale=2.0)
+    with torch.no_grad():
+        expected = theirs(prompt=PROMPT, image=reference, height=HEIGHT, width=WIDTH, max_area=HEIGHT * WIDTH,
+                          _auto_resize=False, latents=pack(noise_for()), **cfg, **CALL).images
+    result = ours(**ours_call(image=reference, auto_resize=False, height=HEIGHT, width=WIDTH, latents=noise_for(),
+                              **cfg))
+    assert rel_err(result, expected) <= TOLERANCE
+
+
 def test_kontext_output_defaults_to_the_reference_size():
     pipe = FluxPipeline.tiny_random(variant="kontext")
     image = pipe("a fox", image=random_image(5, 40, 56), num_steps=1, auto_resize=False, output_type="pt")

@@ -27,6 +27,10 @@ def case(mode: str) -> tuple[str | None, dict]:
         return "fill", dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1))
     if mode == "img2img":
         return None, dict(call, image=pixels(1, 48, 48), strength=0.7, num_steps=3)
+    if mode == "kontext-batch":  # one reference per prompt, two images per prompt: each replica takes its images
+        references = torch.cat((pixels(1, 48, 48), pixels(3, 48, 48)))
+        return "kontext", dict(call, prompt=["a red fox", "a cat"], image=references, num_images_per_prompt=2,
+                               height=32, width=48, auto_resize=False)
     return None, dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1), strength=0.7, num_steps=3)
 
 
@@ -52,6 +56,7 @@ CASES = {  # id: (mode, degrees, world size)
     "fill-ulysses2": ("fill", dict(ulysses_degree=2), 2),
     "inpaint-ulysses2": ("inpaint", dict(ulysses_degree=2), 2),
     "img2img-pipefusion2": ("img2img", PIPEFUSION, 2),
+    "kontext-batch-data2-ulysses2": ("kontext-batch", dict(data_degree=2, ulysses_degree=2), 4),
 }
 
 
