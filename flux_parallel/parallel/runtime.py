@@ -18,6 +18,8 @@
 - pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
   them (parallel/pipefusion.py); its generation drives its own denoising loop.
 - The parallel VAE decodes across all ranks of one replica (`decode`).
+- Image conditioning (`ImageCond`): Fill's and Control's extra channels are sharded with the tokens they
+  belong to; Kontext's reference tokens are part of the sharded sequence and held fixed in the loop.
 """
 
 from dataclasses import dataclass
@@ -47,6 +49,22 @@ class Conditioning:
     txt: Tensor  # [B, S, context_in_dim] T5 hidden states
     txt_ids: Tensor  # [B, S, 3]
     y: Tensor  # [B, vec_in_dim] CLIP pooled output
+
+
+@dataclass(frozen=True)
+class ImageCond:
+    """What an image-conditioned FLUX.1 adds to the packed state img [B, L, 64] of a generation.
+
+    channels: [B, L, C] fed to the transformer after the state's 64 channels every step (Fill's masked
+    image and mask, C = 320; Canny/Depth's control image, C = 64), sharded with the state's tokens.
+    out_len: only the first out_len tokens are integrated; the rest (Kontext's reference tokens,
+    appended after the output tokens) get a zero velocity, so the Euler update leaves them exactly
+    unchanged. The sp layout thus covers the whole [output; reference] sequence and the reference
+    tokens are sharded like the others, with no special case in the loop or the attention.
+    """
+
+    channels: Tensor | None = None
+    out_len: int | None = None
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto") -> "ParallelDenoiser":
@@ -104,7 +122,7 @@ class ParallelDenoiser:
         self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
 
     def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
-              true_cfg_scale: float | None, cache=None, image_cond: "ImageCond | None" = None) -> "Generation":
+              true_cfg_scale: float | None, cache=None, image_cond: ImageCond | None = None) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
         the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
         flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None.
@@ -121,22 +139,6 @@ class ParallelDenoiser:
     def cache_sums(self):
         """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
         return sp_sums(self.ctx)
-
-
-@dataclass(frozen=True)
-class ImageCond:
-    """What an image-conditioned FLUX.1 adds to the packed state img [B, L, 64] of a generation.
-
-    channels: [B, L, C] fed to the transformer after the state's 64 channels every step (Fill's masked
-    image and mask, C = 320; Canny/Depth's control image, C = 64), sharded with the state's tokens.
-    out_len: only the first out_len tokens are integrated; the rest (Kontext's reference tokens,
-    appended after the output tokens) get a zero velocity, so the Euler update leaves them exactly
-    unchanged. The sp layout thus covers the whole [output; reference] sequence and the reference
-    tokens are sharded like the others, with no special case in the loop or the attention.
-    """
-
-    channels: Tensor | None = None
-    out_len: int | None = None
 
 
 class Generation:
