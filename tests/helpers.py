@@ -101,6 +101,7 @@ def diffusers_model(params: flux.FluxParams) -> FluxTransformer2DModel:
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=params.in_channels,
+        out_channels=params.out_channels,  # Fill and Canny/Depth take more channels than they return
         num_layers=params.depth,
         num_single_layers=params.depth_single_blocks,
         attention_head_dim=params.head_dim,

@@ -147,3 +147,63 @@ def test_several_prompts_write_numbered_images_in_order(tmp_path):
     assert data["images"] == names and all(png_size(Path(n)) == (32, 32) for n in names)
     assert data["prompts"] == ["a red fox", "snow"] and data["true_cfg_scale"] == 2.0
     assert data["cfg_degree"] == 1 and data["data_degree"] == 1 and "comm_bytes_per_step_by_axis" in data
+
+
+# ---- image flags: --image, --mask, --control-image, --strength, --variant, --no-auto-resize ----
+
+
+def write_image(path: Path, height: int, width: int, mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    Image.new(mode, (width, height), color=128 if mode == "L" else (200, 30, 90, 255)[: len(mode)]).save(path)
+    return path
+
+
+@pytest.mark.parametrize("variant, flags, size", [
+    (None, ["--strength", "0.5"], (48, 32)),  # img2img: the output takes the image's size
+    (None, ["--mask", "mask"], (48, 32)),  # inpainting
+    ("kontext", ["--no-auto-resize"], (48, 32)),
+    ("fill", ["--mask", "mask"], (48, 32)),
+])
+def test_image_flags_write_an_image_of_the_image_size(tmp_path, variant, flags, size):
+    image = write_image(tmp_path / "in.png", 32, 48, mode="RGBA")  # RGBA is converted to RGB
+    mask = write_image(tmp_path / "mask.png", 32, 48, mode="L")
+    flags = [str(mask) if f == "mask" else f for f in flags]
+    report = tmp_path / "report.json"
+    argv = ["--model", "tiny-random", "--image", str(image), *flags, "--steps", "2", "--output",
+            str(tmp_path / "out.png"), "--report", str(report)]
+    assert generate.main(argv + (["--variant", variant] if variant else [])) == 0
+    assert png_size(tmp_path / "out.png") == size
+    data = json.loads(report.read_text())
+    assert data["mode"] == (variant or ("inpaint" if "--mask" in flags else "img2img"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "kontext"], "--image is needed: FLUX.1 Kontext edits a reference image"),
+    (["--variant", "fill", "--image", "in"], "--mask is needed: FLUX.1 Fill repaints where it is white"),
+    (["--variant", "canny", "--image", "in"], "--control-image is needed"),
+    (["--variant", "kontext", "--image", "in", "--strength", "0.5"], "--strength is for img2img and inpainting"),
+    (["--mask", "in"], "--mask needs an image too"),
+    (["--image", "notes"], "--image {notes} is not an image file Pillow can read"),
+    (["--image", "in", "--mask", "small"], "--mask is 16x16 px and the image 48x32 px"),
+])
+def test_image_errors_name_the_flag(tmp_path, capsys, argv, message):
+    files = {"in": write_image(tmp_path / "in.png", 32, 48), "small": write_image(tmp_path / "s.png", 16, 16, "L"),
+             "notes": tmp_path / "notes.png"}
+    files["notes"].write_text("not a PNG")
+    argv = [str(files[a]) if a in files else a for a in argv]
+    assert generate.main(["--model", "tiny-random", "--steps", "1", "--output", str(tmp_path / "o.png"), *argv]) == 2
+    assert message.format(notes=files["notes"]) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
+    (["--control-image", "/no/such.png"], "--control-image /no/such.png: no such file"),
+    (["--strength", "0"], "--strength must be in (0, 1]"),
+    (["--variant", "redux"], "--variant: invalid choice"),
+])
+def test_image_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

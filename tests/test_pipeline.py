@@ -26,7 +26,7 @@ from flux_parallel import flux
 from flux_parallel.flux import tokenizer_training as tt
 from flux_parallel.flux.checkpoint import diffusers_to_bfl
 from flux_parallel.flux.pipeline import FluxPipeline
-from flux_parallel.flux.pipeline_folder import check_pipeline_folder, load_schedule
+from flux_parallel.flux.pipeline_folder import load_schedule, pipeline_kind
 from flux_parallel.flux.sampling import Schedule, get_schedule, pack, unpack
 from flux_parallel.weights import CheckpointError
 
@@ -232,13 +232,13 @@ def test_bad_scheduler_config(tmp_path, config, message):
         load_schedule(tmp_path, guidance_embed=True)
 
 
-# ---- model_index.json and the transformer's input channels: FLUX variants are refused at load ----
+# ---- model_index.json and the transformer's input channels: the variant, or a refusal, at load ----
 
 
 def pipeline_folder(root, class_name="FluxPipeline", in_channels=64, kind="pipeline"):
     """A folder holding only a tiny transformer (`kind` as test_transformer.write_source writes it) and,
     for a pipeline folder, a model_index.json naming `class_name`: the refusals come before anything else is read."""
-    params = dataclasses.replace(flux.CONFIGS["tiny"], in_channels=in_channels, out_channels=in_channels)
+    params = dataclasses.replace(flux.CONFIGS["tiny"], in_channels=in_channels)  # out_channels stays 64
     root.mkdir(parents=True, exist_ok=True)
     path = write_source(kind, diffusers_model(params), params, root)
     if kind == "pipeline":
@@ -248,47 +248,63 @@ def pipeline_folder(root, class_name="FluxPipeline", in_channels=64, kind="pipel
 
 
 @pytest.mark.parametrize("class_name, variant", [
-    ("FluxFillPipeline", "FLUX.1 Fill"),
-    ("FluxControlPipeline", "FLUX.1 Canny or Depth"),
-    ("FluxKontextPipeline", "FLUX.1 Kontext"),
     ("FluxPriorReduxPipeline", "FLUX.1 Redux"),
-    ("FluxImg2ImgPipeline", "image to image"),
-    ("FluxInpaintPipeline", "inpainting"),
+    ("FluxControlNetPipeline", "ControlNet conditioning"),
     ("StableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
 ])
-def test_variant_pipeline_folders_are_refused(tmp_path, class_name, variant):
+def test_other_pipeline_folders_are_refused(tmp_path, class_name, variant):
     pipeline_folder(tmp_path, class_name)
     with pytest.raises(CheckpointError) as err:
         FluxPipeline.from_pretrained(tmp_path, dtype=torch.float32)
     message = str(err.value)
     assert f"{tmp_path / 'model_index.json'} describes a {class_name}" in message and variant in message
-    assert "only FLUX.1 text to image (FluxPipeline)" in message and "\n" not in message
+    assert "the FLUX.1 pipelines that run here are FluxPipeline, FluxImg2ImgPipeline" in message and "\n" not in message
 
 
-@pytest.mark.parametrize(
-    "channels, variant", [(384, "FLUX.1 Fill"), (128, "FLUX.1 Canny or Depth"), (96, "a FLUX variant")]
-)
-@pytest.mark.parametrize("kind", ["pipeline", "bfl"])
-def test_transformer_with_more_input_channels_is_refused(tmp_path, kind, channels, variant):
-    path = pipeline_folder(tmp_path, in_channels=channels, kind=kind)
+@pytest.mark.parametrize("class_name, channels, kind", [
+    ("FluxPipeline", 64, "text"), ("FluxImg2ImgPipeline", 64, "text"), ("FluxInpaintPipeline", 64, "text"),
+    ("FluxKontextPipeline", 64, "kontext"), ("FluxFillPipeline", 384, "fill"), ("FluxControlPipeline", 128, "control"),
+])
+def test_variant_pipeline_folders_give_their_kind(tmp_path, class_name, channels, kind):
+    pipeline_folder(tmp_path, class_name, in_channels=channels)
+    assert pipeline_kind(tmp_path) == kind
+
+
+def test_a_variant_with_other_channels_is_refused(tmp_path):
+    pipeline_folder(tmp_path, "FluxFillPipeline")
+    with pytest.raises(CheckpointError, match="model_index.json's pipeline needs a transformer with 384 input "
+                                              "channels, this one takes 64"):
+        pipeline_kind(tmp_path)
+    with pytest.raises(CheckpointError, match="variant canny needs a transformer with 128 input channels"):
+        pipeline_kind(tmp_path, variant="canny")
+
+
+@pytest.mark.parametrize("channels, kind", [(384, "fill"), (128, "control"), (96, None)])
+@pytest.mark.parametrize("source", ["pipeline", "bfl"])
+def test_transformer_input_channels_give_the_kind(tmp_path, source, channels, kind):
+    path = pipeline_folder(tmp_path, in_channels=channels, kind=source)
     assert flux.load_transformer(path, dtype=torch.float32).params.in_channels == channels  # a loadable transformer
-    source = tmp_path / "transformer" / "config.json" if kind == "pipeline" else path
+    if kind is not None:
+        assert pipeline_kind(tmp_path) == kind
+        return
+    file = tmp_path / "transformer" / "config.json" if source == "pipeline" else path
     with pytest.raises(CheckpointError) as err:
         FluxPipeline.from_pretrained(tmp_path, dtype=torch.float32)
     message = str(err.value)
-    assert message.startswith(f"{source}: the transformer takes {channels} input channels, not 64: it is {variant}")
-    assert "\n" not in message
+    assert message.startswith(f"{file}: the transformer takes 96 input channels: it is a FLUX variant this pipeline "
+                              "does not run") and "\n" not in message
 
 
-def test_transformer_override_with_more_input_channels_is_refused(tmp_path):
+def test_transformer_override_gives_the_kind(tmp_path):
     fill = pipeline_folder(tmp_path / "fill", in_channels=384, kind="bfl")
+    odd = pipeline_folder(tmp_path / "odd", in_channels=96, kind="bfl")
     pipeline_folder(tmp_path / "plain")
-    check_pipeline_folder(tmp_path / "plain")  # the folder itself is a plain text-to-image one
-    refusal = f"^{re.escape(str(fill))}: the transformer takes 384 input channels, not 64: it is FLUX.1 Fill"
-    with pytest.raises(CheckpointError, match=refusal):
-        FluxPipeline.from_pretrained(tmp_path / "plain", dtype=torch.float32, transformer=fill)
-    module = flux.load_transformer(fill, dtype=torch.float32)
-    with pytest.raises(CheckpointError, match="^the transformer given: the transformer takes 384 input channels"):
+    assert pipeline_kind(tmp_path / "plain") == "text"  # the folder itself is a plain text-to-image one
+    assert pipeline_kind(tmp_path / "plain", transformer=fill) == "fill"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(odd))}: the transformer takes 96 input channels"):
+        FluxPipeline.from_pretrained(tmp_path / "plain", dtype=torch.float32, transformer=odd)
+    module = flux.load_transformer(odd, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="^the transformer given: the transformer takes 96 input channels"):
         FluxPipeline.from_pretrained(tmp_path / "plain", dtype=torch.float32, transformer=module)
 
 
@@ -308,9 +324,9 @@ def test_corrupt_model_index_is_refused(tmp_path, text, fault):
 
 
 def test_plain_pipeline_folders_pass_the_check(saved, tmp_path):
-    check_pipeline_folder(saved[0])  # as diffusers' FluxPipeline.save_pretrained writes it
+    assert pipeline_kind(saved[0]) == "text"  # as diffusers' FluxPipeline.save_pretrained writes it
     for kind in ("pipeline", "bfl", "component"):
         path = pipeline_folder(tmp_path / kind, kind=kind)
-        check_pipeline_folder(tmp_path / kind if kind != "component" else path)
-        check_pipeline_folder(saved[0], transformer=path)
-    check_pipeline_folder(saved[0], transformer=flux.Flux(flux.CONFIGS["tiny"]))
+        assert pipeline_kind(tmp_path / kind if kind != "component" else path) == "text"
+        assert pipeline_kind(saved[0], transformer=path) == "text"
+    assert pipeline_kind(saved[0], transformer=flux.Flux(flux.CONFIGS["tiny"])) == "text"

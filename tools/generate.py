@@ -6,6 +6,11 @@
     torchrun --nproc_per_node 2 tools/generate.py --pipefusion-degree 2 --num-pipeline-patch 4 --warmup-steps 1 ...
     torchrun --nproc_per_node 4 tools/generate.py --prompt "a fox" --negative-prompt "blurry" --true-cfg-scale 4 \
         --cfg-degree 2 --data-parallel-degree 2 --num-images-per-prompt 2 --output fox.png   # fox-0.png ... fox-1.png
+    python tools/generate.py --model FLUX.1-dev --image photo.png --strength 0.6 ...          # img2img
+    python tools/generate.py --model FLUX.1-dev --image photo.png --mask mask.png ...         # inpainting
+    python tools/generate.py --model FLUX.1-Kontext-dev --image photo.png --prompt "make it snow" ...
+    python tools/generate.py --model FLUX.1-Fill-dev --image photo.png --mask mask.png ...
+    python tools/generate.py --model FLUX.1-Canny-dev --control-image edges.png ...
 
 One image is written to --output as given; several to NAME-0.png, NAME-1.png, ... in prompt order.
 
@@ -21,8 +26,10 @@ from pathlib import Path
 import torch
 
 from flux_parallel.flux.cache import KINDS, CacheConfig
+from flux_parallel.flux.image_inputs import ImageArgumentError
 from flux_parallel.flux.images import write_png
 from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.flux.pipeline_folder import VARIANT_KINDS
 from flux_parallel.flux.quantize import check_fp8, quantize_int8_weights
 from flux_parallel.flux.sampling import check_image_size
 from flux_parallel.kernels import BACKENDS, check_backend
@@ -32,6 +39,8 @@ from flux_parallel.parallel.context import ParallelContext, close_distributed, e
 from flux_parallel.weights import DTYPES, CheckpointError, check_device
 
 TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
+# the pipeline's image arguments and the flags that give them, for its refusals (ImageArgumentError)
+IMAGE_FLAGS = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image", "strength": "--strength"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-cached-steps", type=int, default=None, help="with --cache: at most N cached steps")
     p.add_argument("--max-continuous-cached-steps", type=int, default=None,
                    help="with --cache: at most N cached steps in a row")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="img2img and inpainting (schnell, dev), the reference to edit (Kontext), the image (Fill)")
+    p.add_argument("--mask", default=None, metavar="PATH", help="inpainting and Fill: white = repaint")
+    p.add_argument("--control-image", "--control_image", dest="control_image", default=None, metavar="PATH",
+                   help="Canny or Depth: the edge or depth map")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img and inpainting: the share of the schedule run, in (0, 1] (default 0.6)")
+    p.add_argument("--variant", choices=list(VARIANT_KINDS), default=None,
+                   help="the FLUX.1 variant, when the checkpoint does not say (a Kontext file not named kontext)")
+    p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false",
+                   help="Kontext: keep the reference's own size (floored to 16 px), not the nearest preferred one")
     p.add_argument("--output", default="image.png")
     p.add_argument("--report", default=None, help="write stage timings and peak memory as JSON here")
     args = p.parse_args(argv)
@@ -115,8 +135,9 @@ def apply_defaults(args) -> None:
     """The defaults that depend on the model: image size and dtype."""
     args.prompt = args.prompt or ["a photo of a forest with mist swirling around the tree trunks"]
     tiny = args.model in TINY_SIZES
+    from_image = getattr(args, "image", None) or getattr(args, "control_image", None)  # the image's size, then
     for name in ("height", "width"):  # `is None`, not `or`: 0 is a bad size, not a request for the default
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not from_image:
             setattr(args, name, TINY_SIZES.get(args.model, 1024))
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
 
@@ -144,9 +165,11 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
     """Exit 2 with one sentence, identically on every rank, before loading or any collective."""
     for name in ("height", "width"):
         try:
-            check_image_size(name, getattr(args, name))
+            if getattr(args, name) is not None:
+                check_image_size(name, getattr(args, name))
         except ValueError as err:
             parser.error(f"--{err}")
+    check_image_usage(parser, args)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
@@ -178,6 +201,16 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         path = getattr(args, flag)
         if path and not Path(path).resolve().parent.is_dir():
             parser.error(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+
+
+def check_image_usage(parser: argparse.ArgumentParser, args) -> None:
+    """What the command line alone says about the image flags; the model's needs are checked by the pipeline."""
+    for flag in ("image", "mask", "control_image"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            parser.error(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        parser.error(f"--strength must be in (0, 1] (the share of the schedule run), got {args.strength}")
 
 
 def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
@@ -226,13 +259,13 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
                    compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        pipe = FluxPipeline.tiny(dtype=dtype, device=device, **options)
+        pipe = FluxPipeline.tiny(dtype=dtype, device=device, variant=getattr(args, "variant", None), **options)
     elif args.model == "tiny-random":
-        pipe = FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, **options)
+        pipe = FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, variant=getattr(args, "variant", None),
+                                        **options)
     else:
-        pipe = FluxPipeline.from_pretrained(
-            args.model, dtype=dtype, device=device, transformer=args.transformer, vae=args.vae, **options
-        )
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype, device=device, transformer=args.transformer,
+                                            vae=args.vae, variant=getattr(args, "variant", None), **options)
     if args.t5_int8:
         quantize_int8_weights(pipe.text.t5)
     return pipe
@@ -281,7 +314,12 @@ def generate(args) -> int:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                       seed=args.seed, max_sequence_length=args.max_sequence_length, output_type="pt",
                       negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                      num_images_per_prompt=args.num_images_per_prompt, cache=args.cache_config)
+                      num_images_per_prompt=args.num_images_per_prompt, cache=args.cache_config, image=args.image,
+                      mask_image=args.mask, control_image=args.control_image, strength=args.strength,
+                      auto_resize=args.auto_resize)
+    except ImageArgumentError as err:  # the pipeline names its argument: name the flag instead
+        print(f"generate.py: error: {IMAGE_FLAGS[err.argument]} {err.rest}", file=sys.stderr)
+        return 2
     except ValueError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
@@ -297,7 +335,8 @@ def generate(args) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
     run = pipe.last_run
-    print(f"wrote {', '.join(paths)} ({args.width}x{args.height}, {run['num_steps']} steps, world {ctx.world_size}) "
+    size = f"{run['width']}x{run['height']}"
+    print(f"wrote {', '.join(paths)} ({size}, {run['num_steps']} steps, world {ctx.world_size}) "
           f"in {total_s:.2f} s (text {run['text_encoding_s']:.2f} s, denoise {sum(run['steps_s']):.2f} s, "
           f"vae {run.get('vae_decode_s', 0):.2f} s), peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
     return 0
@@ -327,7 +366,9 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
     return {
         "model": args.model, "prompts": args.prompt, "negative_prompt": args.negative_prompt,
         "true_cfg_scale": run["true_cfg_scale"], "num_images_per_prompt": args.num_images_per_prompt,
-        "images": paths, "height": args.height, "width": args.width,
+        "images": paths, "height": run["height"], "width": run["width"], "mode": run["mode"],
+        "image": args.image, "mask": args.mask, "control_image": args.control_image, "strength": run["strength"],
+        "variant": args.variant,
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
         "seed": args.seed, "dtype": args.dtype, "device": str(device), "world_size": ctx.world_size,
         "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree, "cfg_degree": ctx.cfg_degree,

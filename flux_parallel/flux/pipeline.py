@@ -1,4 +1,4 @@
-"""Text to image: encode the prompt, denoise the packed latents, decode them with the VAE.
+"""FLUX.1: encode the prompt (and any image), denoise the packed latents, decode them with the VAE.
 
 Thin glue over `flux.sampling` and `parallel`; each stage's seconds land in `pipe.last_run`.
 Everything parallel (token shards, CFG branches, data replicas, the parallel VAE) sits behind
@@ -8,6 +8,7 @@ the one denoiser that `parallel.parallelize` returns and the functions beside it
 import math
 import time
 import warnings
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,15 +19,22 @@ from flux_parallel.flux.cache import CacheConfig, StepCache, check_cache
 from flux_parallel.flux.checkpoint import load_transformer
 from flux_parallel.flux.compile import prepare_transformer
 from flux_parallel.flux.configs import CONFIGS
+from flux_parallel.flux.image_modes import ImageRequest, Start, image_request, inpaint_blend, start
 from flux_parallel.flux.model import Flux
-from flux_parallel.flux.pipeline_folder import check_pipeline_folder, load_schedule
+from flux_parallel.flux.pipeline_folder import (
+    KIND_CHANNELS,
+    VARIANT_KINDS,
+    check_variant,
+    load_schedule,
+    pipeline_kind,
+    transformer_kind,
+)
 from flux_parallel.flux.sampling import (
     Schedule,
     check_image_size,
     denoise,
     get_noise,
     get_schedule,
-    make_img_ids,
     pack,
     unpack,
 )
@@ -52,8 +60,11 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 
 
 class FluxPipeline:
-    """Text to image with FLUX.1, on one device or every rank of a ParallelContext.
+    """FLUX.1 on one device or every rank of a ParallelContext: text to image, img2img and inpainting with
+    schnell or dev, image editing with Kontext, Fill, Canny and Depth (flux/image_modes.py).
 
+    variant: one of pipeline_folder.VARIANT_KINDS; needed only for Kontext, which the transformer's input
+    channels do not tell from dev (from_pretrained finds it in the folder or the file name).
     parallel: the mesh (sequence, CFG and data parallelism); every rank builds the pipeline and calls
     it with the same arguments. parallel_vae: decode across all ranks of a data replica. vae_stripes:
     decode on one device in that many exact row stripes (lower peak memory). compile: regional
@@ -72,7 +83,11 @@ class FluxPipeline:
         compile: bool = False,
         attention_backend: str | None = None,
         fp8: bool = False,
+        variant: str | None = None,
     ):
+        check_variant(variant)
+        self.kind = transformer_kind(transformer.params.in_channels, "the transformer given",
+                                     VARIANT_KINDS.get(variant), f"variant {variant}")
         if vae_stripes is not None and (not isinstance(vae_stripes, int) or vae_stripes < 1):
             raise ValueError(f"vae_stripes must be a positive integer (the number of row stripes), got {vae_stripes!r}")
         self.transformer, self.vae, self.text, self.schedule = transformer, vae, text, schedule
@@ -98,12 +113,13 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_stripes: int | None = None,
+        variant: str | None = None,
         **options,
     ) -> "FluxPipeline":
         """A diffusers pipeline folder, a folder with the BFL files beside the tokenizer and text-encoder
         folders, or a hub repo id. Each override takes any source its loader accepts (or a loaded module).
-        parallel, parallel_vae, vae_stripes and `options` (compile, attention_backend, fp8): see the class
-        docstring."""
+        parallel, parallel_vae, vae_stripes, variant and `options` (compile, attention_backend, fp8): see the
+        class docstring."""
         dtype, device = check_dtype(dtype), check_device(device)
         overrides = {
             "transformer": transformer,
@@ -113,7 +129,7 @@ class FluxPipeline:
         }
         wanted = [f"{c}/*" for c in COMPONENTS if overrides.get(c) is None]
         root = resolve(src, allow_patterns=["model_index.json", "scheduler/*", *wanted])
-        check_pipeline_folder(root, transformer)  # a FLUX variant or a corrupt model_index.json, before any weight
+        kind = pipeline_kind(root, transformer, variant)  # a variant not run here, a corrupt folder: before any weight
 
         load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
@@ -122,7 +138,8 @@ class FluxPipeline:
             root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
         )
         schedule = load_schedule(root, model.params.guidance_embed)
-        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, **options)
+        variant = variant or ("kontext" if kind == "kontext" else None)  # the other kinds follow from the channels
+        return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, variant=variant, **options)
 
     @classmethod
     def tiny(cls, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
@@ -140,18 +157,22 @@ class FluxPipeline:
         parallel: ParallelContext | None = None,
         parallel_vae: bool = False,
         vae_stripes: int | None = None,
+        variant: str | None = None,
         **options,
     ) -> "FluxPipeline":
         """Seeded random weights at the `tiny` sizes and built-in tokenizers: runs offline in seconds,
-        identically on every rank. It shows the machinery, not image quality."""
+        identically on every rank. It shows the machinery, not image quality. variant: the input channels
+        of that FLUX.1 variant (e.g. "fill": 384), the rest as schnell."""
         dtype, device = check_dtype(dtype), check_device(device)
-        model = seeded_init(Flux(CONFIGS["tiny"]), seed).to(device=device, dtype=dtype)
+        check_variant(variant)
+        params = replace(CONFIGS["tiny"], in_channels=KIND_CHANNELS[VARIANT_KINDS.get(variant, "text")])
+        model = seeded_init(Flux(params), seed).to(device=device, dtype=dtype)
         if parallel is not None and (keep := stage_filter(parallel)) is not None:
             model = release_other_stages(model, keep(model.params))  # a PipeFusion rank holds its stage only
         ae = seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), seed + 2).to(device=device, dtype=dtype)
         text = TextConditioner.tiny(seed=seed, dtype=dtype, device=device)  # takes seed and seed + 1
         return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes,
-                   **options)
+                   variant=variant, **options)
 
     @property
     def device(self) -> torch.device:
@@ -159,9 +180,10 @@ class FluxPipeline:
         return next(p.device for p in self.transformer.parameters() if not p.is_meta)
 
     def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
-                   max_sequence_length: int, latents: Tensor | None, cache: bool = False) -> None:
+                   max_sequence_length: int, latents: Tensor | None, cache: bool = False,
+                   request: ImageRequest | None = None) -> None:
         """One sentence per bad argument, raised identically on every rank before any collective and
-        before the text encoders run."""
+        before the text encoders run. request: the call's images (image_modes.image_request)."""
         check_image_size("height", height)
         check_image_size("width", width)
         if num_steps < 1:
@@ -170,8 +192,11 @@ class FluxPipeline:
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
             raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
                              "(the T5 tokenizer's model_max_length)")
-        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16), negatives is not None,
-                            rows=height // 16, cache=cache)
+        extra_tokens = 0 if request is None else request.reference_tokens  # Kontext's, sharded with the output's
+        conditioned = request is not None and request.mode not in ("text", "img2img")
+        self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16) + extra_tokens,
+                            negatives is not None, rows=height // 16, cache=cache,
+                            image_cond=request.mode if conditioned else None)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
         expected = (len(prompts), 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != expected:
@@ -182,8 +207,8 @@ class FluxPipeline:
     def __call__(
         self,
         prompt: str | list[str],
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
@@ -194,13 +219,28 @@ class FluxPipeline:
         true_cfg_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         cache: CacheConfig | None = None,
+        image=None,
+        mask_image=None,
+        control_image=None,
+        strength: float | None = None,
+        auto_resize: bool = True,
     ):
         """Images for `prompt`: PIL images ("pil"), a [B, 3, H, W] tensor in [0, 1] ("pt") or the
         unpacked latents [B, 16, H/8, W/8] ("latent"), B = prompts x num_images_per_prompt in prompt
         order, on global rank 0 (the other ranks return None). With a negative prompt and
         true_cfg_scale > 1, every step uses neg + true_cfg_scale * (pos - neg) (true CFG, as diffusers).
-        Image i's noise is drawn for image i (seed, then the batch order), whatever the parallel layout.
-        cache: skip steps of the block stack (flux/cache.py); last_run["cache"] lists the steps computed."""
+        Image i's noise is drawn for image i (seed, then the batch order), whatever the parallel layout;
+        `latents` replaces it: the initial noise [B, 16, H/8, W/8], in every mode.
+        cache: skip steps of the block stack (flux/cache.py); last_run["cache"] lists the steps computed.
+
+        Images (flux/image_modes.py has each mode's exact semantics): PIL images, paths, or float tensors
+        [B, 3, H, W] in [0, 1] (masks [B, 1, H, W] or 8-bit grayscale, white = repaint, binarised at 0.5),
+        one for every prompt or one per prompt; each is VAE-encoded at the posterior mean (deterministic;
+        diffusers samples it in img2img, inpaint, Fill and Control). image: img2img's (with `strength` in
+        (0, 1], default 0.6) and inpainting's (with `mask_image`) image for schnell or dev, Kontext's
+        reference, Fill's image (with `mask_image`); control_image: Canny's or Depth's map. height and
+        width default to the image's size floored to 16 px (Kontext: the reference's), else 1024;
+        auto_resize: Kontext's reference is resized to the preferred resolution nearest its aspect ratio."""
         has_guidance = self.transformer.params.guidance_embed
         num_steps = num_steps if num_steps is not None else (28 if has_guidance else 4)
         if max_sequence_length is None:
@@ -208,44 +248,66 @@ class FluxPipeline:
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         prompts, negatives = expand_prompts(prompt, negative_prompt, true_cfg_scale, num_images_per_prompt)
+        request = image_request(self.kind, image, mask_image, control_image, strength, height, width, auto_resize)
+        height, width = request.height, request.width
         check_cache(cache, self.transformer)
-        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache is not None)
+        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache is not None,
+                        request)
+        total, part = len(prompts), batch_slice(len(prompts), self.parallel)  # this data replica's images
+        request = request.for_images(len(prompts) // num_images_per_prompt, num_images_per_prompt, part)
         if guidance is not None and not has_guidance:
             warnings.warn("this model has no guidance embedding (FLUX.1-schnell): the guidance value is ignored")
         guidance = (3.5 if guidance is None else guidance) if has_guidance else None
 
         # the settings this call used, defaults resolved, for reports
         run = self.last_run = {"num_steps": num_steps, "guidance": guidance, "max_sequence_length": max_sequence_length,
-                               "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": []}
-        total, part = len(prompts), batch_slice(len(prompts), self.parallel)  # this data replica's images
-        start = time.perf_counter()
+                               "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": [],
+                               "mode": request.mode, "strength": request.strength, "height": height, "width": width}
+        start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
-        run["text_encoding_s"] = time.perf_counter() - start
+        run["text_encoding_s"] = time.perf_counter() - start_s
 
         noise = latents if latents is not None else get_noise(total, height, width, seed)
-        img = pack(noise[part].to(device=self.device, dtype=torch.float32))
-        img_ids = make_img_ids(img.shape[0], height, width, self.device)
-        timesteps = get_schedule(num_steps, img.shape[1], self.schedule)
+        begin = self._start(request, pack(noise[part].to(device=self.device, dtype=torch.float32)), num_steps)
+        steps = len(begin.timesteps) - 1  # img2img runs the schedule's tail
         branches = self.denoiser.branches(negatives is not None)
-        step_cache = None if cache is None else StepCache(cache, branches, num_steps, self.denoiser.cache_sums())
-        generation = self.denoiser.start(img, img_ids, conds, guidance, true_cfg_scale if negatives else None,
-                                         step_cache)
-        img = self._denoise(generation, timesteps)
+        step_cache = None if cache is None else StepCache(cache, branches, steps, self.denoiser.cache_sums())
+        generation = self.denoiser.start(begin.img, begin.img_ids, conds, guidance,
+                                         true_cfg_scale if negatives else None, step_cache, begin.cond)
+        blend = None if begin.inpaint is None else inpaint_blend(*map(generation.local, begin.inpaint),
+                                                                 begin.timesteps)
+        img = self._denoise(generation, begin.timesteps, blend)[:, : (height // 16) * (width // 16)]
         run["cache"] = generation.cache_report
         latents = unpack(img, height, width)
         if output_type == "latent":
             return gather_batch(latents, total, self.parallel)
-        start = time.perf_counter()
+        start_s = time.perf_counter()
         with count_comm() as stats:
             image = decode(self.vae, latents.to(self.vae_dtype), self.parallel, self.parallel_vae, self.vae_stripes)
         self._sync()
-        run["vae_decode_s"] = time.perf_counter() - start
+        run["vae_decode_s"] = time.perf_counter() - start_s
         run["vae_comm_bytes"] = dict(stats.bytes)
         image = gather_batch(image, total, self.parallel)
         if image is None:
             return None
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         return image if output_type == "pt" else to_pil(image)
+
+    def _start(self, request: ImageRequest, noise: Tensor, num_steps: int) -> Start:
+        """The loop's start for this replica's images: noise [b, L, 64] packed; the images VAE-encoded here."""
+        timesteps = get_schedule(num_steps, noise.shape[1], self.schedule)  # the shift counts output tokens only
+        start_s = time.perf_counter()
+        begin = start(request, self._vae_encode, noise, timesteps)
+        self._sync()
+        if request.pixels is not None:
+            self.last_run["vae_encode_s"] = time.perf_counter() - start_s
+        return begin
+
+    def _vae_encode(self, pixels: Tensor) -> Tensor:
+        """[b, 3, H, W] in [-1, 1] -> latents [b, 16, H/8, W/8] in fp32 on the transformer's device: the posterior
+        mean, on every rank of the replica (an image is encoded once per call; the decode is the costly part)."""
+        vae_device = next(self.vae.parameters()).device
+        return self.vae.encode(pixels.to(device=vae_device, dtype=self.vae_dtype)).float().to(self.device)
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -262,7 +324,7 @@ class FluxPipeline:
         self._sync()
         return conds
 
-    def _denoise(self, generation, timesteps: list[float]) -> Tensor:
+    def _denoise(self, generation, timesteps: list[float], blend=None) -> Tensor:
         steps_s = self.last_run["steps_s"]
         last = time.perf_counter()
 
@@ -276,7 +338,7 @@ class FluxPipeline:
                 self.progress(step + 1, len(timesteps) - 1)
 
         with count_comm() as stats:
-            img = denoise_on_mesh(generation, timesteps, on_step)
+            img = denoise_on_mesh(generation, timesteps, on_step, blend)
         steps = max(1, len(timesteps) - 1)
         self.last_run["comm_bytes_per_step"] = {k: v / steps for k, v in stats.bytes.items()}
         self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}
@@ -288,12 +350,13 @@ class FluxPipeline:
             torch.cuda.synchronize(self.device)
 
 
-def denoise_on_mesh(generation, timesteps: list[float], on_step=None) -> Tensor:
+def denoise_on_mesh(generation, timesteps: list[float], on_step=None, blend=None) -> Tensor:
     """The denoising loop of one generation on this rank -> the final latents [B, L, C] on every rank of
-    the replica: the Euler loop over this rank's token shard, or PipeFusion's own patch schedule."""
+    the replica: the Euler loop over this rank's token shard, or PipeFusion's own patch schedule.
+    blend(step, img_local): see sampling.denoise (inpainting; refused under PipeFusion by the checks)."""
     if isinstance(generation, PipeFusionGeneration):
         return generation.denoise(timesteps, on_step)
-    return generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step))
+    return generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step, blend))
 
 
 def expand_prompts(prompt, negative_prompt, true_cfg_scale: float, num_images_per_prompt: int):

@@ -88,12 +88,16 @@ def denoise(
     img: Tensor,  # [B, L, 64] packed noise (or this rank's shard of it)
     timesteps: list[float],
     on_step: Callable[[int], None] | None = None,
+    blend: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Euler integration of velocity(img, t) from timesteps[0] to timesteps[-1]; fp32 state.
-    `velocity` is the model's prediction at time t (parallel.Generation.velocity in the pipeline)."""
+    `velocity` is the model's prediction at time t (parallel.Generation.velocity in the pipeline).
+    blend(step, img) -> img after each step: inpainting puts the kept region back (flux/image_modes.py)."""
     img = img.float()
     for step, (t_curr, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         img = img + (t_next - t_curr) * velocity(img, t_curr).float()
+        if blend is not None:
+            img = blend(step, img)
         if on_step is not None:
             on_step(step)
     return img

@@ -5,6 +5,7 @@ from flux_parallel.parallel.comm import count_comm
 from flux_parallel.parallel.context import ParallelContext, close_distributed, init_distributed
 from flux_parallel.parallel.runtime import (
     Conditioning,
+    ImageCond,
     ParallelDenoiser,
     batch_slice,
     check_decode,
@@ -18,6 +19,7 @@ from flux_parallel.parallel.vae import decode_parallel
 
 __all__ = [
     "Conditioning",
+    "ImageCond",
     "ParallelContext",
     "ParallelDenoiser",
     "batch_slice",

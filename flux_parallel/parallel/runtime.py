@@ -18,6 +18,8 @@
 - pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
   them (parallel/pipefusion.py); its generation drives its own denoising loop.
 - The parallel VAE decodes across all ranks of one replica (`decode`).
+- Image conditioning (`ImageCond`): Fill's and Control's extra channels are sharded with the tokens they
+  belong to; Kontext's reference tokens are part of the sharded sequence and held fixed in the loop.
 """
 
 from dataclasses import dataclass
@@ -47,6 +49,22 @@ class Conditioning:
     txt: Tensor  # [B, S, context_in_dim] T5 hidden states
     txt_ids: Tensor  # [B, S, 3]
     y: Tensor  # [B, vec_in_dim] CLIP pooled output
+
+
+@dataclass(frozen=True)
+class ImageCond:
+    """What an image-conditioned FLUX.1 adds to the packed state img [B, L, 64] of a generation.
+
+    channels: [B, L, C] fed to the transformer after the state's 64 channels every step (Fill's masked
+    image and mask, C = 320; Canny/Depth's control image, C = 64), sharded with the state's tokens.
+    out_len: only the first out_len tokens are integrated; the rest (Kontext's reference tokens,
+    appended after the output tokens) get a zero velocity, so the Euler update leaves them exactly
+    unchanged. The sp layout thus covers the whole [output; reference] sequence and the reference
+    tokens are sharded like the others, with no special case in the loop or the attention.
+    """
+
+    channels: Tensor | None = None
+    out_len: int | None = None
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto") -> "ParallelDenoiser":
@@ -79,10 +97,14 @@ class ParallelDenoiser:
         return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
 
     def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None,
-              cache: bool = False) -> None:
+              cache: bool = False, image_cond: str | None = None) -> None:
         """One sentence per impossible request, raised identically on every rank before any collective.
-        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for."""
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for;
+        image_cond: the name of the image mode when it changes the transformer's input or the loop (an ImageCond)."""
         ctx = self.ctx
+        if ctx.uses_pipefusion and image_cond:  # PipeFusion's patch loop knows only plain packed noise
+            raise ValueError(f"{image_cond} cannot be combined with PipeFusion: its patch schedule runs the plain "
+                             "text-to-image loop (img2img can)")
         if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
             raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
                              "the stack live on different stages, so no rank sees what the decision needs")
@@ -100,18 +122,19 @@ class ParallelDenoiser:
         self.sp.layout(txt_len, img_len)  # every sp rank needs an image token
 
     def start(self, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning], guidance: float | None,
-              true_cfg_scale: float | None, cache=None) -> "Generation":
+              true_cfg_scale: float | None, cache=None, image_cond: ImageCond | None = None) -> "Generation":
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
         the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
-        flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None."""
-        if self.ctx.uses_pipefusion:  # a cache was refused by check()
+        flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None.
+        image_cond: what an image-conditioned model adds to img (Kontext, Fill, Canny/Depth); not under PipeFusion."""
+        if self.ctx.uses_pipefusion:  # a cache and image conditioning were refused by check()
             branches = tuple(b for b in BRANCHES if b in conds)
             stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
                                      for f in ("txt", "txt_ids", "y")))
             blocks = self.stages[self.ctx.rank("pipefusion")]
             return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
                                         true_cfg_scale)
-        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache)
+        return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache, image_cond)
 
     def cache_sums(self):
         """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
@@ -122,7 +145,7 @@ class Generation:
     """One call's denoising on this rank: its token shards, its branches' conditioning, the CFG exchange."""
 
     def __init__(self, denoiser: ParallelDenoiser, img: Tensor, img_ids: Tensor, conds: dict[str, Conditioning],
-                 guidance: float | None, true_cfg_scale: float | None, cache=None):
+                 guidance: float | None, true_cfg_scale: float | None, cache=None, image_cond: ImageCond | None = None):
         self.sp, self.ctx, self.scale = denoiser.sp, denoiser.ctx, true_cfg_scale
         self.branches = tuple(b for b in BRANCHES if b in conds)  # in the order the batch stacks them
         if cache is not None and tuple(cache.branches) != self.branches:
@@ -139,20 +162,35 @@ class Generation:
         self.img_ids = img_ids_l.repeat(len(self.branches), 1, 1)
         rows = len(self.branches) * batch
         self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
+        image_cond = image_cond or ImageCond()
+        self.channels = None if image_cond.channels is None else self.local(image_cond.channels)
+        # this rank's rows are [first, first + I_r) of the full sequence; those from out_len on are held fixed
+        first = sum(self.layout.img_lens[: self.sp.sp_rank])
+        out_len = img.shape[1] if image_cond.out_len is None else image_cond.out_len
+        self.moving = min(max(out_len - first, 0), self.img.shape[1])
+
+    def local(self, x: Tensor) -> Tensor:
+        """This rank's rows of a full per-token tensor [B, L, ..] -> [B, I_r, ..], as the state is sharded."""
+        return self.layout.shard(x, "img", self.sp.sp_rank)
 
     def velocity(self, img_local: Tensor, t: float) -> Tensor:
         """The (guided) velocity [B, I_r, C] of this rank's rows at time t, identical on all cfg ranks."""
         n = len(self.branches)
         t_vec = torch.full((n * img_local.shape[0],), t, device=img_local.device)
+        model_input = img_local if self.channels is None else torch.cat((img_local, self.channels), dim=-1)
         with swapped(cache_swaps(self.sp.model, self.cache)):
-            preds = self.sp(self.layout, img_local.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec,
+            preds = self.sp(self.layout, model_input.repeat(n, 1, 1), self.img_ids, self.txt, self.txt_ids, t_vec,
                             self.y, self.guidance).float().chunk(n)
         if self.scale is None:
-            return preds[0]
-        if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
-            preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
-        negative, positive = preds[0], preds[1]
-        return negative + self.scale * (positive - negative)
+            velocity = preds[0]
+        else:
+            if n == 1:  # cfg_degree 2: [negative, positive] from the two cfg ranks, in cfg rank order
+                preds = comm.all_gather(preds[0][None], self.ctx.group("cfg"), dim=0)
+            negative, positive = preds[0], preds[1]
+            velocity = negative + self.scale * (positive - negative)
+        if self.moving < velocity.shape[1]:  # Kontext: the model's output on the reference tokens is discarded
+            velocity = torch.cat((velocity[:, : self.moving], torch.zeros_like(velocity[:, self.moving :])), dim=1)
+        return velocity
 
     def finish(self, img_local: Tensor) -> Tensor:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""
