@@ -240,3 +240,55 @@ def test_bad_lora_file_is_refused_and_changes_nothing(case, tmp_path):
     assert named in message and "\n" not in message and message.count(". ") == 0
     assert pipe.lora_adapters == {}
     assert torch.equal(ours_out(pipe, x), base)
+
+
+def xlabs_lora(seed: int) -> dict:
+    """XLabs keys: each double block's img/txt qkv and proj, each single block's qkv rows and linear2."""
+    hidden, generator, state = P.hidden_size, torch.Generator().manual_seed(seed), {}
+    double = {"qkv_lora1": (3 * hidden, hidden), "proj_lora1": (hidden, hidden), "qkv_lora2": (3 * hidden, hidden),
+              "proj_lora2": (hidden, hidden)}
+    single = {"qkv_lora": (3 * hidden, hidden), "proj_lora": (hidden, hidden + P.mlp_hidden_dim)}
+    for kind, count, layers in (("double_blocks", P.depth, double), ("single_blocks", P.depth_single_blocks, single)):
+        for i in range(count):
+            for name, shape in layers.items():
+                down, up = factor_pair(generator, *shape)
+                state[f"{kind}.{i}.processor.{name}.down.weight"] = down
+                state[f"{kind}.{i}.processor.{name}.up.weight"] = up
+    return state
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_xlabs_lora_equals_diffusers(fuse, tmp_path):
+    ref, pipe = base_models()
+    path = write(xlabs_lora(seed=9), tmp_path / "xlabs.safetensors")
+    x = inputs()
+    pipe.load_lora(path, "x", scale=0.6)
+    if fuse:
+        pipe.fuse_lora()
+    expected = diffusers_out(diffusers_loaded(ref, {"x": path}, {"x": 0.6}).transformer, x)
+    assert rel_err(ours_out(pipe, x), expected) <= TOL
+
+
+def test_bfl_control_lora_equals_merged_weights(tmp_path):
+    """lora_A/lora_B on every linear, lora_B.bias scaled with the adapter, QK-norm scales replaced
+    (not scaled); unloading gives the base model back exactly."""
+    _, pipe = base_models()
+    x = inputs()
+    base_model, base = pipe.transformer, ours_out(pipe, x)
+    generator, state, expected_state = torch.Generator().manual_seed(10), {}, dict(base_model.state_dict())
+    scale = 0.85  # BFL's CLI default for its control LoRAs
+    for name, module in base_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            down, up = factor_pair(generator, module.out_features, module.in_features)
+            bias = torch.randn(module.out_features, generator=generator)
+            state |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up, f"{name}.lora_B.bias": bias}
+            expected_state[f"{name}.weight"] = expected_state[f"{name}.weight"] + scale * up @ down
+            expected_state[f"{name}.bias"] = expected_state[f"{name}.bias"] + scale * bias
+    for key in ("double_blocks.1.txt_attn.norm.key_norm.scale", "single_blocks.0.norm.query_norm.scale"):
+        state[key] = expected_state[key] = torch.rand(P.head_dim, generator=generator) + 0.5
+    reference = Flux(P).eval()
+    reference.load_state_dict(expected_state)
+    pipe.load_lora(write(state, tmp_path / "control.safetensors"), "depth", scale=scale)
+    assert rel_err(ours_out(pipe, x), reference(**x)) <= TOL
+    pipe.unload_lora("depth")
+    assert torch.equal(ours_out(pipe, x), base)
