@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxPipeline as DiffusersFluxPipeline
 from helpers import diffusers_model, rel_err
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from flux_parallel.flux import CONFIGS, Flux
 from flux_parallel.flux.checkpoint import diffusers_to_bfl
@@ -292,3 +293,46 @@ def test_bfl_control_lora_equals_merged_weights(tmp_path):
     assert rel_err(ours_out(pipe, x), reference(**x)) <= TOL
     pipe.unload_lora("depth")
     assert torch.equal(ours_out(pipe, x), base)
+
+
+def clip_lora(clip, layout: str, seed: int) -> dict:
+    """Random factors on CLIP's linears, in diffusers' (transformers 4 names) or kohya's layout."""
+    generator, state = torch.Generator().manual_seed(seed), {}
+    for name, module in clip.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            down, up = factor_pair(generator, module.out_features, module.in_features)
+            if layout == "diffusers":
+                state[f"text_encoder.text_model.{name}.lora_A.weight"] = down
+                state[f"text_encoder.text_model.{name}.lora_B.weight"] = up
+            else:
+                key = "lora_te1_text_model_" + name.replace(".", "_")
+                state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
+                state[f"{key}.alpha"] = torch.tensor(8.0)
+    return state
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_clip_lora_equals_diffusers(layout, tmp_path):
+    """A CLIP LoRA changes the pooled vector the pipeline encodes, as diffusers' does transformers' CLIP."""
+    ref, pipe = base_models()
+    clip = pipe.text.clip
+    theirs = CLIPTextModel(CLIPTextConfig(vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=77, eos_token_id=767,
+                                          bos_token_id=766, projection_dim=8)).eval()
+    theirs.load_state_dict(clip.state_dict(), strict=False)  # the same names (transformers 5)
+    ids = pipe.text.clip_tokenizer(["a red fox", "a photo of a cat"])
+    with torch.no_grad():
+        base_y = clip(ids)
+        assert rel_err(base_y, theirs(ids).pooler_output) <= 1e-5  # the same CLIP before any LoRA
+    path = write(clip_lora(clip, layout, seed=11), tmp_path / "clip.safetensors")
+    pipe.load_lora(path, "c", scale=0.5)
+    diffusers_pipe = DiffusersFluxPipeline(scheduler=None, vae=None, text_encoder=theirs, tokenizer=None,
+                                           text_encoder_2=None, tokenizer_2=None, transformer=ref)
+    diffusers_pipe.load_lora_weights(str(path), adapter_name="c")
+    diffusers_pipe.set_adapters(["c"], [0.5])
+    with torch.no_grad():
+        expected = theirs(ids).pooler_output
+        assert rel_err(base_y, expected) > 0.01
+        assert rel_err(clip(ids), expected) <= TOL
+        _, _, y = pipe.text(["a red fox", "a photo of a cat"], 16)  # what the pipeline encodes before denoising
+    assert rel_err(y, expected) <= TOL

@@ -184,8 +184,8 @@ def _diffusers_table(p: FluxParams) -> dict[str, Placement]:
 
 
 def _diffusers_placement(stem: str, table: dict[str, Placement], shapes) -> Placement | None:
-    if stem.startswith("text_encoder.text_model."):
-        name = "clip." + stem.removeprefix("text_encoder.text_model.")
+    if stem.startswith("text_encoder."):  # transformers 5 names CLIP's modules without `text_model.`
+        name = "clip." + stem.removeprefix("text_encoder.").removeprefix("text_model.")
         return Placement(name) if name in shapes else None
     return table.get(stem.removeprefix("transformer."))
 
