@@ -111,12 +111,13 @@ class LoRAAdapters:
     def __init__(self, components: dict[str, nn.Module | None]):
         self.components = {name: module for name, module in components.items() if module is not None}
         self.scales: dict[str, dict[torch.device, Tensor]] = {}  # adapter -> its scale on each device used
+        self.values: dict[str, float] = {}  # adapter -> its scale as given (the tensors hold it in float32)
         self.replaced: dict[str, tuple[str, Tensor]] = {}  # parameter -> (adapter, original value on the host)
         self.fused_originals: dict[str, tuple[Tensor, Tensor | None]] | None = None  # None: not fused
 
     @property
     def adapters(self) -> dict[str, float]:
-        return {name: float(next(iter(by_device.values()))) for name, by_device in self.scales.items()}
+        return dict(self.values)
 
     def linears(self) -> dict[str, nn.Module]:
         """Every linear layer of the components by prefixed name (`transformer.img_in`), LoRALinear or not."""
@@ -160,7 +161,7 @@ class LoRAAdapters:
                                       f"model ({found})")
 
     def _add(self, name: str, lora: LoRAFile, scale: float) -> None:
-        self.scales[name] = {}
+        self.scales[name], self.values[name] = {}, float(scale)
         linears = self.linears()
         for factor in lora.factors:
             wrapper = self._wrapper(factor.module, linears)
@@ -199,6 +200,7 @@ class LoRAAdapters:
         if fused:
             self.unfuse()
         for name, value in scales.items():
+            self.values[name] = float(value)
             for tensor in self.scales[name].values():
                 tensor.fill_(float(value))  # in place: modules and compiled graphs hold these tensors
         if fused:
@@ -251,7 +253,7 @@ class LoRAAdapters:
                 _set_submodule(self.components[component], module, wrapper.base)
         self._restore_replaced(names)
         for adapter in names:
-            del self.scales[adapter]
+            del self.scales[adapter], self.values[adapter]
         if fused and self.scales:
             self.fuse()
 
