@@ -4,6 +4,7 @@ once, unloaded bit for bit, and refused with one sentence when the file is wrong
 
 import json
 
+import generate
 import pytest
 import torch
 from diffusers import FluxPipeline as DiffusersFluxPipeline
@@ -336,3 +337,37 @@ def test_clip_lora_equals_diffusers(layout, tmp_path):
         assert rel_err(clip(ids), expected) <= TOL
         _, _, y = pipe.text(["a red fox", "a photo of a cat"], 16)  # what the pipeline encodes before denoising
     assert rel_err(y, expected) <= TOL
+
+
+@pytest.mark.parametrize("value", ["lora.safetensors:strong", ":0.5", "lora.safetensors:nan"])
+def test_generate_refuses_a_bad_lora_value(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", "tiny-random", "--lora", value])
+    assert exit_info.value.code == 2
+    assert f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE" in capsys.readouterr().err
+
+
+def test_generate_fuse_lora_needs_a_lora(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--model", "tiny-random", "--fuse-lora"])
+    assert "--fuse-lora merges the adapters of --lora" in capsys.readouterr().err
+
+
+def test_generate_bad_lora_file_exits_1(tmp_path, capsys):
+    (tmp_path / "style.bin").write_bytes(b"never unpickled")
+    assert generate.main(["--model", "tiny-random", "--lora", str(tmp_path / "style.bin")]) == 1
+    err = capsys.readouterr().err
+    assert f"--lora {tmp_path / 'style.bin'}:" in err and "safetensors only" in err
+
+
+def test_generate_with_two_loras_fused_reports_them(tmp_path):
+    first, second = (write(kohya_lora(Flux(CONFIGS["tiny"]), seed)[0], tmp_path / f"{seed}.safetensors")
+                     for seed in (12, 13))
+    common = ["--model", "tiny-random", "--prompt", "a fox", "--height", "32", "--width", "32", "--steps", "1"]
+    assert generate.main([*common, "--output", str(tmp_path / "base.png")]) == 0
+    report = tmp_path / "report.json"
+    assert generate.main([*common, "--lora", f"{first}:0.5", "--lora", str(second), "--fuse-lora",
+                          "--output", str(tmp_path / "lora.png"), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["lora"] == {
+        "adapters": {"lora_0": 0.5, "lora_1": 1.0}, "sources": [f"{first}:0.5", str(second)], "fused": True}
+    assert (tmp_path / "base.png").read_bytes() != (tmp_path / "lora.png").read_bytes()
