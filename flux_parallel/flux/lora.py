@@ -213,10 +213,9 @@ class LoRAAdapters:
         """Merge every adapter into the weights (originals kept on the host until unfuse or unload)."""
         if self.fused_originals is not None:
             return
+        if any(not isinstance(m.base, nn.Linear) for m in self.wrappers().values()):
+            raise ValueError("fuse_lora needs plain linear layers; FP8 layers run LoRA unfused only")
         wrappers = {key: m for key, m in self.wrappers().items() if not m.weight.is_meta}  # a PipeFusion stage
-        for wrapper in wrappers.values():
-            if not isinstance(wrapper.base, nn.Linear):
-                raise ValueError("fuse_lora needs plain linear layers; FP8 layers run LoRA unfused only")
         self.fused_originals = {}
         for key, wrapper in wrappers.items():
             bias = wrapper.bias

@@ -118,7 +118,7 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict, params: FluxParams,
         else:
             grouped.setdefault(stem, {})[part] = tensor
     if unplaced:
-        raise CheckpointError(f"{source}: {len(unplaced)} keys cannot be placed on this model "
+        raise CheckpointError(f"{source}: {len(unplaced)} key(s) cannot be placed on this model "
                               f"({', '.join(unplaced[:3])}{', ...' if len(unplaced) > 3 else ''}; "
                               f"layout guessed from the keys: {layout})")
     alphas = _metadata_alphas(metadata)
@@ -224,14 +224,19 @@ def _module_alpha(stem: str, parts: dict[str, Tensor], config: dict) -> float | 
 def _factor(stem: str, parts: dict[str, Tensor], placement: Placement, shapes, config: dict,
             source: str) -> LoRAFactor:
     name = placement.module.split(".", 1)[1]
+    name = name if stem.endswith(name) else f"{name} (the file's {stem})"  # both, where the layouts' names differ
     if "down" not in parts or "up" not in parts:
         raise CheckpointError(f"{source}: {name} has only {' and '.join(sorted(parts))}, not both LoRA factors")
     down, up, bias = parts["down"], parts["up"], parts.get("bias")
     out_features, in_features = shapes[placement.module]
     rows = placement.rows or (0, out_features)
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise CheckpointError(f"{source}: {name}'s LoRA factors do not match in rank "
+        raise CheckpointError(f"{source}: the LoRA factors of {name} do not match in rank "
                               f"(down {list(down.shape)}, up {list(up.shape)})")
+    if placement.module == "transformer.img_in" and down.shape[1] > in_features:
+        raise CheckpointError(f"{source}: img_in takes {in_features} channels here but this LoRA widens it to "
+                              f"{down.shape[1]} (a BFL Canny/Depth control LoRA, which needs a control-image input "
+                              "this pipeline does not have)")
     if down.shape[1] != in_features or up.shape[0] != rows[1] - rows[0] or (
             bias is not None and list(bias.shape) != [up.shape[0]]):
         raise CheckpointError(f"{source}: {name} maps {in_features} features to {rows[1] - rows[0]} here, but the "
