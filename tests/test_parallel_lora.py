@@ -1,5 +1,7 @@
-"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses image equals the single-process one."""
+"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses and PipeFusion images equal the
+single-process one, unfused and fused (a PipeFusion rank holds, and fuses, its stage's blocks only)."""
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -27,29 +29,35 @@ def kohya_file(path) -> str:
     return str(path)
 
 
-def lora_image(parallel: ParallelContext | None, lora: str):
+def lora_image(parallel: ParallelContext | None, lora: str, fuse: bool = False):
     pipe = FluxPipeline.tiny_random(seed=0, parallel=parallel)
     pipe.load_lora(lora, "style", scale=0.8)
+    if fuse:
+        pipe.fuse_lora()
     image = pipe(**CALL)
     assert pipe.last_run["lora"] == {"style": 0.8}
     return image
 
 
-def _check_rank(rank, world, lora, expected_file):
-    image = lora_image(ParallelContext(ulysses_degree=2), lora)
+def _check_rank(rank, world, degrees, fuse, lora, expected_file):
+    image = lora_image(ParallelContext(**degrees), lora, fuse)
     if rank != 0:
         assert image is None
         return
     expected = load_file(expected_file)["image"]
     # fp32; sharded attention sums keys in another order, the LoRA adds the same products on each
-    # rank: rounding only, about 1e-7, inside the project's 1e-5 bound for parallel paths
+    # rank (PipeFusion with warmup >= steps runs Flux.forward's operations in order): rounding only,
+    # about 1e-7, inside the project's 1e-5 bound for parallel paths
     err = ((image.double() - expected.double()).norm() / expected.double().norm()).item()
     assert err <= 1e-5, f"relative error {err:.2e}"
 
 
-def test_ulysses_lora_image_equals_single_process(tmp_path):
+@pytest.mark.parametrize("degrees, fuse", [(dict(ulysses_degree=2), False),
+                                           (dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=3), True)],
+                         ids=["ulysses2-unfused", "pipefusion2-fused"])
+def test_parallel_lora_image_equals_single_process(degrees, fuse, tmp_path):
     lora = kohya_file(tmp_path / "lora.safetensors")
-    expected = lora_image(None, lora)
+    expected = lora_image(None, lora, fuse)
     assert not torch.equal(expected, FluxPipeline.tiny_random(seed=0)(**CALL))  # the LoRA changes the image
     save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
-    run_distributed(_check_rank, 2, lora, str(tmp_path / "expected.safetensors"))
+    run_distributed(_check_rank, 2, degrees, fuse, lora, str(tmp_path / "expected.safetensors"))
