@@ -28,7 +28,8 @@ from flux_parallel.weights import CheckpointError
 
 
 class LoRALinear(nn.Module):
-    """A linear layer (nn.Linear or FP8Linear) plus low-rank updates of its output rows."""
+    """A linear layer (nn.Linear or FP8Linear) plus low-rank updates of its output rows. The factors are
+    plain tensors on the base's device and dtype, not parameters: move the model before loading adapters."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -104,6 +105,13 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, LoRALinear)) or hasattr(module, "weight_fp8")
 
 
+def _device_and_dtype(linear: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a linear computes and in which dtype: an FP8Linear returns its original dtype."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight.device, linear.weight.dtype
+    return linear.weight_fp8.device, linear.out_dtype
+
+
 class LoRAAdapters:
     """The adapters loaded into a set of components ({"transformer": Flux, "clip": ClipTextModel}),
     their scales, and whether they are fused. FluxPipeline's load_lora & co. are thin calls into this."""
@@ -123,11 +131,14 @@ class LoRAAdapters:
         """Every linear layer of the components by prefixed name (`transformer.img_in`), LoRALinear or not."""
         found = {}
         for component, root in self.components.items():
+            wrapped = {id(m.base) for m in root.modules() if isinstance(m, LoRALinear)}
             for name, module in root.named_modules():
-                if _is_linear(module) and not (name.endswith(".base") and isinstance(
-                        root.get_submodule(name.rpartition(".")[0]), LoRALinear)):
+                if _is_linear(module) and id(module) not in wrapped:
                     found[f"{component}.{name}"] = module
         return found
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return {f"{c}.{k}": p for c, root in self.components.items() for k, p in root.named_parameters()}
 
     def load(self, source: str | Path, name: str | None, scale: float, params, weight_name: str | None = None) -> str:
         """Read, place and apply one LoRA file; any error leaves the model as it was. Returns its name."""
@@ -153,7 +164,7 @@ class LoRAAdapters:
         return name
 
     def _check_replacements(self, lora: LoRAFile, source: str) -> None:
-        params = {f"{c}.{k}": p for c, root in self.components.items() for k, p in root.named_parameters()}
+        params = self.parameters()
         for key, value in lora.replacements.items():
             if key not in params or params[key].shape != value.shape:
                 found = list(params[key].shape) if key in params else "no such parameter"
@@ -165,11 +176,10 @@ class LoRAAdapters:
         linears = self.linears()
         for factor in lora.factors:
             wrapper = self._wrapper(factor.module, linears)
-            weight = wrapper.weight if isinstance(wrapper.base, nn.Linear) else wrapper.base.weight_fp8
-            dtype = weight.dtype if isinstance(wrapper.base, nn.Linear) else wrapper.base.out_dtype
-            wrapper.factors.setdefault(name, []).append(_moved(factor, weight.device, dtype))
-            wrapper.scales[name] = self._scale(name, weight.device, scale)
-        params = {f"{c}.{k}": p for c, root in self.components.items() for k, p in root.named_parameters()}
+            device, dtype = _device_and_dtype(wrapper.base)
+            wrapper.factors.setdefault(name, []).append(_moved(factor, device, dtype))
+            wrapper.scales[name] = self._scale(name, device, scale)
+        params = self.parameters()
         with torch.no_grad():
             for key, value in lora.replacements.items():  # replacements, not scaled (BFL's QK norms)
                 self.replaced.setdefault(key, (name, params[key].detach().to("cpu", copy=True)))
@@ -257,7 +267,7 @@ class LoRAAdapters:
             self.fuse()
 
     def _restore_replaced(self, names: list[str]) -> None:
-        params = {f"{c}.{k}": p for c, root in self.components.items() for k, p in root.named_parameters()}
+        params = self.parameters()
         with torch.no_grad():
             for key, (adapter, original) in list(self.replaced.items()):
                 if adapter in names:
