@@ -126,13 +126,16 @@ def merged_reference(base: Flux, factors: dict) -> Flux:
     return model
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
-def test_peft_lora_equals_diffusers(fuse, tmp_path):
+@pytest.mark.parametrize("fuse, rslora", [(False, False), (True, False), (False, True)],
+                         ids=["unfused", "fused", "rslora"])
+def test_peft_lora_equals_diffusers(fuse, rslora, tmp_path):
     ref, pipe = base_models()
     state = peft_lora(ref, seed=1)
-    # lora_alpha 8 over rank 4 for most modules (scale 2), alpha 2 for proj_out: the header's LoraConfig
+    # lora_alpha 8 over rank 4 for most modules (scale 2, or 8 / sqrt(4) = 4 rank-stabilised), alpha 2
+    # for proj_out: the header's LoraConfig
     config = {"transformer.r": RANK, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {"proj_out": 2},
-              "transformer.target_modules": sorted({k.split(".lora_")[0].removeprefix("transformer.") for k in state})}
+              "transformer.target_modules": sorted({k.split(".lora_")[0].removeprefix("transformer.") for k in state}),
+              "transformer.use_rslora": rslora}
     path = write(state, tmp_path / "peft.safetensors", {"lora_adapter_metadata": json.dumps(config)})
     x = inputs()
     base = ours_out(pipe, x)
@@ -231,12 +234,13 @@ def _bad_files(ref, pipe, tmp_path) -> dict:
         "another model": (write(other_model, tmp_path / "other.safetensors"), "proj_out"),
         "widened img_in": (write(widened, tmp_path / "control.safetensors"), "widens it to 128"),
         "truncated": (tmp_path / "truncated.safetensors", "truncated"),
+        "empty": (write({}, tmp_path / "empty.safetensors"), "holds no tensors"),
         "pickle": (tmp_path / "pytorch_lora_weights.bin", "safetensors"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown keys", "wrong rank", "another model", "widened img_in", "truncated",
-                                  "pickle"])
+                                  "empty", "pickle"])
 def test_bad_lora_file_is_refused_and_changes_nothing(case, tmp_path):
     ref, pipe = base_models()
     x = inputs()

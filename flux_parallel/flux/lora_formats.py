@@ -19,6 +19,7 @@ Names are prefixed by the component they adapt: `transformer.` or `clip.`.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ SUFFIXES = {  # longest first: ".lora_down.weight" must not be read as ".down.we
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_B.bias": "bias", ".down.weight": "down", ".up.weight": "up", ".alpha": "alpha",
 }
+DIFFUSERS_STARTS = ("transformer.", "text_encoder.", "transformer_blocks.", "single_transformer_blocks.", "x_embedder.",
+                    "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")  # the last: unprefixed PEFT
 XLABS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
          "proj_lora2": "txt_attn.proj", "proj_lora": "linear2", "qkv_lora": "linear1"}
 
@@ -95,8 +98,7 @@ def guess_layout(keys: list[str]) -> str:
         return "comfyui"
     if any(".processor." in k for k in keys):
         return "xlabs"
-    if any(k.startswith(("transformer.", "text_encoder.", "transformer_blocks.", "single_transformer_blocks."))
-           for k in keys):
+    if any(k.startswith(DIFFUSERS_STARTS) for k in keys):
         return "diffusers"
     return "bfl"
 
@@ -105,6 +107,8 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict, params: FluxParams,
                shapes: dict[str, tuple[int, int]], source: str) -> LoRAFile:
     """A LoRA state dict -> factors on our modules. shapes: our linears' (out, in) by prefixed name
     (`transformer.img_in`, `clip.encoder.layers.0.mlp.fc1`); every key must be placed."""
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors: it is not a LoRA file")
     layout = guess_layout(list(tensors))
     place = _placer(layout, params, shapes)
     grouped: dict[str, dict[str, Tensor]] = {}
@@ -244,6 +248,7 @@ def _factor(stem: str, parts: dict[str, Tensor], placement: Placement, shapes, c
                               "model?)")
     if placement.swap_halves:
         up, bias = _swap_halves(up), None if bias is None else _swap_halves(bias)
-    alpha = _module_alpha(stem, parts, config)
-    scale = 1.0 if alpha is None else alpha / down.shape[0]
+    alpha, rank = _module_alpha(stem, parts, config), down.shape[0]
+    # rank-stabilised LoRA (Kalajdzievski 2023) divides by sqrt(rank); PEFT's header says which
+    scale = 1.0 if alpha is None else alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return LoRAFactor(placement.module, rows, down, up, bias, scale)
