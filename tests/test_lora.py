@@ -436,3 +436,16 @@ def test_lora_from_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="holds no other.safetensors: pass weight_name="):
         pipe.load_lora(tmp_path, weight_name="other.safetensors")
     assert list(pipe.lora_adapters) == ["named"]
+
+
+def test_unprefixed_peft_keys_equal_prefixed_ones(tmp_path):
+    """FluxTransformer2DModel.save_lora_adapter writes PEFT keys without `transformer.`."""
+    ref, pipe = base_models()
+    state = peft_lora(ref, seed=17)
+    x = inputs()
+    pipe.load_lora(write(state, tmp_path / "prefixed.safetensors"), "prefixed")
+    expected = ours_out(pipe, x)
+    pipe.unload_lora()
+    unprefixed = {k.removeprefix("transformer."): v for k, v in state.items()}
+    pipe.load_lora(write(unprefixed, tmp_path / "unprefixed.safetensors"), "unprefixed")
+    assert torch.equal(ours_out(pipe, x), expected)
