@@ -21,9 +21,10 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        # diffusers and transformers are test-only oracles: library code never imports them.
-        "test": ["pytest", "ruff", "diffusers", "transformers", "protobuf", "fastapi", "uvicorn", "httpx", "selenium",
-                 "openai"],
+        # diffusers, transformers and peft (diffusers' LoRA loading) are test-only oracles: library code never
+        # imports them; the openai client tests the service's OpenAI routes.
+        "test": ["pytest", "ruff", "diffusers", "transformers", "peft", "protobuf", "fastapi", "uvicorn", "httpx",
+                 "selenium", "openai"],
         # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench/bench_vae.py measures beside ours
         "bench": ["matplotlib", "distvae"],
         # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)

@@ -19,6 +19,7 @@ Usage errors exit with status 2, loading errors with 1, each with one sentence o
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"attention kernel, one of {', '.join(BACKENDS)} (default: kernels.default_backend's rule)")
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
+                   help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
+                        "(default 1); give it several times for several adapters")
+    p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA adapters into the weights")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
 
 
@@ -225,6 +230,9 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
                         ("--num-pipeline-patch", 1 if args.num_pipeline_patch is None else args.num_pipeline_patch)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    args.loras = [parse_lora(parser, value) for value in args.lora]
+    if args.fuse_lora and not args.lora:
+        parser.error("--fuse-lora merges the adapters of --lora into the weights: give --lora too")
     if args.warmup_steps < 0:
         parser.error(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
     if args.cfg_degree > 2:
@@ -240,6 +248,20 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
             check_fp8(torch.device(args.device))
     except ValueError as err:
         parser.error(str(err))
+
+
+def parse_lora(parser: argparse.ArgumentParser, value: str) -> tuple[str, float]:
+    """--lora PATH_OR_ID[:SCALE] -> (source, scale); the text after the last ':' is the scale."""
+    source, colon, scale = value.rpartition(":")
+    if not colon:
+        source, scale = value, "1"
+    try:
+        number = float(scale)
+    except ValueError:
+        number = float("nan")
+    if not source or not math.isfinite(number):
+        parser.error(f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite number as SCALE")
+    return source, number
 
 
 class Progress:
@@ -268,6 +290,13 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
                                             vae=args.vae, variant=getattr(args, "variant", None), **options)
     if args.t5_int8:
         quantize_int8_weights(pipe.text.t5)
+    for index, (source, scale) in enumerate(args.loras):
+        try:
+            pipe.load_lora(source, f"lora_{index}", scale)
+        except CheckpointError as err:
+            raise CheckpointError(f"--lora {source}: {err}") from None
+    if args.fuse_lora:
+        pipe.fuse_lora()
     return pipe
 
 
@@ -383,6 +412,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),
         "cache": run.get("cache"),  # kind, threshold, decision seconds, steps computed/reused per cfg branch
+        "lora": {"adapters": run.get("lora", {}), "sources": args.lora, "fused": args.fuse_lora},
     }
 
 

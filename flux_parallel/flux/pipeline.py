@@ -20,6 +20,7 @@ from flux_parallel.flux.checkpoint import load_transformer
 from flux_parallel.flux.compile import prepare_transformer
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.image_modes import ImageRequest, Start, image_request, inpaint_blend, start
+from flux_parallel.flux.lora import LoRAAdapters
 from flux_parallel.flux.model import Flux
 from flux_parallel.flux.pipeline_folder import (
     KIND_CHANNELS,
@@ -174,6 +175,36 @@ class FluxPipeline:
         return cls(model, ae, text, Schedule(use_dynamic_shifting=False), parallel, parallel_vae, vae_stripes,
                    variant=variant, **options)
 
+    # LoRA (flux/lora.py): the same adapters on every rank; CLIP's apply before encoding
+    @property
+    def lora(self) -> LoRAAdapters:
+        if getattr(self, "_lora", None) is None:
+            self._lora = LoRAAdapters({"transformer": self.transformer, "clip": self.text.clip})
+        return self._lora
+
+    def load_lora(self, source: str | Path, adapter_name: str | None = None, scale: float = 1.0,
+                  weight_name: str | None = None) -> str:
+        """A LoRA file, a folder (pytorch_lora_weights.safetensors or weight_name) or a hub repo id with
+        weight_name, in any layout of flux/lora_formats.py -> the adapter's name."""
+        return self.lora.load(source, adapter_name, scale, self.transformer.params, weight_name)
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        self.lora.set_scales(scales)
+
+    def fuse_lora(self) -> None:
+        self.lora.fuse()
+
+    def unfuse_lora(self) -> None:
+        self.lora.unfuse()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        self.lora.unload(name)
+
+    @property
+    def lora_adapters(self) -> dict[str, float]:
+        """Loaded adapters and their scales."""
+        return self.lora.adapters
+
     @property
     def device(self) -> torch.device:
         # the first held parameter: a later PipeFusion stage holds no embedder (the rest is on the meta device)
@@ -263,6 +294,7 @@ class FluxPipeline:
         run = self.last_run = {"num_steps": num_steps, "guidance": guidance, "max_sequence_length": max_sequence_length,
                                "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": [],
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width}
+        run["lora"] = self.lora_adapters
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s

@@ -1,0 +1,287 @@
+"""LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on the
+transformer's and CLIP's linear layers.
+
+One seam, as the parallel strategies have theirs: every adapted linear is swapped for a `LoRALinear`
+that runs the original module and adds each adapter's low-rank product to its output rows,
+    out[..., rows] += (x @ down^T @ up^T + bias) * (alpha / rank) * adapter scale,
+several adapters summed. A factor covers a row range of the output, so diffusers' separate q, k and
+v factors stay three exact factors on our fused qkv (no block-diagonal product). Blocks keep their
+`attention_fn` seam, so Ulysses, ring and PipeFusion compose with this unchanged; every rank loads
+the same adapters. Adapter scales are 0-dim tensors shared by all modules and changed in place, so a
+compiled block does not recompile when they change.
+
+Fused: the products are merged into the weights in float32 and cast back; the weights a fuse touches
+are first copied to the host, and unfusing or unloading copies them back, bit for bit.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flux_parallel.flux.layers import linear_rows
+from flux_parallel.flux.lora_formats import LoRAFactor, LoRAFile, parse_lora, read_lora
+from flux_parallel.flux.quantize import _set_submodule
+from flux_parallel.weights import CheckpointError
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (nn.Linear or FP8Linear) plus low-rank updates of its output rows. The factors are
+    plain tensors on the base's device and dtype, not parameters: move the model before loading adapters."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.factors: dict[str, list[LoRAFactor]] = {}  # adapter name -> its factors on this module
+        self.scales: dict[str, Tensor] = {}  # adapter name -> its 0-dim scale, shared with every module
+        self.fused = False  # the products are in base's weight: forward adds nothing
+
+    @property
+    def weight(self) -> Tensor:  # model code reads img_in.weight's dtype and device
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def out_features(self) -> int:
+        return linear_shape(self.base)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._add_factors(x, self.base(x), 0, self.out_features)
+
+    def forward_rows(self, x: Tensor, rows: slice) -> Tensor:
+        """self(x)[..., rows] from those rows of the weight only (flux.layers.linear_rows)."""
+        start, stop, _ = rows.indices(self.out_features)
+        return self._add_factors(x, linear_rows(self.base, x, rows), start, stop)
+
+    def _add_factors(self, x: Tensor, out: Tensor, start: int, stop: int) -> Tensor:
+        """out: the base's output rows [start, stop); each factor adds to the rows it shares with them."""
+        if self.fused:
+            return out
+        for name, factors in self.factors.items():
+            for f in factors:
+                lo, hi = max(f.rows[0], start), min(f.rows[1], stop)
+                if lo >= hi:
+                    continue
+                up = f.up[lo - f.rows[0] : hi - f.rows[0]]
+                bias = None if f.bias is None else f.bias[lo - f.rows[0] : hi - f.rows[0]]
+                delta = F.linear(F.linear(x, f.down), up, bias)  # [..., hi - lo], through rank dims only
+                out[..., lo - start : hi - start] += delta * (self.scales[name] * f.scale)
+        return out
+
+    def merge(self) -> None:
+        """Add every factor's product to the base's weight (and bias), in float32, cast back once."""
+        weight = self.base.weight
+        merged = weight.detach().float()  # a copy: the weight changes once, at the end
+        merged_bias = None if self.base.bias is None else self.base.bias.detach().float()
+        for name, factors in self.factors.items():
+            for f in factors:
+                scale = float(self.scales[name]) * f.scale
+                merged[f.rows[0] : f.rows[1]] += (f.up.float() @ f.down.float()) * scale
+                if f.bias is not None:
+                    if merged_bias is None:
+                        raise ValueError("fuse_lora: a LoRA bias on a linear layer without bias cannot be fused")
+                    merged_bias[f.rows[0] : f.rows[1]] += f.bias.float() * scale
+        with torch.no_grad():
+            weight.copy_(merged.to(weight.dtype))
+            if merged_bias is not None:
+                self.base.bias.copy_(merged_bias.to(self.base.bias.dtype))
+        self.fused = True
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of an nn.Linear, an FP8Linear (flux/quantize.py) or a LoRALinear."""
+    if isinstance(module, LoRALinear):
+        return linear_shape(module.base)
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight_fp8
+    return tuple(weight.shape)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoRALinear)) or hasattr(module, "weight_fp8")
+
+
+def _device_and_dtype(linear: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a linear computes and in which dtype: an FP8Linear returns its original dtype."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight.device, linear.weight.dtype
+    return linear.weight_fp8.device, linear.out_dtype
+
+
+class LoRAAdapters:
+    """The adapters loaded into a set of components ({"transformer": Flux, "clip": ClipTextModel}),
+    their scales, and whether they are fused. FluxPipeline's load_lora & co. are thin calls into this."""
+
+    def __init__(self, components: dict[str, nn.Module | None]):
+        self.components = {name: module for name, module in components.items() if module is not None}
+        self.scales: dict[str, dict[torch.device, Tensor]] = {}  # adapter -> its scale on each device used
+        self.values: dict[str, float] = {}  # adapter -> its scale as given (the tensors hold it in float32)
+        self.replaced: dict[str, tuple[str, Tensor]] = {}  # parameter -> (adapter, original value on the host)
+        self.fused_originals: dict[str, tuple[Tensor, Tensor | None]] | None = None  # None: not fused
+
+    @property
+    def adapters(self) -> dict[str, float]:
+        return dict(self.values)
+
+    def linears(self) -> dict[str, nn.Module]:
+        """Every linear layer of the components by prefixed name (`transformer.img_in`), LoRALinear or not."""
+        found = {}
+        for component, root in self.components.items():
+            wrapped = {id(m.base) for m in root.modules() if isinstance(m, LoRALinear)}
+            for name, module in root.named_modules():
+                if _is_linear(module) and id(module) not in wrapped:
+                    found[f"{component}.{name}"] = module
+        return found
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return {f"{c}.{k}": p for c, root in self.components.items() for k, p in root.named_parameters()}
+
+    def load(self, source: str | Path, name: str | None, scale: float, params, weight_name: str | None = None) -> str:
+        """Read, place and apply one LoRA file; any error leaves the model as it was. Returns its name."""
+        name = self._new_name(name)
+        _check_scale(name, scale)
+        tensors, metadata, path = read_lora(source, weight_name)
+        shapes = {key: linear_shape(module) for key, module in self.linears().items()}
+        lora = parse_lora(tensors, metadata, params, shapes, path)
+        self._check_replacements(lora, path)
+        fused = self.fused_originals is not None
+        if fused:
+            self.unfuse()
+        self._add(name, lora, scale)
+        if fused:
+            self.fuse()
+        return name
+
+    def _new_name(self, name: str | None) -> str:
+        if name is None:
+            name = next(f"default_{i}" for i in range(len(self.scales) + 1) if f"default_{i}" not in self.scales)
+        if not isinstance(name, str) or not name or name in self.scales:
+            raise ValueError(f"adapter_name {name!r} is taken or empty: loaded adapters are {list(self.scales)}")
+        return name
+
+    def _check_replacements(self, lora: LoRAFile, source: str) -> None:
+        params = self.parameters()
+        for key, value in lora.replacements.items():
+            if key not in params or params[key].shape != value.shape:
+                found = list(params[key].shape) if key in params else "no such parameter"
+                raise CheckpointError(f"{source}: {key.split('.', 1)[1]} {list(value.shape)} does not fit this "
+                                      f"model ({found})")
+
+    def _add(self, name: str, lora: LoRAFile, scale: float) -> None:
+        self.scales[name], self.values[name] = {}, float(scale)
+        linears = self.linears()
+        for factor in lora.factors:
+            wrapper = self._wrapper(factor.module, linears)
+            device, dtype = _device_and_dtype(wrapper.base)
+            wrapper.factors.setdefault(name, []).append(_moved(factor, device, dtype))
+            wrapper.scales[name] = self._scale(name, device, scale)
+        params = self.parameters()
+        with torch.no_grad():
+            for key, value in lora.replacements.items():  # replacements, not scaled (BFL's QK norms)
+                self.replaced.setdefault(key, (name, params[key].detach().to("cpu", copy=True)))
+                params[key].copy_(value)
+
+    def _wrapper(self, key: str, linears: dict[str, nn.Module]) -> LoRALinear:
+        module = linears[key]
+        if not isinstance(module, LoRALinear):
+            component, name = key.split(".", 1)
+            module = LoRALinear(module)
+            _set_submodule(self.components[component], name, module)
+            linears[key] = module
+        return module
+
+    def _scale(self, name: str, device: torch.device, value: float) -> Tensor:
+        by_device = self.scales[name]
+        if device not in by_device:
+            by_device[device] = torch.tensor(float(value), device=device)
+        return by_device[device]
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        unknown = [name for name in scales if name not in self.scales]
+        if unknown:
+            raise ValueError(f"no LoRA adapter named {', '.join(map(repr, unknown))}: loaded are {list(self.scales)}")
+        for name, value in scales.items():
+            _check_scale(name, value)
+        fused = self.fused_originals is not None
+        if fused:
+            self.unfuse()
+        for name, value in scales.items():
+            self.values[name] = float(value)
+            for tensor in self.scales[name].values():
+                tensor.fill_(float(value))  # in place: modules and compiled graphs hold these tensors
+        if fused:
+            self.fuse()
+
+    def wrappers(self) -> dict[str, LoRALinear]:
+        return {key: m for key, m in self.linears().items() if isinstance(m, LoRALinear)}
+
+    def fuse(self) -> None:
+        """Merge every adapter into the weights (originals kept on the host until unfuse or unload)."""
+        if self.fused_originals is not None:
+            return
+        if any(not isinstance(m.base, nn.Linear) for m in self.wrappers().values()):
+            raise ValueError("fuse_lora needs plain linear layers; FP8 layers run LoRA unfused only")
+        wrappers = {key: m for key, m in self.wrappers().items() if not m.weight.is_meta}  # a PipeFusion stage
+        self.fused_originals = {}
+        for key, wrapper in wrappers.items():
+            bias = wrapper.bias
+            self.fused_originals[key] = (wrapper.weight.detach().to("cpu", copy=True),
+                                         None if bias is None else bias.detach().to("cpu", copy=True))
+            wrapper.merge()
+
+    def unfuse(self) -> None:
+        """Copy the weights back from the host: the unfused model, bit for bit."""
+        if self.fused_originals is None:
+            return
+        wrappers = self.wrappers()
+        with torch.no_grad():
+            for key, (weight, bias) in self.fused_originals.items():
+                wrappers[key].weight.copy_(weight)
+                if bias is not None:
+                    wrappers[key].bias.copy_(bias)
+                wrappers[key].fused = False
+        self.fused_originals = None
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove one adapter (all with None); linears left without any become the original modules."""
+        if name is not None and name not in self.scales:
+            raise ValueError(f"no LoRA adapter named {name!r}: loaded are {list(self.scales)}")
+        names = list(self.scales) if name is None else [name]
+        fused = self.fused_originals is not None
+        self.unfuse()
+        for key, wrapper in self.wrappers().items():
+            for adapter in names:
+                wrapper.factors.pop(adapter, None)
+                wrapper.scales.pop(adapter, None)
+            if not wrapper.factors:
+                component, module = key.split(".", 1)
+                _set_submodule(self.components[component], module, wrapper.base)
+        self._restore_replaced(names)
+        for adapter in names:
+            del self.scales[adapter], self.values[adapter]
+        if fused and self.scales:
+            self.fuse()
+
+    def _restore_replaced(self, names: list[str]) -> None:
+        params = self.parameters()
+        with torch.no_grad():
+            for key, (adapter, original) in list(self.replaced.items()):
+                if adapter in names:
+                    params[key].copy_(original)
+                    del self.replaced[key]
+
+
+def _moved(factor: LoRAFactor, device: torch.device, dtype: torch.dtype) -> LoRAFactor:
+    def move(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return LoRAFactor(factor.module, factor.rows, move(factor.down), move(factor.up), move(factor.bias), factor.scale)
+
+
+def _check_scale(name: str, scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"the scale of LoRA adapter {name!r} must be a finite number, got {scale!r}")
