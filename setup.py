@@ -24,11 +24,11 @@ setup(
         # diffusers, transformers and peft (diffusers' LoRA loading) are test-only oracles: library code never
         # imports them; the openai client tests the service's OpenAI routes.
         "test": ["pytest", "ruff", "diffusers", "transformers", "peft", "protobuf", "fastapi", "uvicorn", "httpx",
-                 "selenium", "openai"],
+                 "selenium", "openai", "python-multipart"],
         # matplotlib: the scaling chart; distvae: the peer parallel VAE tools/bench/bench_vae.py measures beside ours
         "bench": ["matplotlib", "distvae"],
         # tools/serve.py; its browser test also needs Chromium and chromedriver (Debian: chromium chromium-driver)
-        "serve": ["fastapi", "uvicorn"],
+        "serve": ["fastapi", "uvicorn", "python-multipart"],  # python-multipart: the edits route's form
         # attention backend `flash_attn` (CUDA); flash-attention 3 (`flash3`, module flash_attn_interface)
         # is installed from source, the flash-attention repository's hopper/ folder
         "flash-attn": ["flash-attn"],

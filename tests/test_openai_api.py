@@ -3,10 +3,12 @@ the pipeline's for the same prompt, size and seed; every bad field gets OpenAI's
 service answers the next good request."""
 
 import base64
+import io
 import json
 
 import httpx
 import pytest
+import torch
 from serving import Service
 
 from flux_parallel.flux.images import encode_png
@@ -16,7 +18,7 @@ from flux_parallel.serve.request import Limits
 openai = pytest.importorskip("openai", reason="needs the openai client: pip install -e '.[test]'")
 
 SIZE = (64, 48)  # (height, width) of requests without a size
-LIMITS = Limits(max_prompt_length=100, max_steps=8, max_images=4, max_body_bytes=4096)
+LIMITS = Limits(max_prompt_length=100, max_steps=8, max_images=4, max_body_bytes=2**16)
 PROMPT = "a large yellow circle in the center on an orange background"
 
 
@@ -102,7 +104,7 @@ def test_the_client_raises_on_an_unknown_model(client):
 
 
 def test_an_oversized_body_and_broken_json_are_refused(service):
-    reply = service.client.post("/v1/images/generations", content=json.dumps({"prompt": "x" * 5000}).encode())
+    reply = service.client.post("/v1/images/generations", content=json.dumps({"prompt": "x" * 70_000}).encode())
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
     reply = service.client.post("/v1/images/generations", content=b"{not json")
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
@@ -116,3 +118,74 @@ def test_more_images_than_the_queue_holds_get_429(pipe):
         assert full.jobs.waiting == 0  # all or nothing: no image of the refused request was queued
     finally:
         full.close()
+
+
+def png_file(image) -> bytes:
+    """[3, H, W] in [0, 1] -> PNG bytes, as a client would upload them."""
+    return encode_png(image)
+
+
+@pytest.fixture(scope="module")
+def source(pipe) -> bytes:
+    return png_file(pipe(PROMPT, height=64, width=64, num_steps=2, seed=9, output_type="pt")[0])
+
+
+def decoded(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def test_the_openai_client_edits_img2img_and_inpaint(client, pipe, source):
+    """A text-to-image checkpoint edits by img2img, or inpaints with a mask; the image equals the pipeline's
+    call with the same image, mask, strength and seed."""
+    result = client.images.edit(model="tiny", image=("src.png", source, "image/png"), prompt="a red circle on a "
+                                "blue background", size="64x64", extra_body={"seed": 3, "strength": 0.7})
+    expected = pipe("a red circle on a blue background", image=decoded(source), strength=0.7, height=64, width=64,
+                    seed=3, output_type="pt")[0]
+    assert base64.b64decode(result.data[0].b64_json) == encode_png(expected)
+    mask = torch.zeros(3, 64, 64)
+    mask[:, :32] = 1  # repaint the top half
+    result = client.images.edit(model="tiny", image=("src.png", source, "image/png"),
+                                mask=("mask.png", png_file(mask), "image/png"), prompt="a green square",
+                                extra_body={"seed": 4})
+    expected = pipe("a green square", image=decoded(source), mask_image=decoded(png_file(mask)).convert("L"),
+                    seed=4, output_type="pt")[0]
+    assert base64.b64decode(result.data[0].b64_json) == encode_png(expected)
+
+
+@pytest.mark.parametrize("files, fields, param", [
+    ({"image": ("x.png", b"not an image", "image/png")}, {"prompt": "a fox"}, "image"),
+    ({}, {"prompt": "a fox"}, "image"),
+    ({"image": ("x.png", b"", "image/png"), "mask": ("m.png", b"junk", "image/png")}, {"prompt": "a fox"}, "image"),
+    ({"mask": ("m.png", b"junk", "image/png")}, {"prompt": "a fox"}, "image"),
+    ("source", {"prompt": "a fox", "strength": "1.5"}, "strength"),
+    ("source", {"prompt": "a fox", "strength": "x"}, "strength"),
+    ("source", {"prompt": "a fox", "size": "64"}, "size"),
+    ("source", {"prompt": "a fox", "unknown": "1"}, "unknown"),
+    ("source", {}, "prompt"),
+])
+def test_bad_edits_get_openai_errors(service, source, files, fields, param):
+    files = {"image": ("src.png", source, "image/png")} if files == "source" else files
+    reply = service.client.post("/v1/images/edits", files=files, data=fields)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_a_kontext_checkpoint_edits_through_the_api(source):
+    """A Kontext model takes the upload as its reference: the image equals the pipeline's Kontext call."""
+    kontext = FluxPipeline.tiny_random(seed=0, variant="kontext")
+    running = Service(kontext, (64, 64), LIMITS)
+    running.start_ranks()
+    try:
+        reply = running.client.post("/v1/images/edits", files={"image": ("src.png", source, "image/png")},
+                                    data={"prompt": "make the circle red", "seed": "2", "num_inference_steps": "2"})
+        assert reply.status_code == 200, reply.text
+        expected = kontext("make the circle red", image=decoded(source), seed=2, num_steps=2, output_type="pt")[0]
+        assert base64.b64decode(reply.json()["data"][0]["b64_json"]) == encode_png(expected)
+        mask = {"mask": ("m.png", source, "image/png")}  # Kontext takes no mask: refused, naming it
+        reply = running.client.post("/v1/images/edits", files={"image": ("src.png", source, "image/png"), **mask},
+                                    data={"prompt": "make the circle red"})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "mask"
+    finally:
+        running.close()

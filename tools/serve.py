@@ -30,6 +30,7 @@ from flux_parallel.flux.sampling import check_image_size, get_noise
 from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel.context import close_distributed, exit_process
 from flux_parallel.serve.app import Job, JobQueue, create_app
+from flux_parallel.serve.openai import EDIT_PARAMS, edit_arguments
 from flux_parallel.serve.request import Limits
 from flux_parallel.weights import CheckpointError
 
@@ -117,7 +118,7 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         pipe.progress = lambda done, total: [job.on_progress(done, total) for job in jobs]
     start, status, problem = time.perf_counter(), OK, ""
     try:
-        images = pipe(**batch_call(batch), output_type="pt")
+        images = pipe(**batch_call(batch, pipe.kind), output_type="pt")
     except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
         traceback.print_exc()
         status = FATAL if isinstance(err, dist.DistError) else FAILED
@@ -130,13 +131,16 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         raise RuntimeError("a rank failed inside a collective: the ranks are out of step, so the job ends")
 
 
-def batch_call(batch: list[dict]) -> dict:
-    """The requests of one batch (they agree on all but prompts and seeds) -> one call's keyword arguments."""
+def batch_call(batch: list[dict], kind: str) -> dict:
+    """The requests of one batch (they agree on all but prompts and seeds, an edit's image included) -> one
+    call's keyword arguments, for a transformer of `kind`."""
     first = batch[0]
     noise = torch.cat([get_noise(1, first["height"], first["width"], p["seed"]) for p in batch])
     negatives = [p["negative_prompt"] for p in batch] if first["negative_prompt"] is not None else None
-    shared = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed")}
-    return {**shared, "prompt": [p["prompt"] for p in batch], "negative_prompt": negatives, "latents": noise}
+    shared = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed", *EDIT_PARAMS)}
+    images = edit_arguments(first, kind) if "image_b64" in first else {}
+    return {**shared, **images, "prompt": [p["prompt"] for p in batch], "negative_prompt": negatives,
+            "latents": noise}
 
 
 def answer(job: Job, status: int, problem: str, image, run: dict, total_s: float, device, batch_size: int) -> None:

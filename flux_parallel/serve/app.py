@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from flux_parallel.flux.images import encode_png
-from flux_parallel.serve.openai import APIError, ImageFiles, models_list, parse_generation
+from flux_parallel.serve.openai import APIError, ImageFiles, form_fields, models_list, parse_edit, parse_generation
 from flux_parallel.serve.request import Limits, parse_request
 
 PAGE = Path(__file__).resolve().parent / "page.html"
@@ -221,6 +221,26 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
             return err.response()
         except Refused as err:
             return APIError(err.status, str(err), code="queue_full" if err.status == 429 else "unavailable").response()
+        return await images_response(request, submitted, response_format)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        try:
+            if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:  # before reading it
+                raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes "
+                                    "(--max-body-bytes)", code="request_too_large")
+            fields, images, mask = form_fields(await request.form())
+            params, response_format = await run_in_threadpool(parse_edit, fields, images, mask, pipe, info["model"],
+                                                              limits)
+            submitted = jobs.submit_all(params, request.headers.get("x-request-id"))
+        except APIError as err:
+            return err.response()
+        except Refused as err:
+            return APIError(err.status, str(err), code="queue_full" if err.status == 429 else "unavailable").response()
+        return await images_response(request, submitted, response_format)
+
+    async def images_response(request: Request, submitted: list[Job], response_format: str):
+        """The OpenAI answer once every image of the request is made: b64_json, or URLs served here."""
         outcomes = [await asyncio.wrap_future(job.outcome) for job in submitted]
         failed = next((o for o in outcomes if "error" in o), None)
         if failed is not None:

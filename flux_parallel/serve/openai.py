@@ -1,4 +1,5 @@
-"""The OpenAI Images API in front of the same job queue: `POST /v1/images/generations`, `GET /v1/models`.
+"""The OpenAI Images API in front of the same job queue: `POST /v1/images/generations`, `POST
+/v1/images/edits` (multipart: `image`, optional `mask`) and `GET /v1/models`.
 
 A request is checked here, on rank 0, before anything reaches the ranks, and becomes the keyword
 arguments of one pipeline call per image: image i of `n` uses seed + i, so it is the image a request
@@ -8,6 +9,8 @@ names: `seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale` (FLUX.
 guidance), `true_cfg_scale`.
 """
 
+import base64
+import io
 import json
 import re
 import secrets
@@ -16,6 +19,8 @@ import time
 
 from fastapi.responses import JSONResponse
 
+from flux_parallel.flux.image_inputs import ImageArgumentError
+from flux_parallel.flux.image_modes import image_request
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.serve.request import TYPE_NAMES, Limits, check_range, has_type, parse_fields
 
@@ -78,6 +83,14 @@ def parse_generation(body: bytes, pipe: FluxPipeline, model_id: str, size: tuple
     """The body of POST /v1/images/generations -> (the pipeline's keyword arguments for each image, the
     response format). `size` is the (height, width) of requests without one."""
     fields = load_generation(body, limits)
+    n, response_format = check_common(fields, model_id, limits)
+    height, width = parse_size(fields["size"]) if "size" in fields else size
+    generate = {"prompt": fields["prompt"], "height": height, "width": width, "seed": fields.get("seed", 0)}
+    return generation_params(fields, generate, n, pipe, limits), response_format
+
+
+def check_common(fields: dict, model_id: str, limits: Limits) -> tuple[int, str]:
+    """The fields every images route checks alike -> (n, response format)."""
     if fields.get("model", model_id) != model_id:
         raise APIError(404, f"the model {fields['model']!r} is not served here: this service runs {model_id!r} "
                             "(GET /v1/models)", param="model", code="model_not_found")
@@ -92,17 +105,21 @@ def parse_generation(body: bytes, pipe: FluxPipeline, model_id: str, size: tuple
         check_range("n", n, 1, limits.max_images, "--max-images")
     except ValueError as err:
         raise APIError(400, str(err), param="n") from None
-    height, width = parse_size(fields["size"]) if "size" in fields else size
-    generate = {"prompt": fields["prompt"], "height": height, "width": width, "seed": fields.get("seed", 0)}
+    return n, response_format
+
+
+def generation_params(fields: dict, generate: dict, n: int, pipe: FluxPipeline, limits: Limits) -> list[dict]:
+    """`generate` (prompt, size, seed as /generate takes them) and the extensions in `fields` -> the checked
+    keyword arguments of each of the n images (image i: seed + i)."""
     for name in ("negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale"):
         if name in fields:
             generate[AS_GENERATE.get(name, name)] = fields[name]
     try:
         check_range("seed", generate["seed"], 0, 2**63 - n)
-        params = parse_fields(generate, pipe, size, limits)
+        params = parse_fields(generate, pipe, (generate["height"], generate["width"]), limits)
     except ValueError as err:
         raise APIError(400, *openai_names(str(err))) from None
-    return [{**params, "seed": params["seed"] + i} for i in range(n)], response_format
+    return [{**params, "seed": params["seed"] + i} for i in range(n)]
 
 
 def openai_names(message: str) -> tuple[str, str | None]:
@@ -146,3 +163,94 @@ class ImageFiles:
 def models_list(model_id: str, created: int) -> dict:
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                         "owned_by": "flux-parallel"}]}
+
+
+# POST /v1/images/edits: multipart form fields (strings, converted to these types) and files
+EDIT_FIELDS = {**{k: v for k, v in GENERATION_FIELDS.items() if k not in ("style",)}, "strength": float}
+EDIT_FILES = ("image", "image[]", "mask")
+# what an edit adds to a job's params (JSON-safe: the uploads as base64)
+EDIT_PARAMS = ("image_b64", "mask_b64", "strength")
+# the pipeline's argument a refusal names -> the form field
+FORM_NAMES = {"image": "image", "control_image": "image", "mask_image": "mask", "strength": "strength",
+              "height": "size", "width": "size"}
+
+
+def form_fields(form) -> tuple[dict, list[bytes], bytes | None]:
+    """A parsed multipart form -> (its text fields, typed; the uploaded images' bytes; the mask's bytes)."""
+    fields, images, mask = {}, [], None
+    for name, value in form.multi_items():
+        if name in EDIT_FILES:
+            data = value.file.read() if hasattr(value, "file") else None
+            if data is None:
+                raise APIError(400, f"{name!r} must be an uploaded file", param="mask" if name == "mask" else "image")
+            if name == "mask":
+                mask = data
+            else:
+                images.append(data)
+        elif name not in EDIT_FIELDS:
+            raise APIError(400, f"unknown field {name!r}", param=name, code="unknown_parameter")
+        else:
+            fields[name] = typed(name, value)
+    if not images:
+        raise APIError(400, "the file 'image' is required: the image to edit", param="image",
+                       code="missing_required_parameter")
+    if len(images) > 1:
+        raise APIError(400, f"{len(images)} images were uploaded: this service edits one image per request",
+                       param="image")
+    if "prompt" not in fields:
+        raise APIError(400, "the field 'prompt' is required", param="prompt", code="missing_required_parameter")
+    return fields, images, mask
+
+
+def typed(name: str, text: str):
+    kind = EDIT_FIELDS[name]
+    try:
+        return text if kind is str else kind(text)
+    except ValueError:
+        raise APIError(400, f"{name!r} must be {TYPE_NAMES[kind]}, got {text!r}", param=name,
+                       code="invalid_type") from None
+
+
+def decode_upload(data: bytes, field: str):
+    """Uploaded bytes -> a PIL image, or 400 naming the field (whatever the loaded model is)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise APIError(500, "image uploads need Pillow on the server (pip install pillow)") from None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened
+    except (OSError, Image.UnidentifiedImageError, ValueError):
+        raise APIError(400, f"the uploaded {field!r} is not an image file", param=field) from None
+
+
+def edit_arguments(params: dict, kind: str) -> dict:
+    """An edit's images, carried as base64 in the job's JSON-safe params -> the pipeline's image arguments
+    for a `kind` transformer (Control takes the upload as its control image)."""
+    image = decode_upload(base64.b64decode(params["image_b64"]), "image")
+    mask = None if params.get("mask_b64") is None else decode_upload(base64.b64decode(params["mask_b64"]), "mask")
+    name = "control_image" if kind == "control" else "image"
+    return {name: image, "mask_image": mask, "strength": params.get("strength")}
+
+
+def parse_edit(fields: dict, images: list[bytes], mask: bytes | None, pipe: FluxPipeline, model_id: str,
+               limits: Limits) -> tuple[list[dict], str]:
+    """POST /v1/images/edits -> (the jobs' params, one per image, and the response format). It runs what the
+    loaded checkpoint does with an image: Kontext edits, Fill fills the mask, a text-to-image checkpoint
+    inpaints (with a mask) or runs img2img, Canny/Depth take the upload as the control image."""
+    n, response_format = check_common(fields, model_id, limits)
+    height, width = parse_size(fields["size"]) if "size" in fields else (None, None)
+    request = {"image_b64": base64.b64encode(images[0]).decode(), "strength": fields.get("strength"),
+               "mask_b64": None if mask is None else base64.b64encode(mask).decode()}
+    arguments = edit_arguments(request, pipe.kind)
+    try:
+        checked = image_request(pipe.kind, arguments.get("image"), arguments["mask_image"],
+                                arguments.get("control_image"), arguments["strength"], height, width, True)
+    except ImageArgumentError as err:
+        raise APIError(400, f"{FORM_NAMES.get(err.argument, err.argument)!r} {err.rest}",
+                       param=FORM_NAMES.get(err.argument, err.argument)) from None
+    generate = {"prompt": fields["prompt"], "height": checked.height, "width": checked.width,
+                "seed": fields.get("seed", 0)}
+    params = generation_params(fields, generate, n, pipe, limits)
+    return [{**p, **request} for p in params], response_format
