@@ -189,3 +189,31 @@ def test_a_kontext_checkpoint_edits_through_the_api(source):
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "mask"
     finally:
         running.close()
+
+
+def events_of(response) -> list[tuple[str, dict]]:
+    """A text/event-stream body -> its (event, data) pairs."""
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_streamed_progress_then_the_image_and_a_replay(service, pipe):
+    body = {"prompt": PROMPT, "size": "64x64", "seed": 6, "num_inference_steps": 3, "stream": True}
+    with service.client.stream("POST", "/v1/images/generations", json=body, headers={"X-Request-Id": "r-6"}) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        reply.read()
+    events = events_of(reply)
+    assert events[0] == ("queued", {"position": 1})
+    assert [data for kind, data in events if kind == "step"] == [{"step": i, "steps": 3} for i in (1, 2, 3)]
+    kind, done = events[-1]
+    assert kind == "done" and done["created"] > 0
+    assert base64.b64decode(done["data"][0]["b64_json"]) == expected_png(pipe, 6, steps=3)
+    replay = service.client.get("/v1/images/generations/r-6/events")  # the finished request's events, again
+    assert replay.status_code == 200 and events_of(replay) == events
+    missing = service.client.get("/v1/images/generations/nobody/events")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+    bad = service.client.post("/v1/images/generations", json={"prompt": PROMPT, "stream": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"

@@ -123,6 +123,8 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         traceback.print_exc()
         status = FATAL if isinstance(err, dist.DistError) else FAILED
         problem = ": ".join([type(err).__name__, *str(err).splitlines()[:1]])
+    finally:
+        pipe.progress = None  # these jobs' progress ends with their call
     total_s = time.perf_counter() - start
     status = agree(status, group)
     for i, job in enumerate(jobs or []):

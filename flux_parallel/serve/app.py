@@ -16,11 +16,20 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from flux_parallel.flux.images import encode_png
-from flux_parallel.serve.openai import APIError, ImageFiles, form_fields, models_list, parse_edit, parse_generation
+from flux_parallel.serve.openai import (
+    APIError,
+    Expiring,
+    ImageFiles,
+    ImagesRequest,
+    form_fields,
+    models_list,
+    parse_edit,
+    parse_generation,
+)
 from flux_parallel.serve.request import Limits, parse_request
 
 PAGE = Path(__file__).resolve().parent / "page.html"
@@ -35,8 +44,35 @@ class Refused(Exception):
         self.status = status
 
 
+class EventLog:
+    """One OpenAI request's server-sent events, in order: queued {position}, step {step, steps}, then done
+    {created, data} or error {error}. Kept after the request ends, for replay (GET .../{id}/events)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+        self.finished = False
+
+    def add(self, kind: str, data: dict) -> None:
+        self.events.append((kind, data))  # list.append is atomic: the rank loop's thread and the event loop's
+        self.finished = self.finished or kind in ("done", "error")
+
+    async def stream(self, poll_s: float = 0.05):
+        """Every event as `event: KIND` / `data: JSON`, those to come included, until done or error."""
+        sent = 0
+        while True:
+            while sent < len(self.events):
+                kind, data = self.events[sent]
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                sent += 1
+            if self.finished:
+                return
+            await asyncio.sleep(poll_s)
+
+
 class Job:
     """One request: the pipeline's keyword arguments, its progress and, once run, its outcome."""
+
+    log: EventLog | None = None  # an OpenAI request's events, shared by its images' jobs
 
     def __init__(self, params: dict, request_id: str | None):
         self.params, self.request_id = params, request_id
@@ -46,6 +82,8 @@ class Job:
 
     def on_progress(self, done: int, total: int) -> None:  # FluxPipeline.progress, called on rank 0
         self.step, self.steps = done, total
+        if self.log is not None:
+            self.log.add("step", {"step": done, "steps": total})
 
     def finish(self, **outcome) -> None:
         self.state = "done"
@@ -74,8 +112,9 @@ class JobQueue:
     def submit(self, params: dict, request_id: str | None) -> Job:
         return self.submit_all([params], request_id)[0]
 
-    def submit_all(self, params: list[dict], request_id: str | None) -> list[Job]:
-        """One job per entry of `params`, queued together or not at all (the request's id names the first)."""
+    def submit_all(self, params: list[dict], request_id: str | None, log: EventLog | None = None) -> list[Job]:
+        """One job per entry of `params`, queued together or not at all (the request's id names the first);
+        `log` receives their queued and step events."""
         with self._changed:
             if not self.accepting:
                 raise Refused(503, "the service is shutting down and takes no new requests")
@@ -84,7 +123,10 @@ class JobQueue:
                                    "try again when one has finished")
             jobs = [Job(p, request_id) for p in params]
             for job in jobs:
+                job.log = log
                 job.outcome.add_done_callback(self._count)  # runs before the HTTP handler wakes: /health is current
+            if log is not None:
+                log.add("queued", {"position": len(self._waiting) + 1})
             self._waiting.extend(jobs)
             if request_id:
                 self._recent[request_id] = jobs[0]
@@ -164,7 +206,7 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
     id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept."""
     app = FastAPI(title="flux-parallel", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text()
-    files, started = ImageFiles(url_ttl_s), int(time.time())
+    files, logs, started = ImageFiles(url_ttl_s), Expiring(url_ttl_s), int(time.time())
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -211,39 +253,56 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
-        try:
-            if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:  # before reading it
-                raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes "
-                                    "(--max-body-bytes)", code="request_too_large")
-            params, response_format = parse_generation(await request.body(), pipe, info["model"], size, limits)
-            submitted = jobs.submit_all(params, request.headers.get("x-request-id"))
-        except APIError as err:
-            return err.response()
-        except Refused as err:
-            return APIError(err.status, str(err), code="queue_full" if err.status == 429 else "unavailable").response()
-        return await images_response(request, submitted, response_format)
+        async def parse() -> ImagesRequest:
+            return parse_generation(await request.body(), pipe, info["model"], size, limits)
+
+        return await images(request, parse)
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request):
+        async def parse() -> ImagesRequest:
+            fields, images, mask = form_fields(await request.form())
+            return await run_in_threadpool(parse_edit, fields, images, mask, pipe, info["model"], limits)
+
+        return await images(request, parse)
+
+    @app.get("/v1/images/generations/{request_id}/events")
+    def images_events(request_id: str):
+        log = logs.get(request_id)
+        if log is None:
+            missing = APIError(404, f"no recent request has the id {request_id!r} (the X-Request-Id it was sent "
+                                    "with; events are kept for --url-ttl)", param="request_id", code="not_found")
+            return missing.response()
+        return StreamingResponse(log.stream(), media_type="text/event-stream")
+
+    async def images(request: Request, parse):
+        """Check and queue an images request (`parse` reads it), then answer it: JSON once every image is made,
+        or, with `stream`, its events as they come."""
         try:
             if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:  # before reading it
                 raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes "
                                     "(--max-body-bytes)", code="request_too_large")
-            fields, images, mask = form_fields(await request.form())
-            params, response_format = await run_in_threadpool(parse_edit, fields, images, mask, pipe, info["model"],
-                                                              limits)
-            submitted = jobs.submit_all(params, request.headers.get("x-request-id"))
+            asked = await parse()
+            log, request_id = EventLog(), request.headers.get("x-request-id")
+            submitted = jobs.submit_all(asked.params, request_id, log)
         except APIError as err:
             return err.response()
         except Refused as err:
             return APIError(err.status, str(err), code="queue_full" if err.status == 429 else "unavailable").response()
-        return await images_response(request, submitted, response_format)
+        if request_id:
+            logs.add(request_id, log)
+        answer = asyncio.ensure_future(images_answer(request, submitted, asked.response_format, log))
+        if asked.stream:
+            return StreamingResponse(log.stream(), media_type="text/event-stream")
+        return await answer
 
-    async def images_response(request: Request, submitted: list[Job], response_format: str):
-        """The OpenAI answer once every image of the request is made: b64_json, or URLs served here."""
+    async def images_answer(request: Request, submitted: list[Job], response_format: str, log: EventLog):
+        """The OpenAI answer once every image of the request is made (b64_json, or URLs served here); its
+        last event too."""
         outcomes = [await asyncio.wrap_future(job.outcome) for job in submitted]
         failed = next((o for o in outcomes if "error" in o), None)
         if failed is not None:
+            log.add("error", {"error": {"message": failed["error"], "type": "server_error"}})
             return APIError(failed["status"], failed["error"]).response()
         pngs = await run_in_threadpool(lambda: [encode_png(o["image"]) for o in outcomes])
         if response_format == "b64_json":
@@ -251,8 +310,10 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         else:  # absolute URLs on the host and port this request came to
             root = str(request.base_url).rstrip("/")
             data = [{"url": f"{root}/v1/images/files/{files.add(png)}"} for png in pngs]
+        body = {"created": int(time.time()), "data": data}
+        log.add("done", body)
         batch = str(max(o["batch_size"] for o in outcomes))  # the largest batch this request's images ran in
-        return JSONResponse({"created": int(time.time()), "data": data}, headers={"X-Batch-Size": batch})
+        return JSONResponse(body, headers={"X-Batch-Size": batch})
 
     @app.get("/v1/images/files/{name}")
     def image_file(name: str):

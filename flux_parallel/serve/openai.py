@@ -16,6 +16,7 @@ import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
@@ -26,7 +27,7 @@ from flux_parallel.serve.request import TYPE_NAMES, Limits, check_range, has_typ
 
 # field -> JSON type; OpenAI's own fields first (quality, style and user are accepted and change nothing)
 GENERATION_FIELDS = {"prompt": str, "model": str, "n": int, "size": str, "response_format": str, "user": str,
-                     "quality": str, "style": str, "output_format": str,
+                     "quality": str, "style": str, "output_format": str, "stream": bool,
                      "seed": int, "negative_prompt": str, "num_inference_steps": int, "guidance_scale": float,
                      "true_cfg_scale": float}
 # the /generate field each extension is checked as, and back for error messages
@@ -78,15 +79,22 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(match[2]), int(match[1])
 
 
+@dataclass(frozen=True)
+class ImagesRequest:
+    params: list[dict]  # the pipeline's keyword arguments of each image (JSON-safe: they travel to the ranks)
+    response_format: str  # "b64_json" or "url"
+    stream: bool  # answer with server-sent events: queued, step, done
+
+
 def parse_generation(body: bytes, pipe: FluxPipeline, model_id: str, size: tuple[int, int],
-                     limits: Limits) -> tuple[list[dict], str]:
-    """The body of POST /v1/images/generations -> (the pipeline's keyword arguments for each image, the
-    response format). `size` is the (height, width) of requests without one."""
+                     limits: Limits) -> ImagesRequest:
+    """The body of POST /v1/images/generations; `size` is the (height, width) of requests without one."""
     fields = load_generation(body, limits)
     n, response_format = check_common(fields, model_id, limits)
     height, width = parse_size(fields["size"]) if "size" in fields else size
     generate = {"prompt": fields["prompt"], "height": height, "width": width, "seed": fields.get("seed", 0)}
-    return generation_params(fields, generate, n, pipe, limits), response_format
+    return ImagesRequest(generation_params(fields, generate, n, pipe, limits), response_format,
+                         fields.get("stream", False))
 
 
 def check_common(fields: dict, model_id: str, limits: Limits) -> tuple[int, str]:
@@ -133,31 +141,38 @@ def openai_names(message: str) -> tuple[str, str | None]:
     return message, None
 
 
-class ImageFiles:
-    """PNGs of `url` responses, served by the service itself for `ttl_s` seconds after they are made."""
+class Expiring:
+    """Values kept for `ttl_s` seconds after they are added, by name (thread-safe)."""
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
-        self._files: dict[str, tuple[bytes, float]] = {}  # name -> (PNG, expiry on the monotonic clock)
+        self._items: dict[str, tuple[object, float]] = {}  # name -> (value, expiry on the monotonic clock)
         self._lock = threading.Lock()
 
-    def add(self, png: bytes) -> str:
-        name = f"{secrets.token_urlsafe(16)}.png"
+    def add(self, name: str, value) -> None:
         with self._lock:
             self._drop_expired()
-            self._files[name] = (png, time.monotonic() + self.ttl_s)
-        return name
+            self._items[name] = (value, time.monotonic() + self.ttl_s)
 
-    def get(self, name: str) -> bytes | None:
+    def get(self, name: str):
         with self._lock:
             self._drop_expired()
-            entry = self._files.get(name)
+            entry = self._items.get(name)
         return None if entry is None else entry[0]
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
-        for name in [n for n, (_, expiry) in self._files.items() if expiry <= now]:
-            del self._files[name]
+        for name in [n for n, (_, expiry) in self._items.items() if expiry <= now]:
+            del self._items[name]
+
+
+class ImageFiles(Expiring):
+    """PNGs of `url` responses, served by the service itself for `ttl_s` seconds after they are made."""
+
+    def add(self, png: bytes) -> str:
+        name = f"{secrets.token_urlsafe(16)}.png"
+        super().add(name, png)
+        return name
 
 
 def models_list(model_id: str, created: int) -> dict:
@@ -204,6 +219,10 @@ def form_fields(form) -> tuple[dict, list[bytes], bytes | None]:
 
 def typed(name: str, text: str):
     kind = EDIT_FIELDS[name]
+    if kind is bool:
+        if text not in ("true", "false"):
+            raise APIError(400, f"{name!r} must be true or false, got {text!r}", param=name, code="invalid_type")
+        return text == "true"
     try:
         return text if kind is str else kind(text)
     except ValueError:
@@ -235,8 +254,8 @@ def edit_arguments(params: dict, kind: str) -> dict:
 
 
 def parse_edit(fields: dict, images: list[bytes], mask: bytes | None, pipe: FluxPipeline, model_id: str,
-               limits: Limits) -> tuple[list[dict], str]:
-    """POST /v1/images/edits -> (the jobs' params, one per image, and the response format). It runs what the
+               limits: Limits) -> ImagesRequest:
+    """POST /v1/images/edits (form_fields' parts) -> its images' params. It runs what the
     loaded checkpoint does with an image: Kontext edits, Fill fills the mask, a text-to-image checkpoint
     inpaints (with a mask) or runs img2img, Canny/Depth take the upload as the control image."""
     n, response_format = check_common(fields, model_id, limits)
@@ -253,4 +272,4 @@ def parse_edit(fields: dict, images: list[bytes], mask: bytes | None, pipe: Flux
     generate = {"prompt": fields["prompt"], "height": checked.height, "width": checked.width,
                 "seed": fields.get("seed", 0)}
     params = generation_params(fields, generate, n, pipe, limits)
-    return [{**p, **request} for p in params], response_format
+    return ImagesRequest([{**p, **request} for p in params], response_format, fields.get("stream", False))

@@ -14,7 +14,7 @@ from flux_parallel.flux.sampling import check_image_size
 # field -> the JSON type it takes; every field but the prompt may be left out or null
 FIELDS = {"prompt": str, "negative_prompt": str, "true_cfg_scale": float, "height": int, "width": int,
           "steps": int, "guidance": float, "seed": int, "max_sequence_length": int}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ def load_json_object(body: bytes) -> dict:
 
 def has_type(value, kind: type) -> bool:
     """JSON's view: `true` is not an integer (Python's bool is), NaN and Infinity are not numbers, 3 is a float."""
-    if isinstance(value, bool):
-        return False
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
     if kind is float:
         return isinstance(value, (int, float)) and math.isfinite(value)
     return isinstance(value, kind)
