@@ -3,8 +3,9 @@
     python tools/bench/bench_serve.py --output docs/serve.json
 
 Starts the real service (one process, then two ranks under torchrun with --ulysses-degree 2
---use-parallel-vae) on the tiny model and sends it requests from 1, 4 and 16 concurrent clients:
-requests per minute and the p50 / p95 of the client's latency (queueing included). Then the
+--use-parallel-vae; each unbatched, --max-batch 1, and batched, --max-batch 8) on the tiny model and
+sends it requests from 1, 4 and 16 concurrent clients, each its own seed: requests per minute, the
+p50 / p95 of the client's latency (queueing included) and the mean batch a request ran in. Then the
 overhead: the same 256 px request through the one-process service and as a direct call of a
 FluxPipeline in this process, alternated, median of --repeats each; and per request, the client's
 latency minus the pipeline time that the service itself measured (X-Report).
@@ -27,13 +28,14 @@ import torch
 
 from flux_parallel.flux.pipeline import FluxPipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 PROMPT = "a photo of a forest with mist swirling around the tree trunks"
 
 
-def start_service(ranks: int, threads: int, model: str = "tiny") -> tuple[subprocess.Popen, str]:
+def start_service(ranks: int, threads: int, model: str = "tiny", max_batch: int = 1) -> tuple[subprocess.Popen, str]:
     """serve.py on a free port; returns once it prints the address it serves on."""
-    serve = [str(ROOT / "tools" / "serve.py"), "--model", model, "--port", "0", "--max-queue", "64"]
+    serve = [str(ROOT / "tools" / "serve.py"), "--model", model, "--port", "0", "--max-queue", "64",
+             "--max-batch", str(max_batch)]
     if ranks > 1:
         serve = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *serve,
                  "--ulysses-degree", str(ranks), "--use-parallel-vae"]
@@ -56,12 +58,12 @@ def stop_service(proc: subprocess.Popen, ranks: int) -> None:
 
 
 def timed_request(client: httpx.Client, body: dict) -> tuple[float, dict]:
-    """(client latency, the service's own stage timings) of one request."""
+    """(client latency, the service's own report: stage timings, batch size) of one request."""
     start = time.perf_counter()
     reply = client.post("/generate", json=body)
     latency = time.perf_counter() - start
     reply.raise_for_status()
-    return latency, json.loads(reply.headers["x-report"])["stages"]
+    return latency, json.loads(reply.headers["x-report"])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,15 +72,19 @@ def percentile(values: list[float], q: float) -> float:
 
 def load_test(url: str, clients: int, requests: int, size: int) -> dict:
     """`requests` requests from `clients` concurrent clients (each waits for its answer before the next)."""
-    body = {"prompt": PROMPT, "height": size, "width": size}
+    def body(seed: int) -> dict:  # each request its own seed, as clients send
+        return {"prompt": PROMPT, "height": size, "width": size, "seed": seed}
+
     with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
-        timed_request(client, body)  # warm-up
+        timed_request(client, body(0))  # warm-up
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            latencies = [t for t, _ in pool.map(lambda _: timed_request(client, body), range(requests))]
+            replies = list(pool.map(lambda i: timed_request(client, body(i)), range(requests)))
         wall = time.perf_counter() - start
+    latencies = [t for t, _ in replies]
     return {"clients": clients, "requests": requests, "requests_per_min": 60 * requests / wall,
-            "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95)}
+            "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+            "mean_batch": statistics.mean(r["batch_size"] for _, r in replies)}
 
 
 def overhead(url: str, size: int, repeats: int, threads: int, model: str = "tiny") -> dict:
@@ -92,7 +98,8 @@ def overhead(url: str, size: int, repeats: int, threads: int, model: str = "tiny
             start = time.perf_counter()
             pipe(PROMPT, height=size, width=size, output_type="pt")
             direct_s = time.perf_counter() - start
-            latency, stages = timed_request(client, body)
+            latency, report = timed_request(client, body)
+            stages = report["stages"]
             if i:
                 direct.append(direct_s)
                 served.append(latency)
@@ -105,10 +112,11 @@ def overhead(url: str, size: int, repeats: int, threads: int, model: str = "tiny
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| ranks | clients | requests | requests/min | p50 latency | p95 latency |", "|---|---|---|---|---|---|"]
+    lines = ["| ranks | --max-batch | clients | requests | requests/min | p50 latency | p95 latency | mean batch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['ranks']} | {r['clients']} | {r['requests']} | {r['requests_per_min']:.1f} | "
-                     f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")
+        lines.append(f"| {r['ranks']} | {r['max_batch']} | {r['clients']} | {r['requests']} | "
+                     f"{r['requests_per_min']:.1f} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | {r['mean_batch']:.1f} |")
     return "\n".join(lines)
 
 
@@ -120,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="per concurrency level (at least the clients)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="the service's --max-batch values")
     p.add_argument("--repeats", type=int, default=10, help="of the overhead comparison")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (and of the direct call)")
     p.add_argument("--output", help="write the results as JSON here")
@@ -128,15 +137,17 @@ def main(argv=None) -> int:
         p.error("--size must be a multiple of 16, and --clients, --repeats and --ranks at least 1")
     results, cost = [], None
     for ranks in args.ranks:
-        proc, url = start_service(ranks, args.threads, args.model)
-        try:
-            for clients in args.clients:
-                results.append({"ranks": ranks, **load_test(url, clients, max(args.requests, clients), args.size)})
-                print(table(results[-1:]).splitlines()[-1], flush=True)
-            if ranks == 1:
-                cost = overhead(url, args.size, args.repeats, args.threads, args.model)
-        finally:
-            stop_service(proc, ranks)
+        for max_batch in args.max_batch:
+            proc, url = start_service(ranks, args.threads, args.model, max_batch)
+            try:
+                for clients in args.clients:
+                    load = load_test(url, clients, max(args.requests, clients), args.size)
+                    results.append({"ranks": ranks, "max_batch": max_batch, **load})
+                    print(table(results[-1:]).splitlines()[-1], flush=True)
+                if ranks == 1 and max_batch == 1:
+                    cost = overhead(url, args.size, args.repeats, args.threads, args.model)
+            finally:
+                stop_service(proc, ranks)
     print(table(results))
     if cost:
         print(f"overhead at {cost['size']} px: service {cost['service_s']:.3f} s vs direct {cost['direct_s']:.3f} s "
