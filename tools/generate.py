@@ -120,6 +120,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    nargs="+", default=None, help="PipeFusion: blocks per stage (default: balanced by cost)")
     p.add_argument("--data-parallel-degree", "--data_parallel_degree", dest="data_degree", type=int, default=1,
                    help="split the images over N replicas of the model")
+    p.add_argument("--comm-dtype", choices=["bf16", "fp8"], default=None,
+                   help="what sequence parallelism's all-to-alls and ring sends carry (approximate; default: the "
+                        "activations as they are, exact)")
     p.add_argument("--use-parallel-vae", "--use_parallel_vae", dest="use_parallel_vae", action="store_true",
                    help="decode the image across all ranks of a replica (exact halo exchange)")
     p.add_argument("--vae-stripes", "--vae-chunk", "--vae_chunk", dest="vae_stripes", type=int, default=None,
@@ -309,7 +312,8 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
     ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                           cfg_degree=args.cfg_degree, data_degree=args.data_degree,
                           pipefusion_degree=args.pipefusion_degree, num_pipeline_patch=args.num_pipeline_patch,
-                          warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes)
+                          warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes,
+                          comm_dtype=args.comm_dtype)
     start = time.perf_counter()
     pipe = load_pipeline(args, device, ctx)
     return pipe, ctx, device, time.perf_counter() - start
@@ -409,6 +413,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},
         "peak_memory_bytes": peak_memory_bytes(device),
+        "comm_dtype": ctx.comm_dtype,  # what the sp exchanges carried (None: the activations, exact)
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),
         "cache": run.get("cache"),  # kind, threshold, decision seconds, steps computed/reused per cfg branch

@@ -87,7 +87,7 @@ class SequenceParallelFlux(nn.Module):
         if layout not in self._attention:
             ctx = self.ctx
             self._attention[layout] = USPAttention(ctx.group("ulysses"), ctx.group("ring"), ctx.rank("ring"),
-                                                   self.sp_rank, layout, self.attention_backend)
+                                                   self.sp_rank, layout, self.attention_backend, ctx.comm_dtype)
         return self._attention[layout]
 
     def _check_local(self, layout: SequenceLayout, img_len: int, txt_len: int | None) -> None:

@@ -33,6 +33,29 @@ class CommStats:
         return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
 
 
+# --comm-dtype: what the all-to-alls and ring sends may carry instead of the activations' own dtype. bf16
+# halves fp32's bytes (a rounding of ~3 significant digits); fp8 (e4m3) quarters them, each tensor scaled
+# by its own amax / 448 so that it uses the whole fp8 range, the scale travelling with it. Approximate.
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def to_wire(x: Tensor, wire: str) -> tuple[Tensor, Tensor | None]:
+    """x -> (what travels, its fp8 scale [1] fp32 or None): x in bf16, or x / scale in fp8 seen as uint8
+    bytes (gloo sends no float8)."""
+    if wire == "bf16":
+        return x.to(torch.bfloat16), None
+    scale = (x.detach().abs().amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    return (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8), scale
+
+
+def from_wire(payload: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """to_wire's inverse, up to the wire's rounding: back in `dtype`."""
+    if scale is None:
+        return payload.to(dtype)
+    return (payload.view(torch.float8_e4m3fn).float() * scale).to(dtype)
+
+
 _stats: CommStats | None = None
 _axis_of_group: dict[str, str] = {}  # process group name -> the mesh axis it belongs to
 
@@ -70,23 +93,26 @@ def all_to_all(
     gather_dim: int,
     scatter_sizes: list[int] | None = None,
     gather_sizes: list[int] | None = None,
+    wire: str | None = None,
 ) -> Tensor:
     """Split x along scatter_dim, send piece j to rank j, concatenate what arrives along gather_dim.
 
     Uneven shards: `scatter_sizes[j]` is the length of piece j (None: x.chunk(P) even pieces) and
     `gather_sizes[j]` is rank j's length along gather_dim (None: all equal to x's). Every rank
     passes the same lists. Shapes: [.., S, .., G_r, ..] -> [.., S_r, .., sum(G), ..].
-    Differentiable: the gradient goes back by the inverse all-to-all (its adjoint).
+    Differentiable: the gradient goes back by the inverse all-to-all (its adjoint). `wire` ("bf16",
+    "fp8", None: x's dtype) is what travels, each piece scaled on its own for fp8 (WIRE_DTYPES); in grad
+    mode x travels as it is.
     """
     world = dist.get_world_size(group)
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if torch.is_grad_enabled() and x.requires_grad:
         return _AllToAll.apply(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
-    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire)
 
 
 def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
-                gather_sizes: list[int]) -> Tensor:
+                gather_sizes: list[int], wire: str | None = None) -> Tensor:
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
@@ -105,6 +131,9 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
     in_splits = [p.numel() for p in pieces]
     out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel()
                   for n in gather_sizes]
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    if wire is not None:
+        return _all_to_all_wire(pieces, out, group, in_splits, out_splits, gather_sizes, gather_dim, wire)
     # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
     # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards).
     send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
@@ -114,9 +143,29 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
     start = time.perf_counter()
     dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
     _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
         dst.copy_(arrived.view(dst.shape))
+    return out
+
+
+def _all_to_all_wire(pieces, out: Tensor, group, in_splits: list[int], out_splits: list[int],
+                     gather_sizes: list[int], gather_dim: int, wire: str) -> Tensor:
+    """_all_to_all with each piece cast to the wire dtype (fp8: scaled on its own; the scales, one per
+    piece, follow in a second all-to-all of world floats) and back on arrival, into `out`."""
+    rank = dist.get_rank(group)
+    encoded = [to_wire(piece, wire) for piece in pieces]
+    send = torch.cat([payload.flatten() for payload, _ in encoded])
+    received = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
+    start = time.perf_counter()
+    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
+    scales = [None] * len(pieces)
+    if wire == "fp8":
+        scales_in = torch.empty(len(pieces), dtype=torch.float32, device=send.device)
+        dist.all_to_all_single(scales_in, torch.cat([scale for _, scale in encoded]), group=group)
+        scales = scales_in.split(1)
+    _record("all_to_all", group, (send.numel() - in_splits[rank]) * send.element_size(), start)
+    for arrived, scale, dst in zip(received.split(out_splits), scales, out.split(gather_sizes, dim=gather_dim)):
+        dst.copy_(from_wire(arrived.view(dst.shape), scale, out.dtype))
     return out
 
 

@@ -35,6 +35,9 @@ class ParallelContext:
     num_pipeline_patch: int | None = None
     warmup_steps: int = 1
     pipefusion_stage_sizes: tuple[int, ...] | None = None
+    # what sequence parallelism's all-to-alls and ring sends carry: None, the activations as they are
+    # (exact); "bf16" or "fp8" (scaled per tensor), fewer bytes and an approximation (comm.WIRE_DTYPES)
+    comm_dtype: str | None = None
     _mesh: object = field(default=None, init=False, repr=False)
     _flat: dict = field(default_factory=dict, init=False, repr=False)  # name -> flattened sub-mesh
 
@@ -44,6 +47,8 @@ class ParallelContext:
             if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
                 raise ValueError(f"{axis}_degree must be a positive integer, got {degree!r}")
         self._check_pipefusion()
+        if self.comm_dtype is not None and self.comm_dtype not in comm.WIRE_DTYPES:
+            raise ValueError(f"comm_dtype must be None (exact), 'bf16' or 'fp8', got {self.comm_dtype!r}")
         if self.cfg_degree > 2:
             raise ValueError(f"cfg_degree must be 1 or 2 (one rank group per CFG branch), got {self.cfg_degree}")
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -38,6 +38,7 @@ def ring_attention(
     seq_lens: list[int],  # L_j of every rank j of `group`, in group rank order
     overlap: bool = True,
     backend: str = "auto",  # kernels.attention_with_lse's backend for each block
+    wire: str | None = None,  # what the K/V sends carry: comm.WIRE_DTYPES, None for k's own dtype
 ) -> tuple[Tensor, Tensor]:
     """Attention of this rank's queries over every rank's keys -> (out [B, H, L_r, D] in q's dtype,
     lse [B, H, L_r] fp32). Shards may differ in length: every rank knows them all from seq_lens.
@@ -56,7 +57,7 @@ def ring_attention(
     for step in range(world):
         last = step == world - 1
         if not last:  # post the next hop before computing on the current shard
-            kv_next, hop = _post_next(kv, group, seq_lens[(rank - step - 1) % world])
+            kv_next, hop = _post_next(kv, group, seq_lens[(rank - step - 1) % world], wire)
             if not overlap:
                 hop.wait()
         out_block, lse_block = attention_with_lse(q, kv[0], kv[1], backend)
@@ -64,7 +65,7 @@ def ring_attention(
         if not last:
             if overlap:
                 hop.wait()
-            kv = kv_next
+            kv = kv_next[0] if wire is None else comm.from_wire(*kv_next, kv.dtype)
     return out.to(q.dtype), lse
 
 
@@ -86,12 +87,16 @@ def _ring_attention_differentiable(
     return out.to(q.dtype), lse
 
 
-def _post_next(kv: Tensor, group, next_len: int) -> tuple[Tensor, "comm.P2P"]:
-    """Send the shard held now to the next rank, receive the previous rank's (next_len rows)."""
+def _post_next(kv: Tensor, group, next_len: int, wire: str | None = None) -> tuple[tuple, "comm.P2P"]:
+    """Send the shard held now to the next rank, receive the previous rank's (next_len rows): the
+    buffers that will hold it (in the wire dtype, and fp8's scale, once the hop is waited for)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     hop = comm.P2P(group)
     shape = (*kv.shape[:3], next_len, kv.shape[4])
-    kv_next = hop.recv(shape, kv.dtype, kv.device, src=(rank - 1) % world)
-    hop.send(kv, dst=(rank + 1) % world)
+    sent = (kv,) if wire is None else tuple(t for t in comm.to_wire(kv, wire) if t is not None)
+    arriving = tuple(hop.recv(shape if i == 0 else t.shape, t.dtype, t.device, src=(rank - 1) % world)
+                     for i, t in enumerate(sent))
+    for t in sent:
+        hop.send(t, dst=(rank + 1) % world)
     hop.commit()
-    return kv_next, hop
+    return arriving if wire != "bf16" else (arriving[0], None), hop

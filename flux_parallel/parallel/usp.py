@@ -19,23 +19,23 @@ from flux_parallel.parallel.ulysses import ulysses_attention
 
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, layout: SequenceLayout, ring_rank: int,
-                  ring_overlap: bool = True, backend: str = "auto") -> Tensor:
+                  ring_overlap: bool = True, backend: str = "auto", wire: str | None = None) -> Tensor:
     """q, k, v [B, H, J_r, D]: sp rank r's local joint sequence (J_r = layout.joint_lens[r]), all heads
     -> [B, H, J_r, D], attention over the keys of every sp rank with kernels backend `backend`.
-    A degree of 1 skips its collectives."""
+    A degree of 1 skips its collectives. wire: what every exchange carries (comm.WIRE_DTYPES; None exact)."""
     inner = partial(attention, backend=backend)
     if layout.ring_degree > 1:
         inner = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap,
-                        backend=backend)
+                        backend=backend, wire=wire)
     if layout.ulysses_degree == 1:
         return inner(q, k, v)
-    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner)
+    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner, wire=wire)
 
 
 def _ring_attention_output(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool,
-                           backend: str) -> Tensor:
+                           backend: str, wire: str | None) -> Tensor:
     """Ring attention's output alone: inside USP nothing merges it further, so its LSE is not needed."""
-    return ring_attention(q, k, v, group, seq_lens, overlap, backend)[0]
+    return ring_attention(q, k, v, group, seq_lens, overlap, backend, wire)[0]
 
 
 class USPAttention:
@@ -46,14 +46,14 @@ class USPAttention:
     """
 
     def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int, layout: SequenceLayout,
-                 backend: str = "auto"):
+                 backend: str = "auto", wire: str | None = None):
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.ring_rank, self.sp_rank = ring_rank, sp_rank
-        self.layout, self.backend = layout, backend
+        self.layout, self.backend, self.wire = layout, backend, wire
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         expected = self.layout.joint_lens[self.sp_rank]
         if q.shape[2] != expected:
             raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, its layout gives it {expected}")
         return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
-                             backend=self.backend)
+                             backend=self.backend, wire=self.wire)
