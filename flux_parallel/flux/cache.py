@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from flux_parallel.parallel.stages import run_blocks as run_block_range  # the same blocks as one stage
+
 KINDS = ("fbcache", "teacache", "dbcache")
 # TeaCache's rescaling of the relative L1 change for FLUX.1, highest power first (TeaCache4FLUX)
 TEACACHE_FLUX_POLY = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
@@ -142,24 +144,6 @@ class BranchState:
 
 def block_count(model: nn.Module) -> int:
     return len(model.double_blocks) + len(model.single_blocks)
-
-
-def run_block_range(model: nn.Module, blocks: range, img: Tensor, txt: Tensor, vec: Tensor, pe,
-                    img_modulated=None) -> tuple[Tensor, Tensor]:
-    """Blocks `blocks` of the concatenated double + single list on (img, txt): the same operations, in the
-    same order, as that part of the uncached stack (single blocks on [txt; img], split again after).
-    img_modulated: the first double block's modulate_img, handed to it when computed already."""
-    depth = len(model.double_blocks)
-    for i in (i for i in blocks if i < depth):
-        handed = (img_modulated,) if i == blocks.start and img_modulated is not None else ()
-        img, txt = model.double_blocks[i](img, txt, vec, pe, *handed)
-    singles = [i - depth for i in blocks if i >= depth]
-    if singles:
-        x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
-        for j in singles:
-            x = model.single_blocks[j](x, vec, pe)
-        txt, img = x[:, : txt.shape[1]], x[:, txt.shape[1] :]
-    return img, txt
 
 
 def forecast(residuals: list[tuple[int, Tensor, Tensor]], step: int) -> tuple[Tensor, Tensor]:

@@ -170,13 +170,17 @@ def rope(model: nn.Module, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Te
     return rope_table(torch.cat((txt_ids, img_ids), dim=1), model.params.axes_dim, model.params.theta)
 
 
-def run_blocks(model: nn.Module, blocks: range, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
+def run_blocks(model: nn.Module, blocks: range, img: Tensor, txt: Tensor, vec: Tensor, pe,
+               img_modulated=None) -> tuple[Tensor, Tensor]:
     """Blocks `blocks` of the concatenated list on (img [B, L, hidden], txt [B, S, hidden]) -> the new
     (img, txt). Single blocks run on [txt; img] as Flux.forward does; the streams are split again at
-    the end so that every stage boundary carries the same two tensors."""
+    the end so that every stage boundary carries the same two tensors. The same operations, in the same
+    order, as that part of the whole stack. img_modulated: the first double block's modulate_img, handed
+    to it where computed already (a step cache's indicator)."""
     depth = model.params.depth
     for i in (i for i in blocks if i < depth):
-        img, txt = model.double_blocks[i](img, txt, vec, pe)
+        handed = (img_modulated,) if i == blocks.start and img_modulated is not None else ()
+        img, txt = model.double_blocks[i](img, txt, vec, pe, *handed)
     singles = [i - depth for i in blocks if i >= depth]
     if singles:
         x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
