@@ -13,6 +13,7 @@ import struct
 import pytest
 from serving import ROOT, Limits, Service
 
+from flux_parallel.flux.images import encode_png
 from flux_parallel.flux.pipeline import FluxPipeline
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install -e '.[test]'")
@@ -72,3 +73,31 @@ def test_page_generates_an_image(url, browser, tmp_path):
     assert browser.save_screenshot(str(screenshot))
     viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
     assert list(struct.unpack(">II", screenshot.read_bytes()[16:24])) == viewport  # PNG width, height
+
+
+def test_page_uploads_an_image_and_a_drawn_mask_and_streams_progress(url, browser, tmp_path):
+    """An image to edit and a mask drawn on it with the mouse go to /v1/images/edits (a text-to-image
+    model inpaints); the progress bar follows the streamed step events."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    source = tmp_path / "source.png"
+    source.write_bytes(encode_png(FluxPipeline.tiny()(CAPTION, height=64, width=64, output_type="pt")[0]))
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "width").get_attribute("value") == "64")
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "prompt").send_keys("a large red circle in the center on an orange background")
+    browser.find_element(By.ID, "image_file").send_keys(str(source))
+    mask = wait.until(expected_conditions.visibility_of_element_located((By.ID, "mask")))
+    ActionChains(browser).move_to_element(mask).click_and_hold().move_by_offset(20, 10).release().perform()
+    assert browser.execute_script("return maskDrawn")
+    browser.execute_script("""new MutationObserver(() => window.seen.push($("progress").value))
+        .observe($("progress"), {attributes: true}); window.seen = [];""")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: b.find_element(By.ID, "status").text in ("done",) or "error" in
+               b.find_element(By.ID, "status").get_attribute("class"))
+    assert browser.find_element(By.ID, "status").text == "done"
+    assert browser.find_element(By.ID, "timings").text.startswith("inpaint · 64x64, 4 steps")
+    steps = browser.execute_script("return window.seen")
+    # inpainting at the default strength 0.6 runs the last 3 of the 4 steps: the bar went to 3 of 3
+    assert max(steps) == browser.execute_script("return $('progress').max") == 3

@@ -215,7 +215,7 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
     @app.get("/health")
     def health():
         status = "ok" if jobs.accepting else "stopping"
-        return {"status": status, **info, "default_height": size[0], "default_width": size[1],
+        return {"status": status, **info, "kind": pipe.kind, "default_height": size[0], "default_width": size[1],
                 "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": bool(jobs.current),
                 "served": jobs.served, "failed": jobs.failed, "max_batch": jobs.max_batch,
                 "largest_batch": jobs.largest_batch}
@@ -311,7 +311,8 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
             root = str(request.base_url).rstrip("/")
             data = [{"url": f"{root}/v1/images/files/{files.add(png)}"} for png in pngs]
         body = {"created": int(time.time()), "data": data}
-        log.add("done", body)
+        # the event adds each image's report (size, seed, stage timings): the page shows them
+        log.add("done", {**body, "reports": [{k: v for k, v in o.items() if k != "image"} for o in outcomes]})
         batch = str(max(o["batch_size"] for o in outcomes))  # the largest batch this request's images ran in
         return JSONResponse(body, headers={"X-Batch-Size": batch})
 
