@@ -102,6 +102,34 @@ def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
         served.close()
 
 
+def test_two_data_parallel_replicas_of_two_ranks_serve_behind_one_port(tmp_path):
+    """torchrun, 4 ranks: data parallel 2 x Ulysses 2. Batches are split over the two replicas (a lone
+    request is padded), and every image equals the one-process image of its seed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", SERVE, *TINY,
+           "--data-parallel-degree", "2", "--ulysses-degree", "2", "--max-batch", "4", "--batch-window-ms", "200"]
+    served = Launched(cmd, tmp_path)
+    try:
+        client = served.wait_until_serving(timeout_s=180)
+        assert client.get("/health").json()["world_size"] == 4
+        lone = generate(client, height=32, width=32, steps=2, seed=9, max_sequence_length=16)
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda s: generate(client, height=32, width=32, steps=2, seed=s,
+                                                       max_sequence_length=16), range(4)))
+        assert [r.status_code for r in [lone, *replies]] == [200] * 5
+        assert max(int(r.headers["x-batch-size"]) for r in replies) >= 2
+        pipe = FluxPipeline.tiny()
+        for seed, reply in [(9, lone), *enumerate(replies)]:
+            expected = pipe("a red fox", height=32, width=32, num_steps=2, seed=seed, max_sequence_length=16,
+                            output_type="pt")[0]
+            one = (expected * 255).round().permute(1, 2, 0).numpy().astype(int)
+            assert np.abs(pixels(reply.content) - one).max() <= 1, f"seed {seed}"  # 8-bit rounding, as below
+        for rank in child_pids(served.proc.pid):  # as torchrun forwards a SIGTERM: to every rank
+            os.kill(rank, signal.SIGTERM)
+        assert served.wait(60) == 0, served.err.read_text()[-3000:]
+    finally:
+        served.close()
+
+
 def test_two_ranks_serve_concurrent_requests_exactly(tmp_path):
     """torchrun, Ulysses 2 and the parallel VAE: 8 concurrent requests, each equal to the one-process image of its
     seed; a bad request is refused on rank 0; SIGTERM to every rank ends the job with status 0."""

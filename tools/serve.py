@@ -3,7 +3,8 @@
     python tools/serve.py --model tiny --port 8000
     torchrun --nproc_per_node 2 tools/serve.py --model tiny --ulysses-degree 2 --use-parallel-vae --port 8000
 
-Takes every model and parallel flag of tools/generate.py. Rank 0 serves the API and the page on
+Takes every model and parallel flag of tools/generate.py; with --data-parallel-degree N each batch of
+requests is split over the N replicas (a batch smaller than N is padded). Rank 0 serves the API and the page on
 --host:--port and queues the requests (serve_app.py); the rank loop below hands each one to every
 rank as a JSON message over a gloo group (a broadcast), and all ranks run the pipeline on it. While
 no request waits, rank 0 sends a heartbeat every --heartbeat seconds, so an idle rank never waits
@@ -75,8 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--url-ttl must be above 0 seconds, got {args.url_ttl}")
     if not 0 < args.heartbeat < args.timeout:
         p.error(f"--heartbeat must be above 0 and below --timeout ({args.timeout}), got {args.heartbeat}")
-    if args.data_degree > 1:  # generate.py splits a batch over replicas; a request here is one image
-        p.error("--data-parallel-degree must be 1: each request is one image, so there is nothing to split")
     if not 0 <= args.port < 65536:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
     return args
@@ -118,7 +117,7 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         pipe.progress = lambda done, total: [job.on_progress(done, total) for job in jobs]
     start, status, problem = time.perf_counter(), OK, ""
     try:
-        images = pipe(**batch_call(batch, pipe.kind), output_type="pt")
+        images = pipe(**batch_call(batch, pipe.kind, pipe.parallel.data_degree), output_type="pt")
     except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
         traceback.print_exc()
         status = FATAL if isinstance(err, dist.DistError) else FAILED
@@ -133,9 +132,12 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         raise RuntimeError("a rank failed inside a collective: the ranks are out of step, so the job ends")
 
 
-def batch_call(batch: list[dict], kind: str) -> dict:
+def batch_call(batch: list[dict], kind: str, replicas: int = 1) -> dict:
     """The requests of one batch (they agree on all but prompts and seeds, an edit's image included) -> one
-    call's keyword arguments, for a transformer of `kind`."""
+    call's keyword arguments, for a transformer of `kind`. The pipeline splits the batch over the data-
+    parallel `replicas`; a batch smaller than that is padded with copies of its last request (their images
+    are made and dropped) so that every replica has an image to make."""
+    batch = batch + [batch[-1]] * (replicas - len(batch))
     first = batch[0]
     noise = torch.cat([get_noise(1, first["height"], first["width"], p["seed"]) for p in batch])
     negatives = [p["negative_prompt"] for p in batch] if first["negative_prompt"] is not None else None

@@ -95,7 +95,8 @@ def parse_fields(fields: dict, pipe: FluxPipeline, size: tuple[int, int], limits
     cfg_scale = get("true_cfg_scale", 1.0)
     if cfg_scale < 1:
         raise ValueError(f"'true_cfg_scale' must be at least 1 (1 turns true CFG off), got {cfg_scale}")
-    prompts, negatives = expand_prompts(prompt, negative, cfg_scale, 1)
+    # checked as the rank loop will run it: in a batch padded to a request per data-parallel replica
+    prompts, negatives = expand_prompts(prompt, negative, cfg_scale, pipe.parallel.data_degree)
     pipe.check_call(prompts, negatives, height, width, steps, max_len, None)  # the model's limits, e.g. T5's
     return {"prompt": prompt, "negative_prompt": negative, "true_cfg_scale": cfg_scale, "height": height,
             "width": width, "num_steps": steps, "guidance": get("guidance"), "seed": seed,
