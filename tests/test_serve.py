@@ -187,8 +187,11 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
         (["--heartbeat", "0"], "--heartbeat must be above 0 and below --timeout (300.0), got 0.0"),
         (["--heartbeat", "400"], "--heartbeat must be above 0 and below --timeout"),
         (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
-        (["--data-parallel-degree", "2"], "--data-parallel-degree must be 1: each request is one image"),
         (["--vae-stripes", "0"], "--vae-stripes must be at least 1"),  # generate.py's own checks apply too
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms must be between 0 and 10000, got -1.0"),
+        (["--url-ttl", "0"], "--url-ttl must be above 0 seconds, got 0.0"),
     ],
 )
 def test_usage_errors_exit_2(argv, message, capsys):

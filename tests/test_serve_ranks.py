@@ -213,6 +213,8 @@ class Flaky:
         return images
 
     last_run = property(lambda self: self.pipe.last_run)
+    kind = property(lambda self: self.pipe.kind)
+    parallel = property(lambda self: self.pipe.parallel)
     progress = property(lambda self: self.pipe.progress, lambda self, f: setattr(self.pipe, "progress", f))
 
 
