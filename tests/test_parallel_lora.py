@@ -1,5 +1,5 @@
-"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses and PipeFusion images equal the
-single-process one, unfused and fused (a PipeFusion rank holds, and fuses, its stage's blocks only)."""
+"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses, Ring, CFG-parallel and PipeFusion images
+equal the single-process one, unfused and fused (a PipeFusion rank holds, and fuses, its stage's blocks only)."""
 
 import pytest
 import torch
@@ -29,18 +29,23 @@ def kohya_file(path) -> str:
     return str(path)
 
 
-def lora_image(parallel: ParallelContext | None, lora: str, fuse: bool = False):
+def call_for(degrees: dict) -> dict:
+    """CALL, with true CFG where the layout runs the two branches on two halves of the ranks."""
+    return {**CALL, "negative_prompt": "blurry", "true_cfg_scale": 2.0} if degrees.get("cfg_degree") else CALL
+
+
+def lora_image(parallel: ParallelContext | None, lora: str, fuse: bool = False, call: dict = CALL):
     pipe = FluxPipeline.tiny_random(seed=0, parallel=parallel)
     pipe.load_lora(lora, "style", scale=0.8)
     if fuse:
         pipe.fuse_lora()
-    image = pipe(**CALL)
+    image = pipe(**call)
     assert pipe.last_run["lora"] == {"style": 0.8}
     return image
 
 
 def _check_rank(rank, world, degrees, fuse, lora, expected_file):
-    image = lora_image(ParallelContext(**degrees), lora, fuse)
+    image = lora_image(ParallelContext(**degrees), lora, fuse, call_for(degrees))
     if rank != 0:
         assert image is None
         return
@@ -53,11 +58,14 @@ def _check_rank(rank, world, degrees, fuse, lora, expected_file):
 
 
 @pytest.mark.parametrize("degrees, fuse", [(dict(ulysses_degree=2), False),
+                                           (dict(ring_degree=2), True),
+                                           (dict(cfg_degree=2), False),
                                            (dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=3), True)],
-                         ids=["ulysses2-unfused", "pipefusion2-fused"])
+                         ids=["ulysses2-unfused", "ring2-fused", "cfg2-unfused", "pipefusion2-fused"])
 def test_parallel_lora_image_equals_single_process(degrees, fuse, tmp_path):
     lora = kohya_file(tmp_path / "lora.safetensors")
-    expected = lora_image(None, lora, fuse)
-    assert not torch.equal(expected, FluxPipeline.tiny_random(seed=0)(**CALL))  # the LoRA changes the image
+    expected = lora_image(None, lora, fuse, call_for(degrees))
+    # the LoRA changes the image
+    assert not torch.equal(expected, FluxPipeline.tiny_random(seed=0)(**call_for(degrees)))
     save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
     run_distributed(_check_rank, 2, degrees, fuse, lora, str(tmp_path / "expected.safetensors"))
