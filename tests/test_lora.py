@@ -449,3 +449,15 @@ def test_unprefixed_peft_keys_equal_prefixed_ones(tmp_path):
     unprefixed = {k.removeprefix("transformer."): v for k, v in state.items()}
     pipe.load_lora(write(unprefixed, tmp_path / "unprefixed.safetensors"), "unprefixed")
     assert torch.equal(ours_out(pipe, x), expected)
+
+
+def test_the_memory_report_counts_factors_on_the_device_and_fused_originals_on_the_host(tmp_path):
+    _, pipe = base_models()
+    state, factors = kohya_lora(pipe.transformer, seed=7)
+    pipe.load_lora(write(state, tmp_path / "b.safetensors"), "b")
+    factor_bytes = sum((down.numel() + up.numel()) * 4 for down, up, _ in factors.values())  # fp32
+    assert pipe.lora.memory() == {"device_bytes": {"b": factor_bytes}, "fused_host_bytes": 0}
+    pipe.fuse_lora()
+    touched = [m for name, m in pipe.transformer.named_modules() if name in factors]
+    weight_bytes = sum((m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * 4 for m in touched)
+    assert pipe.lora.memory() == {"device_bytes": {"b": factor_bytes}, "fused_host_bytes": weight_bytes}

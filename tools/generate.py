@@ -417,7 +417,8 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),
         "cache": run.get("cache"),  # kind, threshold, decision seconds, steps computed/reused per cfg branch
-        "lora": {"adapters": run.get("lora", {}), "sources": args.lora, "fused": args.fuse_lora},
+        "lora": {"adapters": run.get("lora", {}), "sources": args.lora, "fused": args.fuse_lora,
+                 "memory": run.get("lora_memory")},  # factor bytes per adapter on the device, fused originals
     }
 
 

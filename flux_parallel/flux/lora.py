@@ -127,6 +127,17 @@ class LoRAAdapters:
     def adapters(self) -> dict[str, float]:
         return dict(self.values)
 
+    def memory(self) -> dict:
+        """Bytes each adapter's factors hold on the device (a PipeFusion stage: its own blocks' only; the
+        others' are on the meta device) and the host copies a fuse keeps of the weights it touched."""
+        device = {name: 0 for name in self.values}
+        for wrapper in self.wrappers().values():
+            for name, factors in wrapper.factors.items():
+                tensors = [t for f in factors for t in (f.down, f.up, f.bias) if t is not None and not t.is_meta]
+                device[name] += sum(t.numel() * t.element_size() for t in tensors)
+        originals = [t for pair in (self.fused_originals or {}).values() for t in pair if t is not None]
+        return {"device_bytes": device, "fused_host_bytes": sum(t.numel() * t.element_size() for t in originals)}
+
     def linears(self) -> dict[str, nn.Module]:
         """Every linear layer of the components by prefixed name (`transformer.img_in`), LoRALinear or not."""
         found = {}

@@ -295,6 +295,7 @@ class FluxPipeline:
                                "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": [],
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width}
         run["lora"] = self.lora_adapters
+        run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s
