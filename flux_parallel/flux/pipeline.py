@@ -96,7 +96,7 @@ class FluxPipeline:
         self.parallel_vae = parallel_vae
         self.vae_stripes = vae_stripes
         prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
-        # the transformer itself is never modified by the parallel strategies
+        # the parallel strategies leave the transformer as it is, except tensor parallelism, which shards it in place
         self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
         self.last_run: dict = {}
         self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar

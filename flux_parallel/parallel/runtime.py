@@ -17,6 +17,9 @@
   whichever replica makes it.
 - pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
   them (parallel/pipefusion.py); its generation drives its own denoising loop.
+- tensor: every block's heads and MLP columns split over the innermost axis (parallel/tensor.py); the
+  transformer is sharded in place once, here, and its inputs and outputs stay whole on every
+  tensor rank, so the axes above see an ordinary model.
 - The parallel VAE decodes across all ranks of one replica (`decode`).
 - Image conditioning (`ImageCond`): Fill's and Control's extra channels are sharded with the tokens they
   belong to; Kontext's reference tokens are part of the sharded sequence and held fixed in the loop.
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
-from flux_parallel.parallel.apply import parallelize_flux
+from flux_parallel.parallel.apply import check_heads, parallelize_flux
 from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_sums
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.halo import split_rows
@@ -37,6 +40,7 @@ from flux_parallel.parallel.sequence import shard_sizes
 from flux_parallel.parallel.stages import split_stages, stage_prefixes
 from flux_parallel.parallel.stripes import decode_in_stripes
 from flux_parallel.parallel.swap import swapped
+from flux_parallel.parallel.tensor import parallelize_tensor
 from flux_parallel.parallel.vae import decode_parallel
 
 BRANCHES = ("negative", "positive")  # in cfg rank order
@@ -75,10 +79,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str =
 
 class ParallelDenoiser:
     def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
-        self.model, self.ctx = model, ctx
+        self.ctx = ctx
         # PipeFusion's block range per stage, from the config alone: refused identically on every rank
         self.stages = split_stages(model.params, ctx.pipefusion_degree, ctx.pipefusion_stage_sizes)
-        self.sp = parallelize_flux(model, ctx, attention_backend)  # validates the heads before the mesh is built
+        check_heads(model.params.num_heads, ctx)  # tensor and Ulysses degrees, before the mesh is built
+        self.model = parallelize_tensor(model, ctx)  # in place: a tensor rank keeps only its slices
+        self.sp = parallelize_flux(self.model, ctx, attention_backend)
 
     def parameter_bytes(self) -> int:
         """Bytes of the transformer's parameters this rank computes with: its stage's under PipeFusion."""
