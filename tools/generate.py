@@ -3,6 +3,7 @@
     python tools/generate.py --model tiny --prompt "a red fox" --output fox.png
     python tools/generate.py --model black-forest-labs/FLUX.1-schnell --prompt "..." --device cuda
     torchrun --nproc_per_node 4 tools/generate.py --ulysses-degree 2 --ring-degree 2 --use-parallel-vae ...
+    torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2 ...     # Megatron-style weight shards
     torchrun --nproc_per_node 2 tools/generate.py --pipefusion-degree 2 --num-pipeline-patch 4 --warmup-steps 1 ...
     torchrun --nproc_per_node 4 tools/generate.py --prompt "a fox" --negative-prompt "blurry" --true-cfg-scale 4 \
         --cfg-degree 2 --data-parallel-degree 2 --num-images-per-prompt 2 --output fox.png   # fox-0.png ... fox-1.png
@@ -106,6 +107,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--ulysses-degree", "--ulysses_degree", dest="ulysses_degree", type=int, default=1)
     p.add_argument("--ring-degree", "--ring_degree", dest="ring_degree", type=int, default=1)
+    p.add_argument("--tensor-parallel-degree", "--tensor_parallel_degree", dest="tensor_degree", type=int, default=1,
+                   help="split every block's heads and MLP columns over N ranks (Megatron-style)")
     p.add_argument("--cfg-degree", "--cfg_degree", dest="cfg_degree", type=int, default=1,
                    help="2: the negative and the positive CFG branch on two halves of the ranks")
     p.add_argument("--use-cfg-parallel", "--use_cfg_parallel", dest="cfg_degree", action="store_const", const=2,
@@ -307,7 +310,7 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
     device = init_distributed(args.device, timeout_s=args.timeout)
     stage_sizes = tuple(args.pipefusion_stage_sizes) if args.pipefusion_stage_sizes else None
     ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                          cfg_degree=args.cfg_degree, data_degree=args.data_degree,
+                          cfg_degree=args.cfg_degree, data_degree=args.data_degree, tensor_degree=args.tensor_degree,
                           pipefusion_degree=args.pipefusion_degree, num_pipeline_patch=args.num_pipeline_patch,
                           warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes)
     start = time.perf_counter()
@@ -401,7 +404,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
         "seed": args.seed, "dtype": args.dtype, "device": str(device), "world_size": ctx.world_size,
         "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree, "cfg_degree": ctx.cfg_degree,
-        "data_degree": ctx.data_degree, "pipefusion_degree": ctx.pipefusion_degree,
+        "data_degree": ctx.data_degree, "pipefusion_degree": ctx.pipefusion_degree, "tensor_degree": ctx.tensor_degree,
         "num_pipeline_patch": ctx.patches if ctx.uses_pipefusion else None,
         "warmup_steps": ctx.warmup_steps if ctx.uses_pipefusion else None,
         "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flux_parallel.flux.cache import CacheConfig, StepCache, check_cache
-from flux_parallel.flux.checkpoint import load_transformer
+from flux_parallel.flux.checkpoint import load_transformer, load_transformer_tensor_parallel
 from flux_parallel.flux.compile import prepare_transformer
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.image_modes import ImageRequest, Start, image_request, inpaint_blend, start
@@ -133,6 +133,8 @@ class FluxPipeline:
         kind = pipeline_kind(root, transformer, variant)  # a variant not run here, a corrupt folder: before any weight
 
         load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
+        if parallel is not None and parallel.tensor_degree > 1 and not parallel.uses_pipefusion:
+            load = partial(load_transformer_tensor_parallel, ctx=parallel, dtype=dtype, device=device)  # slices only
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
         text = TextConditioner.from_pretrained(
@@ -295,6 +297,7 @@ class FluxPipeline:
                                "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": [],
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width}
         run["lora"] = self.lora_adapters
+        run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s

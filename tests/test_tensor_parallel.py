@@ -1,0 +1,192 @@
+"""Tensor parallelism (parallel/tensor.py) equals the single-process transformer and pipeline, holds
+its share of the weights, and reads only its slices from a BFL safetensors file."""
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
+from safetensors.torch import load_file, save_file
+
+from flux_parallel.flux import CONFIGS, Flux
+from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.flux.sampling import Schedule
+from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.parallel import comm
+from flux_parallel.parallel import tensor as tp
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.launch import run_distributed
+from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
+from flux_parallel.weights import seeded_init
+
+ROOT = Path(__file__).resolve().parents[1]
+CALL = dict(prompt=["a red fox", ""], height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
+
+
+def _forward_matches(rank, world):
+    base = tiny_flux()
+    x = tiny_flux_inputs(7, (5, 5))
+    with torch.no_grad():
+        ref = base(**x)
+        sharded = tp.parallelize_tensor(copy.deepcopy(base), ParallelContext(tensor_degree=world))
+        with comm.count_comm() as stats:
+            out = sharded(**x)
+    # fp32: only the order of the sums over heads and MLP columns changes (partial sums, then the all-reduce)
+    assert_rel_close(out, ref, f"tensor degree {world}, rank {rank}")
+    # per block: double 4 all-reduces + 2 all-gathers (the modulations), single 1 + 1
+    assert stats.calls["all_reduce"] == 4 * PARAMS.depth + PARAMS.depth_single_blocks
+    assert stats.calls["all_gather"] == 2 * PARAMS.depth + PARAMS.depth_single_blocks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_tensor_parallel_forward_equals_single_process(world):
+    run_distributed(_forward_matches, world)
+
+
+def _pipeline_matches(rank, world, degrees, expected_file):
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**degrees), parallel_vae=True)
+    image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    if rank == 0:
+        # fp32; sums over heads, MLP columns and keys in another order: rounding only (the project's 1e-5 bound)
+        torch.testing.assert_close(image, load_file(expected_file)["image"], rtol=1e-5, atol=1e-5)
+        by_axis = pipe.last_run["comm_bytes_per_step_by_axis"]
+        assert all(by_axis[name.removesuffix("_degree")] > 0 for name in degrees)  # every axis in use exchanged
+
+
+@pytest.mark.parametrize("degrees", [dict(tensor_degree=2, ulysses_degree=2), dict(tensor_degree=2, cfg_degree=2)],
+                         ids=["tp2-ulysses2", "tp2-cfg2"])
+def test_tensor_parallel_pipeline_equals_single_process(degrees, tmp_path):
+    expected = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
+    run_distributed(_pipeline_matches, 4, degrees, str(tmp_path / "expected.safetensors"))
+
+
+DEEP = dataclasses.replace(CONFIGS["tiny"], depth=4, depth_single_blocks=8)  # the blocks dominate, as in FLUX.1
+
+
+def _parameter_bytes(rank, world, one_rank_bytes):
+    pipe = FluxPipeline(**_parts(DEEP), parallel=ParallelContext(tensor_degree=world))
+    pipe(**CALL)
+    mine = pipe.last_run["transformer_parameter_bytes"]
+    assert comm.all_gather_object(mine, dist.group.WORLD) == [mine] * world  # every rank holds an equal share
+    ratio = mine / one_rank_bytes
+    assert ratio <= 0.55, f"a TP={world} rank holds {ratio:.3f} of the weights"
+
+
+def _parts(params) -> dict:
+    """A pipeline's parts with seeded random weights, the transformer at `params`."""
+    return dict(transformer=seeded_init(Flux(params), 0), vae=seeded_init(AutoEncoder(VAE_CONFIGS["tiny"]), 2),
+                text=TextConditioner.tiny(seed=0), schedule=Schedule(use_dynamic_shifting=False))
+
+
+def test_tensor_parallel_rank_holds_about_half_the_weights():
+    one = FluxPipeline(**_parts(DEEP))
+    one(**CALL)
+    run_distributed(_parameter_bytes, 2, one.last_run["transformer_parameter_bytes"])
+
+
+class _Recorder:
+    """safe_open's handle, recording what is read: whole tensors by name, and the bytes of every slice."""
+
+    def __init__(self, handle, log):
+        self.handle, self.log = handle, log
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, name):
+        self.log["whole"].append(name)
+        return self.handle.get_tensor(name)
+
+    def get_slice(self, name):
+        return _SliceRecorder(self.handle.get_slice(name), self.log)
+
+
+class _SliceRecorder:
+    def __init__(self, part, log):
+        self.part, self.log = part, log
+
+    def __getitem__(self, index):
+        out = self.part[index]
+        self.log["sliced_bytes"] += out.numel() * out.element_size()
+        return out
+
+
+def test_sharded_loading_reads_only_the_rank_slices(tmp_path, monkeypatch):
+    full = tiny_flux()
+    file = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, file)
+    log = {"whole": [], "sliced_bytes": 0}
+    opened = tp.safe_open
+
+    class Opened:
+        def __init__(self, *args, **kwargs):
+            self.ctx = opened(*args, **kwargs)
+
+        def __enter__(self):
+            return _Recorder(self.ctx.__enter__(), log)
+
+        def __exit__(self, *exc):
+            return self.ctx.__exit__(*exc)
+
+    monkeypatch.setattr(tp, "safe_open", Opened)
+    rank, degree = 1, 3
+    with torch.device("meta"):
+        meta = Flux(PARAMS)
+    loaded, read = tp.load_tensor_shards(tp.shard_modules(meta, rank, degree, None), file, rank, degree, torch.float32)
+    expected = tp.shard_modules(copy.deepcopy(full), rank, degree, None).state_dict()
+    plan = tp.shard_plan(PARAMS, rank, degree)
+    assert not set(log["whole"]) & plan.keys()  # no split parameter is read whole
+    split_bytes = sum(expected[k].numel() * 4 for k in plan)
+    assert log["sliced_bytes"] == split_bytes  # exactly this rank's slices
+    assert read == sum(v.numel() * 4 for v in expected.values()) < 0.45 * file.stat().st_size
+    assert expected.keys() == loaded.state_dict().keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def _heads_refused(rank, world):
+    ctx = ParallelContext(tensor_degree=world)
+    odd = Flux(dataclasses.replace(PARAMS, num_heads=4, axes_dim=(8, 8, 8)))  # 4 heads on 3 tensor ranks
+    with pytest.raises(ValueError) as error:
+        FluxPipeline(**{**_parts(PARAMS), "transformer": odd}, parallel=ctx)
+    assert ctx._mesh is None  # refused before building the mesh, the first collective
+    messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
+    assert messages == [messages[0]] * world
+    assert messages[0].startswith("num_heads 4 is not divisible by tensor_degree 3:") and messages[0].count(".") == 0
+
+
+def test_heads_not_dividing_tensor_degree_are_refused_on_every_rank():
+    run_distributed(_heads_refused, 3)
+
+
+def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
+    """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced)."""
+    import numpy as np
+    from PIL import Image
+
+    common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
+    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common,
+                             "--output", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    report = tmp_path / "report.json"
+    parallel = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "generate.py"), *common, "--tensor_parallel_degree", "2", "--use-parallel-vae",
+         "--output", str(tmp_path / "two.png"), "--report", str(report)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert parallel.returncode == 0, parallel.stderr
+    one, two = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
+    # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
+    assert np.abs(one - two).max() <= 1
+    figures = json.loads(report.read_text())
+    assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
+    held = [r["parameter_bytes"] for r in figures["ranks"]]
+    assert held[0] == held[1] < 0.7 * (ROOT / "flux_parallel/flux/assets/tiny/flux1-tiny.safetensors").stat().st_size
