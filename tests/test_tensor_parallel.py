@@ -50,7 +50,11 @@ def test_tensor_parallel_forward_equals_single_process(world):
 
 
 def _pipeline_matches(rank, world, degrees, expected_file):
-    pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**degrees), parallel_vae=True)
+    ctx = ParallelContext(**degrees)
+    # tensor innermost: a TP group is two neighbouring ranks (one node), the axes above strided over it
+    assert dist.get_process_group_ranks(ctx.group("tensor")) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(ctx.group("replica")) == list(range(world))  # the parallel VAE's group
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ctx, parallel_vae=True)
     image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
     if rank == 0:
         # fp32; sums over heads, MLP columns and keys in another order: rounding only (the project's 1e-5 bound)
