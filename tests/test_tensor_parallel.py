@@ -15,6 +15,7 @@ from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
 from safetensors.torch import load_file, save_file
 
 from flux_parallel.flux import CONFIGS, Flux
+from flux_parallel.flux.cache import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.flux.sampling import Schedule
 from flux_parallel.flux.text_encoders import TextConditioner
@@ -194,3 +195,35 @@ def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
     assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
     held = [r["parameter_bytes"] for r in figures["ranks"]]
     assert held[0] == held[1] < 0.7 * (ROOT / "flux_parallel/flux/assets/tiny/flux1-tiny.safetensors").stat().st_size
+
+
+CACHE_CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32,
+                  num_steps=8, max_sequence_length=7, output_type="pt")
+CACHES = [CacheConfig("fbcache", 0.8), CacheConfig("teacache", 1.5)]
+
+
+def _decisions(pipe) -> dict:
+    return {b: {k: r[k] for k in ("computed", "reused")} for b, r in pipe.last_run["cache"]["branches"].items()}
+
+
+def _cache_matches(rank, world, expected_file, records):
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(tensor_degree=world))
+    expected = load_file(expected_file)
+    for i, cache in enumerate(CACHES):
+        image = pipe(**CACHE_CALL, cache=cache)
+        # every tensor rank sees bit-identical whole activations (all-reduced, all-gathered), so each takes
+        # the single device's decisions without a reduction of its own
+        assert comm.all_gather_object(_decisions(pipe), dist.group.WORLD) == [records[i]] * world
+        if rank == 0:  # fp32, sums over heads in another order: rounding only
+            torch.testing.assert_close(image, expected[str(i)], rtol=1e-5, atol=1e-5)
+
+
+def test_step_caches_decide_identically_on_every_tensor_rank(tmp_path):
+    one = FluxPipeline.tiny_random(seed=0)
+    images, records = {}, []
+    for i, cache in enumerate(CACHES):
+        images[str(i)] = one(**CACHE_CALL, cache=cache).contiguous()
+        records.append(_decisions(one))
+        assert all(r["reused"] for r in records[-1].values()), cache  # the test sees steps skipped
+    save_file(images, tmp_path / "expected.safetensors")
+    run_distributed(_cache_matches, 2, str(tmp_path / "expected.safetensors"), records)
