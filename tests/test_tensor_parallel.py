@@ -227,3 +227,25 @@ def test_step_caches_decide_identically_on_every_tensor_rank(tmp_path):
         assert all(r["reused"] for r in records[-1].values()), cache  # the test sees steps skipped
     save_file(images, tmp_path / "expected.safetensors")
     run_distributed(_cache_matches, 2, str(tmp_path / "expected.safetensors"), records)
+
+
+PIPE_CALL = dict(prompt=["a red fox"], height=48, width=32, num_steps=3, max_sequence_length=7, output_type="pt")
+STALE = dict(num_pipeline_patch=2, warmup_steps=1)  # steps 2 and 3 run on stale K/V: PipeFusion's own arithmetic
+
+
+def _pipefusion_matches(rank, world, expected, full_bytes):
+    ctx = ParallelContext(tensor_degree=2, pipefusion_degree=2, **STALE)
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ctx, parallel_vae=True)
+    image = pipe(**PIPE_CALL)
+    if rank == 0:  # fp32; each block sees the patches it sees on one device, its head sums in another order
+        torch.testing.assert_close(image, expected, rtol=1e-5, atol=1e-5)
+    assert all(pipe.last_run["comm_bytes_per_step_by_axis"][a] > 0 for a in ("tensor", "pipefusion"))
+    held = comm.all_gather_object(pipe.last_run["transformer_parameter_bytes"], dist.group.WORLD)
+    assert sum(held) < 1.1 * full_bytes  # 4 ranks hold about one model: a stage each, split over 2 tensor ranks
+
+
+def test_tensor_parallel_stages_of_pipefusion_equal_one_device_pipefusion():
+    expected = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**STALE))(**PIPE_CALL)
+    one = FluxPipeline.tiny_random(seed=0)
+    full_bytes = sum(p.numel() * p.element_size() for p in one.transformer.parameters())
+    run_distributed(_pipefusion_matches, 4, expected, full_bytes)
