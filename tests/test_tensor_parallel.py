@@ -249,3 +249,23 @@ def test_tensor_parallel_stages_of_pipefusion_equal_one_device_pipefusion():
     one = FluxPipeline.tiny_random(seed=0)
     full_bytes = sum(p.numel() * p.element_size() for p in one.transformer.parameters())
     run_distributed(_pipefusion_matches, 4, expected, full_bytes)
+
+
+def test_planner_says_which_tensor_layouts_fit_in_24gb(capsys):
+    import plan
+
+    from flux_parallel.planning import cost_model as cm
+    from flux_parallel.planning import planner
+
+    w = planner.make_workload("dev", 1024, "bf16")
+    full = cm.param_count(Flux, w.flux) * 2
+    assert 0.49 < cm.tensor_weight_bytes(w, 2) / full < 0.51  # FLUX.1: the embedders are under 1%
+    assert plan.main(["--model", "dev", "--hardware", "a100-nvlink", "--gpus", "4", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    rows = {r["tensor_degree"]: r for r in planner.tensor_rows(w, dataclasses.replace(
+        planner.PRESETS["a100-nvlink"], memory_gib=24.0), 4)}
+    # the whole transformer (22 GiB in bf16) and T5 leave no room on a 24 GB card; half of it does
+    assert not rows[1]["fits"] and rows[2]["fits"] and not rows[2]["ulysses_fits"]
+    assert "do not fit: one device, Ulysses 2, Ulysses 3, Ulysses 4" in out
+    with pytest.raises(ValueError, match="is not a size like 24GB"):
+        planner.parse_memory("lots")
