@@ -269,3 +269,19 @@ def test_planner_says_which_tensor_layouts_fit_in_24gb(capsys):
     assert "do not fit: one device, Ulysses 2, Ulysses 3, Ulysses 4" in out
     with pytest.raises(ValueError, match="is not a size like 24GB"):
         planner.parse_memory("lots")
+
+
+def _placement_matches(rank, world, degrees, expected_file):
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**degrees), text_encoder_placement="rank0")
+    assert (pipe.text.t5 is None and pipe.text.clip is None) == (rank != 0)  # only replica rank 0 holds them
+    image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    if rank == 0:  # fp32: the broadcast embeddings are the encoded ones, bit for bit; the rest as above
+        torch.testing.assert_close(image, load_file(expected_file)["image"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("degrees", [dict(tensor_degree=2), dict(cfg_degree=2)], ids=["tp2", "cfg2"])
+def test_text_encoders_on_rank0_broadcast_the_embeddings(degrees, tmp_path):
+    """cfg 2: rank 0 encodes both branches (it runs only the negative one) and rank 1 receives the positive."""
+    expected = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
+    run_distributed(_placement_matches, 2, degrees, str(tmp_path / "expected.safetensors"))

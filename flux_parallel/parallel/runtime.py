@@ -28,6 +28,7 @@
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
@@ -202,6 +203,34 @@ class Generation:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""
         self.cache_report = cache_report(self.cache, self.ctx)
         return self.sp.gather(self.layout, img_local)
+
+
+PLACEMENTS = ("replicated", "rank0")  # where the text encoders live: every rank, or rank 0 of each replica
+
+
+def holds_text_encoders(ctx: ParallelContext, placement: str) -> bool:
+    """Whether this rank holds T5 and CLIP: every rank ("replicated"), or rank 0 of each data replica
+    ("rank0"). Found from the mesh order (data outermost: a replica's ranks are contiguous) without
+    building the mesh, so that a loader can decide before any collective."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"text_encoder_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    return placement == "replicated" or not dist.is_initialized() or dist.get_rank() % ctx.replica_size == 0
+
+
+def share_conditioning(conds: dict[str, Conditioning], branches: tuple[str, ...], shapes: dict[str, tuple],
+                       dtype: torch.dtype, device, ctx: ParallelContext) -> dict[str, Conditioning]:
+    """The conditioning of every branch in `branches`, encoded on replica rank 0 (conds, empty elsewhere),
+    on every rank of the replica: one broadcast per tensor over the replica group. shapes: "txt", "txt_ids"
+    and "y" -> the full shape every rank knows from the call (batch, max_sequence_length, widths)."""
+    if ctx.replica_size == 1:
+        return conds
+    group, shared = ctx.group("replica"), {}
+    for branch in branches:
+        held = conds.get(branch)
+        parts = [held.txt, held.txt_ids, held.y] if held is not None else [
+            torch.empty(shapes[f], dtype=dtype, device=device) for f in ("txt", "txt_ids", "y")]
+        shared[branch] = Conditioning(*(comm.broadcast(x.to(dtype).contiguous(), group, src=0) for x in parts))
+    return shared
 
 
 def batch_slice(total: int, ctx: ParallelContext) -> slice:
