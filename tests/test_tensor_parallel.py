@@ -41,6 +41,10 @@ def _forward_matches(rank, world):
     # fp32: only the order of the sums over heads and MLP columns changes (partial sums, then the all-reduce)
     assert_rel_close(out, ref, f"tensor degree {world}, rank {rank}")
     # per block: double 4 all-reduces + 2 all-gathers (the modulations), single 1 + 1
+    other = copy.deepcopy(base)
+    other.single_blocks[0].linear1 = torch.nn.Identity()  # stands in for an FP8 linear: not an nn.Linear to split
+    with pytest.raises(ValueError, match="single_blocks.0.linear1.weight belongs to another kind of layer"):
+        tp.parallelize_tensor(other, ParallelContext(tensor_degree=world))
     assert stats.calls["all_reduce"] == 4 * PARAMS.depth + PARAMS.depth_single_blocks
     assert stats.calls["all_gather"] == 2 * PARAMS.depth + PARAMS.depth_single_blocks
 

@@ -175,6 +175,12 @@ def parallelize_tensor(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     check_tensor_degree_of(model.params.num_heads, ctx.tensor_degree)
     if ctx.tensor_degree == 1 or is_tensor_sharded(model):
         return model
+    plain = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    split = shard_plan(model.params, 0, ctx.tensor_degree)
+    other = sorted(n for n in split if n.endswith(".weight") and n not in plain)
+    if other:  # e.g. FP8 linears (flux/quantize.py), which keep their weights in their own format
+        raise ValueError(f"tensor parallelism splits nn.Linear weights; {other[0]} belongs to another kind of "
+                         "layer (fp8?), which tensor_degree > 1 does not support")
     return shard_modules(model, ctx.rank("tensor"), ctx.tensor_degree, ctx.group("tensor"))
 
 
