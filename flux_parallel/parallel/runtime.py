@@ -1,6 +1,6 @@
 """The one entry point the pipeline calls: every axis of the mesh, composed around the denoising loop.
 
-    denoiser = parallelize(transformer, ctx)                  # once; the transformer is not modified
+    denoiser = parallelize(transformer, ctx)                  # once; modified only by tensor parallelism
     run = denoiser.start(img, img_ids, conds, guidance, true_cfg_scale)   # per generation
     img = run.finish(denoise(run.velocity, run.img, timesteps))  # the pipeline's Euler loop (flux/sampling.py)
     img = run.denoise(timesteps, on_step)                     # or, under PipeFusion, its own patch schedule

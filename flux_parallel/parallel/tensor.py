@@ -22,9 +22,11 @@ c = [r h/T, (r+1) h/T) (the heads [r H/T, (r+1) H/T)) and its chunk M of the m M
   together they are under 1% of FLUX.1's weights, and their inputs and outputs are the small,
   replicated conditioning vector or per-token rows every rank holds anyway.
 
-Per block: a double block does 4 all-reduces of [B, tokens, h] and 2 all-gathers of [B, 6h]; a
-single block 1 all-reduce and 1 all-gather. Each rank's weights are 1/T of the blocks' plus the
-replicated rest, and `load_tensor_shards` reads only those slices from the safetensors file.
+Per block: a double block does 4 all-reduces (the attention and MLP outputs of each stream, [B, L, h]
+and [B, S, h]) and 2 all-gathers of [B, 6h]; a single block 1 all-reduce and 1 all-gather. Inference
+only: the all-reduce is in place and not differentiable (the sequence-parallel paths are). Each
+rank's weights are 1/T of the blocks' plus the replicated rest, and `load_tensor_shards` reads only
+those slices from the safetensors file.
 
 The strategy edits the model in place (it must: the point is that a rank holds only its slices),
 by replacing nn.Linear modules and two attributes of each block; flux/layers.py is untouched.
