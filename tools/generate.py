@@ -3,6 +3,7 @@
     python tools/generate.py --model tiny --prompt "a red fox" --output fox.png
     python tools/generate.py --model black-forest-labs/FLUX.1-schnell --prompt "..." --device cuda
     torchrun --nproc_per_node 4 tools/generate.py --ulysses-degree 2 --ring-degree 2 --use-parallel-vae ...
+    torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2 ...     # Megatron-style weight shards
     torchrun --nproc_per_node 2 tools/generate.py --pipefusion-degree 2 --num-pipeline-patch 4 --warmup-steps 1 ...
     torchrun --nproc_per_node 4 tools/generate.py --prompt "a fox" --negative-prompt "blurry" --true-cfg-scale 4 \
         --cfg-degree 2 --data-parallel-degree 2 --num-images-per-prompt 2 --output fox.png   # fox-0.png ... fox-1.png
@@ -106,6 +107,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--ulysses-degree", "--ulysses_degree", dest="ulysses_degree", type=int, default=1)
     p.add_argument("--ring-degree", "--ring_degree", dest="ring_degree", type=int, default=1)
+    p.add_argument("--tensor-parallel-degree", "--tensor_parallel_degree", dest="tensor_degree", type=int, default=1,
+                   help="split every block's heads and MLP columns over N ranks (Megatron-style)")
     p.add_argument("--cfg-degree", "--cfg_degree", dest="cfg_degree", type=int, default=1,
                    help="2: the negative and the positive CFG branch on two halves of the ranks")
     p.add_argument("--use-cfg-parallel", "--use_cfg_parallel", dest="cfg_degree", action="store_const", const=2,
@@ -132,6 +135,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"attention kernel, one of {', '.join(BACKENDS)} (default: kernels.default_backend's rule)")
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
+    p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
+                   choices=["replicated", "rank0"], default="replicated",
+                   help="T5 and CLIP on every rank, or on rank 0 of each replica, which broadcasts the embeddings")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
                         "(default 1); give it several times for several adapters")
@@ -281,7 +287,8 @@ class Progress:
 
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
     options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_stripes=args.vae_stripes,
-                   compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8)
+                   compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8,
+                   text_encoder_placement=args.text_encoder_placement)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
         pipe = FluxPipeline.tiny(dtype=dtype, device=device, variant=getattr(args, "variant", None), **options)
@@ -291,7 +298,7 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
     else:
         pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype, device=device, transformer=args.transformer,
                                             vae=args.vae, variant=getattr(args, "variant", None), **options)
-    if args.t5_int8:
+    if args.t5_int8 and pipe.text.t5 is not None:  # a rank without the encoders receives the embeddings
         quantize_int8_weights(pipe.text.t5)
     for index, (source, scale) in enumerate(args.loras):
         try:
@@ -310,7 +317,7 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
     device = init_distributed(args.device, timeout_s=args.timeout)
     stage_sizes = tuple(args.pipefusion_stage_sizes) if args.pipefusion_stage_sizes else None
     ctx = ParallelContext(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                          cfg_degree=args.cfg_degree, data_degree=args.data_degree,
+                          cfg_degree=args.cfg_degree, data_degree=args.data_degree, tensor_degree=args.tensor_degree,
                           pipefusion_degree=args.pipefusion_degree, num_pipeline_patch=args.num_pipeline_patch,
                           warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes,
                           comm_dtype=args.comm_dtype)
@@ -379,7 +386,9 @@ def rank_figures(pipe: FluxPipeline, ctx: ParallelContext, device) -> list[dict]
     """Every rank's parameter bytes (held, and used by its PipeFusion stage), peak memory and bytes sent
     per step, in global rank order (a collective: every rank calls it)."""
     held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
+    encoders = [e for e in (pipe.text.t5, pipe.text.clip) if e is not None]
     mine = {"parameter_bytes": held, "stage_parameter_bytes": pipe.denoiser.parameter_bytes(),
+            "text_encoder_bytes": sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()),
             "peak_memory_bytes": peak_memory_bytes(device),
             "comm_bytes_per_step": pipe.last_run.get("comm_bytes_per_step", {})}
     if not ctx.is_distributed:
@@ -405,10 +414,11 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],
         "seed": args.seed, "dtype": args.dtype, "device": str(device), "world_size": ctx.world_size,
         "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree, "cfg_degree": ctx.cfg_degree,
-        "data_degree": ctx.data_degree, "pipefusion_degree": ctx.pipefusion_degree,
+        "data_degree": ctx.data_degree, "pipefusion_degree": ctx.pipefusion_degree, "tensor_degree": ctx.tensor_degree,
         "num_pipeline_patch": ctx.patches if ctx.uses_pipefusion else None,
         "warmup_steps": ctx.warmup_steps if ctx.uses_pipefusion else None,
         "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
+        "text_encoder_placement": args.text_encoder_placement,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},

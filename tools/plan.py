@@ -3,11 +3,14 @@
     python tools/plan.py --model schnell --hardware a100-nvlink --gpus 8 --resolution 1024 [--steps 4] [--json]
     python tools/plan.py --model tiny --hardware cpu-here --gpus 2 --resolution 256 --validate bench.json
 
+    python tools/plan.py --model dev --hardware a100-nvlink --gpus 4 --gpu-memory 24GB   # which layouts fit
+
 Ranks every (ulysses, ring) factorisation of every world size up to --gpus, with and without the
 parallel VAE, by the latency flux_parallel/planning/cost_model.py predicts; configurations that do not fit in a
-device's memory come last. `--json` prints the list (best first) instead of a table. `cpu-here`
-measures this machine first (matmul, attention, convolution, memory and gloo bandwidth; ~10 s);
-`--hardware-json FILE` reads a description with the fields of `cost_model.Hardware`.
+device's memory come last. Tables of PipeFusion and tensor parallelism (each beside Ulysses over
+as many devices, with the layouts that do not fit) follow. `--json` prints the list (best first)
+instead of a table. `cpu-here` measures this machine first (matmul, attention, convolution,
+memory and gloo bandwidth; ~10 s); `--hardware-json FILE` reads a description with the fields of `cost_model.Hardware`.
 """
 
 import argparse
@@ -21,13 +24,16 @@ from flux_parallel.planning.planner import (
     MODELS,
     PIPEFUSION_COLUMNS,
     PRESETS,
+    TENSOR_COLUMNS,
     VALIDATE_COLUMNS,
     bench_records,
     describe,
     format_table,
     load_hardware,
     make_workload,
+    parse_memory,
     pipefusion_rows,
+    tensor_rows,
     validate,
 )
 
@@ -47,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--vae-attention", choices=["auto", "fused", "math"], default="auto",
                    help="the mid block's attention kernel; auto probes flux_parallel/vae/autoencoder.py")
     p.add_argument("--release-encoders", action="store_true", help="T5 and CLIP leave the device after encoding")
+    p.add_argument("--gpu-memory", help="one device's memory, e.g. 24GB (overrides the hardware's)")
     p.add_argument("--json", action="store_true", help="print the ranked configurations as JSON")
     p.add_argument("--validate", metavar="BENCH_JSON", help="compare predictions with a tools/benchmark.py JSON")
     p.add_argument(
@@ -69,7 +76,9 @@ def main(argv=None) -> int:
                 f"--save-hardware {args.save_hardware}: the folder "
                 f"{Path(args.save_hardware).resolve().parent} does not exist"
             )
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
         hw = load_hardware(args.hardware, args.hardware_json, args.model, args.calibrate_seconds)
+        hw = dataclasses.replace(hw, memory_gib=memory) if memory else hw
         if args.save_hardware:
             Path(args.save_hardware).write_text(json.dumps(dataclasses.asdict(hw), indent=1))
         if args.validate:
@@ -95,7 +104,18 @@ def main(argv=None) -> int:
             print("\nPipeFusion (M = N patches, 1 warm-up step) against Ulysses over the same devices; the weight-"
                   "balanced split is the default, the compute-balanced one runs with --pipefusion-stage-sizes:")
             print(format_table(pipefusion, PIPEFUSION_COLUMNS))
+        print_tensor_rows(tensor_rows(w, hw, args.gpus), hw)
     return 0
+
+
+def print_tensor_rows(rows: list[dict], hw) -> None:
+    """Tensor parallelism beside Ulysses over as many ranks, and the layouts that do not fit."""
+    print(f"\nTensor parallelism (--tensor-parallel-degree T, one all-reduce per attention and per MLP) against "
+          f"Ulysses over the same devices, {hw.memory_gib:g} GiB per device:")
+    print(format_table(rows, TENSOR_COLUMNS))
+    tight = [f"tensor {r['tensor_degree']}" if r["tensor_degree"] > 1 else "one device" for r in rows if not r["fits"]]
+    tight += [f"Ulysses {r['tensor_degree']}" for r in rows if not r["ulysses_fits"] and r["tensor_degree"] > 1]
+    print("do not fit: " + (", ".join(tight) if tight else "none"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from torch import Tensor
 
 from flux_parallel.flux.configs import FluxParams, flux_rope_axes
 from flux_parallel.flux.model import Flux
+from flux_parallel.parallel.apply import check_heads
+from flux_parallel.parallel.context import ParallelContext
+from flux_parallel.parallel.tensor import load_tensor_shards, parallelize_tensor, shard_modules
 from flux_parallel.weights import (
     DIFFUSERS_STEM,
     CheckpointError,
@@ -24,6 +27,8 @@ from flux_parallel.weights import (
     resolve,
     safetensors_keys,
 )
+from flux_parallel.weights.loader import single_file_fields
+from flux_parallel.weights.modules import check_device, check_dtype
 
 TRANSFORMER_FILES = ["model_index.json", "transformer/*"]  # what a hub repo id fetches
 ROPE_HINT = " (put axes_dim in a config.json beside the file, or pass config=)"  # a BFL file's shapes do not say it
@@ -280,3 +285,21 @@ def _bfl_prefix(diffusers_key: str) -> str | None:
             index = diffusers_key[len(theirs):].split(".", 1)[0]
             return f"{ours}{index}."
     return None
+
+
+def load_transformer_tensor_parallel(src: str | Path, ctx: ParallelContext, dtype: torch.dtype = torch.bfloat16,
+                                     device: torch.device | str = "cpu") -> Flux:
+    """This tensor rank's share of the transformer at `src` (parallel/tensor.py). From a BFL single file
+    each rank reads only its slices, so its peak memory while loading is its share. A diffusers folder
+    stores q, k and v as separate tensors that the loader fuses: it is loaded whole, then sharded."""
+    dtype, device = check_dtype(dtype), check_device(device)
+    kind, path = locate_transformer(src)
+    if kind != "bfl":
+        return parallelize_tensor(load_transformer(src, dtype, device), ctx)
+    params = build_params(params_with_rope_axes, single_file_fields(path, TRANSFORMER), str(path), ROPE_HINT)
+    check_heads(params.num_heads, ctx)  # before the mesh (a collective) is built
+    with torch.device("meta"):
+        model = Flux(params)
+    rank, degree = ctx.rank("tensor"), ctx.tensor_degree
+    shard_modules(model, rank, degree, ctx.group("tensor"))
+    return load_tensor_shards(model, path, rank, degree, dtype, device)[0]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flux_parallel.flux.cache import CacheConfig, StepCache, check_cache
-from flux_parallel.flux.checkpoint import load_transformer
+from flux_parallel.flux.checkpoint import load_transformer, load_transformer_tensor_parallel
 from flux_parallel.flux.compile import prepare_transformer
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.image_modes import ImageRequest, Start, image_request, inpaint_blend, start
@@ -54,6 +54,7 @@ from flux_parallel.parallel import (
     stage_filter,
 )
 from flux_parallel.parallel.pipefusion import PipeFusionGeneration
+from flux_parallel.parallel.runtime import holds_text_encoders, share_conditioning
 from flux_parallel.vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from flux_parallel.weights import check_device, check_dtype, module_or_load, resolve, seeded_init
 
@@ -70,7 +71,10 @@ class FluxPipeline:
     it with the same arguments. parallel_vae: decode across all ranks of a data replica. vae_stripes:
     decode on one device in that many exact row stripes (lower peak memory). compile: regional
     torch.compile of the blocks; attention_backend: one of kernels.BACKENDS (default: the rule in
-    kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py."""
+    kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py.
+    text_encoder_placement: "replicated" (T5 and CLIP on every rank, each encoding its own branches) or
+    "rank0" (on rank 0 of each data replica only, which encodes the replica's branches and broadcasts
+    the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks)."""
 
     def __init__(
         self,
@@ -85,6 +89,7 @@ class FluxPipeline:
         attention_backend: str | None = None,
         fp8: bool = False,
         variant: str | None = None,
+        text_encoder_placement: str = "replicated",
     ):
         check_variant(variant)
         self.kind = transformer_kind(transformer.params.in_channels, "the transformer given",
@@ -95,8 +100,11 @@ class FluxPipeline:
         self.parallel = parallel or ParallelContext()
         self.parallel_vae = parallel_vae
         self.vae_stripes = vae_stripes
+        self.text_encoder_placement = text_encoder_placement
+        if not holds_text_encoders(self.parallel, text_encoder_placement):
+            text.release()  # replica rank 0 encodes and broadcasts (from_pretrained never loads them here)
         prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
-        # the transformer itself is never modified by the parallel strategies
+        # the parallel strategies leave the transformer as it is, except tensor parallelism, which shards it in place
         self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
         self.last_run: dict = {}
         self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar
@@ -133,11 +141,16 @@ class FluxPipeline:
         kind = pipeline_kind(root, transformer, variant)  # a variant not run here, a corrupt folder: before any weight
 
         load = partial(load_transformer, dtype=dtype, device=device, keep=stage_filter(parallel) if parallel else None)
+        if parallel is not None and parallel.tensor_degree > 1 and not parallel.uses_pipefusion:
+            load = partial(load_transformer_tensor_parallel, ctx=parallel, dtype=dtype, device=device)  # slices only
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
-        text = TextConditioner.from_pretrained(
-            root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
-        )
+        if holds_text_encoders(parallel or ParallelContext(), options.get("text_encoder_placement", "replicated")):
+            text = TextConditioner.from_pretrained(
+                root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
+            )
+        else:  # the embeddings arrive from replica rank 0: never read the encoders' weights here
+            text = TextConditioner.tokenizers_only(root)
         schedule = load_schedule(root, model.params.guidance_embed)
         variant = variant or ("kontext" if kind == "kontext" else None)  # the other kinds follow from the channels
         return cls(model, ae, text, schedule, parallel, parallel_vae, vae_stripes, variant=variant, **options)
@@ -296,6 +309,7 @@ class FluxPipeline:
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width}
         run["lora"] = self.lora_adapters
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
+        run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s
@@ -347,15 +361,24 @@ class FluxPipeline:
         return next(self.vae.parameters()).dtype
 
     def _encode(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> dict:
-        """The conditioning of each CFG branch this rank computes (cfg-parallel ranks encode only theirs)."""
+        """The conditioning of each CFG branch this rank computes (cfg-parallel ranks encode only theirs); with
+        text_encoder_placement "rank0", replica rank 0 encodes every branch of the replica and broadcasts them."""
         dtype, device = self.transformer.img_in.weight.dtype, self.device
+        mine = self.denoiser.branches(negatives is not None)
+        shared = self.text_encoder_placement == "rank0"
+        branches = (("negative", "positive") if negatives else ("positive",)) if shared else mine
         conds = {}
-        for branch in self.denoiser.branches(negatives is not None):
+        for branch in branches if self.text.t5 is not None else ():
             txt, txt_ids, y = self.text(negatives if branch == "negative" else prompts, max_sequence_length)
             conds[branch] = Conditioning(txt.to(device=device, dtype=dtype), txt_ids.to(device), y.to(device=device,
                                                                                                         dtype=dtype))
+        if shared:
+            p, batch = self.transformer.params, len(prompts)
+            shapes = {"txt": (batch, max_sequence_length, p.context_in_dim), "txt_ids": (batch, max_sequence_length, 3),
+                      "y": (batch, p.vec_in_dim)}
+            conds = share_conditioning(conds, branches, shapes, dtype, device, self.parallel)
         self._sync()
-        return conds
+        return {branch: conds[branch] for branch in mine}
 
     def _denoise(self, generation, timesteps: list[float], blend=None) -> Tensor:
         steps_s = self.last_run["steps_s"]

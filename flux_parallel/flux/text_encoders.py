@@ -201,6 +201,16 @@ class TextConditioner:
             raise CheckpointError(f"{src}: {err}") from None
 
     @classmethod
+    def tokenizers_only(cls, src: str | Path) -> "TextConditioner":
+        """The tokenizers of a pipeline folder or hub repo id without the encoders, as after release(): a
+        rank that receives the embeddings from the rank holding the encoders (text_encoder_placement "rank0")."""
+        src = resolve(src, allow_patterns=sorted({*CLIP_TOKENIZER_FILES, *T5_TOKENIZER_FILES}))
+        text = cls.__new__(cls)  # the encoder checks of __init__ need the encoders
+        text.clip_tokenizer, text.t5_tokenizer = load_clip_tokenizer(src), load_t5_tokenizer(src)
+        text.clip = text.t5 = None
+        return text
+
+    @classmethod
     def tiny(
         cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> "TextConditioner":

@@ -21,6 +21,7 @@ from flux_parallel.parallel import comm
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.sequence import SequenceLayout, make_layout
 from flux_parallel.parallel.swap import attention_swaps, swapped
+from flux_parallel.parallel.tensor import check_tensor_degree_of
 from flux_parallel.parallel.usp import USPAttention
 
 
@@ -29,12 +30,23 @@ def parallelize_flux(model: nn.Module, ctx: ParallelContext, attention_backend: 
     its attention run with kernels backend `attention_backend`. `model` is not modified. Call it on
     every rank: the first call builds ctx's mesh, a collective. With an sp degree of 1 the view runs
     the model as it is (its own attention_fn) and does no communication."""
-    heads = model.params.num_heads
-    # Checked on every rank from the same config, before the first collective (building the mesh).
-    if heads % ctx.ulysses_degree:
+    check_heads(model.params.num_heads, ctx)
+    return SequenceParallelFlux(model, ctx, attention_backend)
+
+
+def check_heads(heads: int, ctx: ParallelContext) -> None:
+    """One sentence when the heads cannot be split over the tensor axis, then each tensor rank's heads
+    over the Ulysses axis. Checked on every rank from the same config, before the first collective."""
+    check_tensor_degree_of(heads, ctx.tensor_degree)
+    local = heads // ctx.tensor_degree
+    if local % ctx.ulysses_degree == 0:
+        return
+    if ctx.tensor_degree == 1:
         raise ValueError(f"num_heads {heads} is not divisible by ulysses_degree {ctx.ulysses_degree}: "
                          "every Ulysses rank must receive a whole number of heads")
-    return SequenceParallelFlux(model, ctx, attention_backend)
+    raise ValueError(f"num_heads {heads} over tensor_degree {ctx.tensor_degree} leaves {local} heads per rank, "
+                     f"not divisible by ulysses_degree {ctx.ulysses_degree}: every Ulysses rank must receive "
+                     "a whole number of heads")
 
 
 class SequenceParallelFlux(nn.Module):

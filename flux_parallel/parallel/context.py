@@ -1,12 +1,16 @@
 """ParallelContext: the degrees of every strategy, validated, and the device mesh they live on.
 
-Mesh axes, slowest to fastest: data, cfg, pipefusion, ring, ulysses (xDiT's order). Ulysses ranks
-are contiguous (its all-to-all is the heaviest traffic and should stay inside a node); ring,
-cfg and data groups are strided. Two flattened axes are built with the mesh:
+Mesh axes, slowest to fastest: data, cfg, pipefusion, ring, ulysses (xDiT's order), then tensor.
+Tensor-parallel ranks are innermost and contiguous: they all-reduce after every attention and every
+MLP of every block (two blocking all-reduces of a whole activation per block, parallel/tensor.py),
+the most frequent and latency-bound traffic of the mesh, so a TP group must sit inside one node
+(NVLink), as Megatron-LM places it. Ulysses comes next (its all-to-all is the next heaviest
+traffic); ring, cfg and data groups are strided. Two flattened axes are built with the mesh:
 - "sp", (ring, ulysses): the sequence-parallel group; a token shard's index is the sp rank,
   Ulysses index fastest;
-- "replica", (cfg, pipefusion, ring, ulysses): every rank of one data replica, the group the
+- "replica", (cfg, pipefusion, ring, ulysses, tensor): every rank of one data replica, the group the
   parallel VAE decodes across.
+The tensor ranks of one sp rank hold the same tokens: the sp group does not include them.
 """
 
 import datetime
@@ -19,8 +23,8 @@ import torch.distributed as dist
 
 from flux_parallel.parallel import comm
 
-AXES = ("data", "cfg", "pipefusion", "ring", "ulysses")
-FLATTENED = {"sp": ("ring", "ulysses"), "replica": ("cfg", "pipefusion", "ring", "ulysses")}
+AXES = ("data", "cfg", "pipefusion", "ring", "ulysses", "tensor")
+FLATTENED = {"sp": ("ring", "ulysses"), "replica": ("cfg", "pipefusion", "ring", "ulysses", "tensor")}
 
 
 @dataclass
@@ -30,6 +34,7 @@ class ParallelContext:
     pipefusion_degree: int = 1
     cfg_degree: int = 1
     data_degree: int = 1
+    tensor_degree: int = 1  # Megatron-style: heads and MLP columns split over the innermost axis
     # PipeFusion (parallel/pipefusion.py): image patches per step (None: one per stage, as xDiT), the
     # steps that run the whole image synchronously first, and optional block counts per stage
     num_pipeline_patch: int | None = None
@@ -86,7 +91,7 @@ class ParallelContext:
     @property
     def replica_size(self) -> int:
         """Ranks in one data replica: they hold one copy of the model and make one set of images."""
-        return self.cfg_degree * self.pipefusion_degree * self.sp_degree
+        return self.cfg_degree * self.pipefusion_degree * self.sp_degree * self.tensor_degree
 
     @property
     def sp_degree(self) -> int:

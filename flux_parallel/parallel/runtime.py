@@ -1,6 +1,6 @@
 """The one entry point the pipeline calls: every axis of the mesh, composed around the denoising loop.
 
-    denoiser = parallelize(transformer, ctx)                  # once; the transformer is not modified
+    denoiser = parallelize(transformer, ctx)                  # once; modified only by tensor parallelism
     run = denoiser.start(img, img_ids, conds, guidance, true_cfg_scale)   # per generation
     img = run.finish(denoise(run.velocity, run.img, timesteps))  # the pipeline's Euler loop (flux/sampling.py)
     img = run.denoise(timesteps, on_step)                     # or, under PipeFusion, its own patch schedule
@@ -17,6 +17,9 @@
   whichever replica makes it.
 - pipefusion: the blocks in stages along the pipefusion axis, the image in patches flowing through
   them (parallel/pipefusion.py); its generation drives its own denoising loop.
+- tensor: every block's heads and MLP columns split over the innermost axis (parallel/tensor.py); the
+  transformer is sharded in place once, here, and its inputs and outputs stay whole on every
+  tensor rank, so the axes above see an ordinary model.
 - The parallel VAE decodes across all ranks of one replica (`decode`).
 - Image conditioning (`ImageCond`): Fill's and Control's extra channels are sharded with the tokens they
   belong to; Kontext's reference tokens are part of the sharded sequence and held fixed in the loop.
@@ -25,10 +28,11 @@
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
-from flux_parallel.parallel.apply import parallelize_flux
+from flux_parallel.parallel.apply import check_heads, parallelize_flux
 from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_sums
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.halo import split_rows
@@ -37,6 +41,7 @@ from flux_parallel.parallel.sequence import shard_sizes
 from flux_parallel.parallel.stages import split_stages, stage_prefixes
 from flux_parallel.parallel.stripes import decode_in_stripes
 from flux_parallel.parallel.swap import swapped
+from flux_parallel.parallel.tensor import parallelize_tensor
 from flux_parallel.parallel.vae import decode_parallel
 
 BRANCHES = ("negative", "positive")  # in cfg rank order
@@ -75,10 +80,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, attention_backend: str =
 
 class ParallelDenoiser:
     def __init__(self, model: nn.Module, ctx: ParallelContext, attention_backend: str = "auto"):
-        self.model, self.ctx = model, ctx
+        self.ctx = ctx
         # PipeFusion's block range per stage, from the config alone: refused identically on every rank
         self.stages = split_stages(model.params, ctx.pipefusion_degree, ctx.pipefusion_stage_sizes)
-        self.sp = parallelize_flux(model, ctx, attention_backend)  # validates the heads before the mesh is built
+        check_heads(model.params.num_heads, ctx)  # tensor and Ulysses degrees, before the mesh is built
+        self.model = parallelize_tensor(model, ctx)  # in place: a tensor rank keeps only its slices
+        self.sp = parallelize_flux(self.model, ctx, attention_backend)
 
     def parameter_bytes(self) -> int:
         """Bytes of the transformer's parameters this rank computes with: its stage's under PipeFusion."""
@@ -196,6 +203,34 @@ class Generation:
         """This rank's rows -> the full [B, L, C] on every rank of the replica."""
         self.cache_report = cache_report(self.cache, self.ctx)
         return self.sp.gather(self.layout, img_local)
+
+
+PLACEMENTS = ("replicated", "rank0")  # where the text encoders live: every rank, or rank 0 of each replica
+
+
+def holds_text_encoders(ctx: ParallelContext, placement: str) -> bool:
+    """Whether this rank holds T5 and CLIP: every rank ("replicated"), or rank 0 of each data replica
+    ("rank0"). Found from the mesh order (data outermost: a replica's ranks are contiguous) without
+    building the mesh, so that a loader can decide before any collective."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"text_encoder_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    return placement == "replicated" or not dist.is_initialized() or dist.get_rank() % ctx.replica_size == 0
+
+
+def share_conditioning(conds: dict[str, Conditioning], branches: tuple[str, ...], shapes: dict[str, tuple],
+                       dtype: torch.dtype, device, ctx: ParallelContext) -> dict[str, Conditioning]:
+    """The conditioning of every branch in `branches`, encoded on replica rank 0 (conds, empty elsewhere),
+    on every rank of the replica: one broadcast per tensor over the replica group. shapes: "txt", "txt_ids"
+    and "y" -> the full shape every rank knows from the call (batch, max_sequence_length, widths)."""
+    if ctx.replica_size == 1:
+        return conds
+    group, shared = ctx.group("replica"), {}
+    for branch in branches:
+        held = conds.get(branch)
+        parts = [held.txt, held.txt_ids, held.y] if held is not None else [
+            torch.empty(shapes[f], dtype=dtype, device=device) for f in ("txt", "txt_ids", "y")]
+        shared[branch] = Conditioning(*(comm.broadcast(x.to(dtype).contiguous(), group, src=0) for x in parts))
+    return shared
 
 
 def batch_slice(total: int, ctx: ParallelContext) -> slice:

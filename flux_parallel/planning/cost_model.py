@@ -27,6 +27,7 @@ import torch
 
 from flux_parallel.flux.model import Flux
 from flux_parallel.parallel.stages import split_stages, stage_prefixes
+from flux_parallel.parallel.tensor import shard_modules
 from flux_parallel.vae.autoencoder import AutoEncoder
 
 GIB = 2**30
@@ -499,3 +500,51 @@ def pipefusion_or_ulysses(w: Workload, hw: Hardware, gpus: int, patches: int | N
             "ulysses": {"denoise_s": ulysses_s, "fits": ulysses["fits"]},
             "choice": faster if pipe["fits"] and ulysses["fits"] else ("pipefusion" if pipe["fits"] else
                                                                        "ulysses" if ulysses["fits"] else None)}
+
+
+# Tensor parallelism (parallel/tensor.py): every block's heads and MLP columns over T contiguous ranks.
+def tensor_weight_bytes(w: Workload, degree: int) -> float:
+    """Transformer bytes one tensor rank holds: parallel/tensor.py's own shards of a meta-device model."""
+    with torch.device("meta"):
+        model = shard_modules(Flux(w.flux), 0, degree, None)
+    return sum(p.numel() for p in model.parameters()) * DTYPE_BYTES[w.dtype]
+
+
+def tensor_step(w: Workload, hw: Hardware, degree: int) -> dict:
+    """Seconds of one denoising step under tensor parallelism over `degree` contiguous ranks.
+
+    The GEMM and attention FLOPs split by T; every rank still makes every element-wise pass over whole
+    activations and issues every host op. Per step a double block all-reduces [tokens, h] twice (its
+    attention output and its MLP output, img and txt rows each) and a single block once, ring
+    all-reduces sending 2 (T-1)/T of the bytes; each block also all-gathers its modulation vector
+    (latency only). The all-reduces block the next layer: nothing overlaps them."""
+    f, b = w.flux, DTYPE_BYTES[w.dtype]
+    scale = compute_scale(hw, degree)
+    seq, blocks = w.txt_len + w.img_len, f.depth + f.depth_single_blocks
+    linear = 2 * seq * f.hidden_size**2 * (4 + 2 * f.mlp_ratio) / degree
+    attention = 4 * seq * seq * f.hidden_size / (degree * hw.attention_flops)
+    elementwise = ELEMENTWISE_PASSES * seq * f.hidden_size * b / hw.memory_bw
+    gemms = 8 * f.depth + 2 * f.depth_single_blocks
+    launches = (gemms + blocks) * hw.kernel_overhead_s
+    device = blocks * (linear / hw.matmul_flops + attention + elementwise) / scale + launches
+    calls = 6 * f.depth + 2 * f.depth_single_blocks  # all-reduces and all-gathers
+    comm = 0.0
+    if degree > 1:
+        link = hw.tier([list(range(degree))])
+        reduced = (2 * f.depth + f.depth_single_blocks) * seq * f.hidden_size * b
+        comm = calls * link.latency_s + 2 * (degree - 1) / degree * reduced / link.p2p_bw
+    host = (transformer_host_ops(f) + calls * HOST_OPS["a2a_base"] * (degree > 1)) * hw.host_op_s
+    return {"step_s": smooth_max(device + comm, host, hw.overlap), "comm_s": comm}
+
+
+def predict_tensor(w: Workload, hw: Hardware, degree: int) -> dict:
+    """Denoising seconds, transformer bytes per device and the denoising peak of tensor parallelism over
+    `degree` ranks, and whether it fits; activations stay whole on every tensor rank."""
+    one = predict(w, hw, Config(1, 1, False))
+    weights_b = tensor_weight_bytes(w, degree)
+    full = param_count(Flux, w.flux) * DTYPE_BYTES[w.dtype]
+    peak = (one["memory_gib"]["denoise"] * GIB - full + weights_b) / GIB + hw.reserved_gib
+    step = tensor_step(w, hw, degree)
+    need = peak * (degree if hw.shared_memory else 1)
+    return {"tensor_degree": degree, "denoise_s": w.steps * step["step_s"], "step_comm_s": step["comm_s"],
+            "transformer_bytes_per_device": weights_b, "denoise_peak_gib": peak, "fits": need <= hw.memory_gib}

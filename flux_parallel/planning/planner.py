@@ -301,6 +301,36 @@ def pipefusion_rows(w: cm.Workload, hw: cm.Hardware, gpus: int) -> list[dict]:
     return rows
 
 
+TENSOR_COLUMNS = [("tensor degree", "tensor_degree", "d"), ("transformer GiB/device", "gib", ".2f"),
+                  ("denoise peak GiB", "peak_gib", ".2f"), ("denoise s", "denoise_s", ".3f"),
+                  ("Ulysses denoise s", "ulysses_s", ".3f"), ("fits", "fits", ""), ("Ulysses fits", "ulysses_fits", "")]
+
+
+def tensor_rows(w: cm.Workload, hw: cm.Hardware, gpus: int) -> list[dict]:
+    """Tensor parallelism on every degree up to `gpus` that divides the heads, beside Ulysses over as many ranks
+    (which holds the whole transformer on every rank)."""
+    rows = []
+    for t in (t for t in range(1, min(gpus, w.flux.num_heads) + 1) if w.flux.num_heads % t == 0):
+        tensor, ulysses = cm.predict_tensor(w, hw, t), cm.predict(w, hw, cm.Config(t, 1, False))
+        rows.append({"tensor_degree": t, "gib": tensor["transformer_bytes_per_device"] / cm.GIB,
+                     "peak_gib": tensor["denoise_peak_gib"], "denoise_s": tensor["denoise_s"],
+                     "ulysses_s": w.steps * ulysses["step_s"], "fits": tensor["fits"],
+                     "ulysses_fits": ulysses["fits"]})
+    return rows
+
+
+def parse_memory(text: str) -> float:
+    """'24GB', '24GiB', '80G' or '24' -> GiB (a '24GB' card's memory is read as 24 GiB)."""
+    number = text.strip().upper().removesuffix("B").removesuffix("I").removesuffix("G")
+    try:
+        gib = float(number)
+    except ValueError:
+        raise ValueError(f"--gpu-memory {text!r} is not a size like 24GB") from None
+    if gib <= 0:
+        raise ValueError(f"--gpu-memory must be positive, got {text!r}")
+    return gib
+
+
 def bench_records(path: str) -> list[dict]:
     """The measurement records of a tools/benchmark.py JSON: a list, or a dict holding one."""
     try:

@@ -19,6 +19,9 @@ collectives, wrapped). "Hidden" is the share of the ring's transfer time that ov
 off the critical path: 1 - (blocked wait, overlapped) / (blocked wait, transfers serialised).
 The "no exchange" row runs what each Ulysses rank computes with the all-to-alls left out (its own
 rows stand in for the others'): the speed-up two ranks reach here when communication is free.
+"ours tensor" is tensor parallelism over the 2 ranks (parallel/tensor.py: each rank holds half of every
+block and all-reduces after each attention and MLP); its ceiling row leaves the all-reduces and
+all-gathers out.
 
 diffusers' `enable_parallelism` needs an accelerator count: it is patched to 1 in the workers.
 Its ring needs an attention backend with a log-sum-exp, which the CPU lacks, so it is absent.
@@ -40,11 +43,13 @@ from bench_transformer import MEDIUM, make_inputs, make_models
 
 from flux_parallel.kernels import attention
 from flux_parallel.parallel import comm
+from flux_parallel.parallel import tensor as tensor_module
 from flux_parallel.parallel.apply import parallelize_flux
 from flux_parallel.parallel.context import ParallelContext, bind_to_cores
 from flux_parallel.parallel.launch import free_port, spawn
 from flux_parallel.parallel.ring import ring_attention
 from flux_parallel.parallel.swap import attention_swaps, swapped
+from flux_parallel.parallel.tensor import parallelize_tensor
 
 WORLD = 2
 
@@ -93,8 +98,11 @@ def make_variants(rank, ours, ref, ref_cp, x):
         group = sp_model.ctx.group("ring")
         return with_attention(sp_model, lambda q, k, v: ring_attention(q, k, v, group, lens, overlap=False)[0])
 
+    sharded = parallelize_tensor(copy.deepcopy(ours), ParallelContext(tensor_degree=WORLD))  # this rank's half
     return {
         "ours 1 rank": (1, lambda: ours(**x)),
+        "ours tensor": (WORLD, lambda: sharded(**x)),
+        TENSOR_NO_EXCHANGE: (WORLD, lambda: tensor_work_without_exchange(sharded, x)),
         "diffusers 1 rank": (1, lambda: diffusers_call(ref, x)),
         "ours ulysses": (WORLD, lambda: wrapped["ulysses"].forward_full(**x)),
         "ours ring": (WORLD, lambda: wrapped["ring"].forward_full(**x)),
@@ -105,6 +113,26 @@ def make_variants(rank, ours, ref, ref_cp, x):
 
 
 NO_EXCHANGE = "ours ulysses work, no exchange (ceiling)"
+TENSOR_NO_EXCHANGE = "ours tensor work, no exchange (ceiling)"
+
+
+class _NoExchange:
+    """Stands in for comm inside parallel/tensor.py: the all-reduce returns this rank's partial sums and the
+    all-gather repeats this rank's slice. Not exact; it measures what 2 tensor ranks reach when
+    communication costs nothing."""
+
+    @staticmethod
+    def all_reduce(x, group):
+        return x
+
+    @staticmethod
+    def all_gather(x, group, dim, sizes):
+        return torch.cat([x] * len(sizes), dim=dim)
+
+
+def tensor_work_without_exchange(sharded, x):
+    with swapped([(tensor_module, "comm", _NoExchange)]):
+        return sharded(**x)
 
 
 def ulysses_work_without_exchange(q, k, v):
@@ -138,7 +166,7 @@ def measure(rank, variants, repeats, diffusers_bytes):
             _, _, out = timed(rank, ranks, fn)
         base = reference.setdefault(name.split()[0], out)  # "ours" / "diffusers": the 1-rank output
         err = ((out - base).abs().max() / base.abs().max()).item() if out is not None and base is not None else 0.0
-        err = float("nan") if name == NO_EXCHANGE else err
+        err = float("nan") if name in (NO_EXCHANGE, TENSOR_NO_EXCHANGE) else err
         sent = sum(counted.bytes.values()) + diffusers_bytes["bytes"] - before
         stats[name] = {"times": [], "p2p_wait": [], "bytes": sent, "err": err}
     per_rank = {"cpu": [], "a2a_wait": []}  # ours ulysses, this rank: thread CPU and all-to-all wait per step
