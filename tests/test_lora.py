@@ -378,8 +378,11 @@ def test_generate_with_two_loras_fused_reports_them(tmp_path):
     report = tmp_path / "report.json"
     assert generate.main([*common, "--lora", f"{first}:0.5", "--lora", str(second), "--fuse-lora",
                           "--output", str(tmp_path / "lora.png"), "--report", str(report)]) == 0
-    assert json.loads(report.read_text())["lora"] == {
-        "adapters": {"lora_0": 0.5, "lora_1": 1.0}, "sources": [f"{first}:0.5", str(second)], "fused": True}
+    lora = json.loads(report.read_text())["lora"]
+    memory = lora.pop("memory")
+    assert lora == {"adapters": {"lora_0": 0.5, "lora_1": 1.0}, "sources": [f"{first}:0.5", str(second)],
+                    "fused": True}
+    assert memory["device_bytes"]["lora_0"] == memory["device_bytes"]["lora_1"] > 0 and memory["fused_host_bytes"] > 0
     assert (tmp_path / "base.png").read_bytes() != (tmp_path / "lora.png").read_bytes()
 
 
