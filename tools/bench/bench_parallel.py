@@ -2,6 +2,7 @@
 
     python tools/bench/bench_parallel.py [--img-tokens 1024 4096] [--txt-tokens 128] [--repeats 5] [--no-pin]
     python tools/bench/bench_parallel.py --steps 28 --img-tokens 1024 --repeats 1 [--pipefusion 2 4 2:compute]
+    python tools/bench/bench_parallel.py --kontext --img-tokens 1024   # Kontext: 1024 output + 1024 reference tokens
 
 With --steps the rows are whole denoising loops instead: one rank, Ulysses 2 and PipeFusion (2 stages,
 M patches) beside each PipeFusion variant's no-exchange ceiling, with per-rank parameter bytes and
@@ -203,10 +204,22 @@ def worker(rank, port, args):
     count_diffusers_bytes(diffusers_bytes)
     with torch.inference_mode():
         for tokens in args.img_tokens:
-            x = make_inputs(MEDIUM, tokens, args.txt_tokens)
+            x = kontext_inputs(tokens, args.txt_tokens) if args.kontext else make_inputs(MEDIUM, tokens,
+                                                                                          args.txt_tokens)
             stats = measure(rank, make_variants(rank, ours, ref, ref_cp, x), args.repeats, diffusers_bytes)
             if rank == 0:
                 report(x["img"].shape[1], args, stats)  # the tokens make_inputs' grid holds
+
+
+def kontext_inputs(tokens: int, txt_tokens: int) -> dict:
+    """A Kontext-sized sequence: `tokens` output tokens followed by as many reference tokens, ids (1, row,
+    col) on the reference's own grid (flux/image_modes.py): twice the image tokens, of uneven shards when
+    the count is odd."""
+    x = make_inputs(MEDIUM, tokens, txt_tokens)
+    reference_ids = x["img_ids"].clone()
+    reference_ids[..., 0] = 1
+    return {**x, "img": torch.cat([x["img"], torch.randn_like(x["img"])], dim=1),
+            "img_ids": torch.cat([x["img_ids"], reference_ids], dim=1)}
 
 
 def report(tokens, args, stats):
@@ -244,6 +257,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--img-tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--txt-tokens", type=int, default=128)
+    parser.add_argument("--kontext", action="store_true",
+                        help="Kontext's doubled sequence: each --img-tokens count of output tokens and as many "
+                             "reference tokens (the reference's ids)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the ranks float between cores (by default rank r is pinned to core r)")
