@@ -354,7 +354,7 @@ def test_generate_refuses_a_bad_lora_value(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", "tiny-random", "--lora", value])
     assert exit_info.value.code == 2
-    assert f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE" in capsys.readouterr().err
+    assert f"--lora {value}: give [NAME=]PATH_OR_ID or [NAME=]PATH_OR_ID:SCALE" in capsys.readouterr().err
 
 
 def test_generate_fuse_lora_needs_a_lora(capsys):

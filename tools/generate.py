@@ -20,6 +20,7 @@ Usage errors exit with status 2, loading errors with 1, each with one sentence o
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -129,9 +130,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"attention kernel, one of {', '.join(BACKENDS)} (default: kernels.default_backend's rule)")
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
-                        "(default 1); give it several times for several adapters")
+                        "(default 1), named NAME (default lora_<index>); give it several times for several adapters")
     p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA adapters into the weights")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
 
@@ -250,18 +251,22 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(err))
 
 
-def parse_lora(parser: argparse.ArgumentParser, value: str) -> tuple[str, float]:
-    """--lora PATH_OR_ID[:SCALE] -> (source, scale); the text after the last ':' is the scale."""
-    source, colon, scale = value.rpartition(":")
+def parse_lora(parser: argparse.ArgumentParser, value: str) -> tuple[str | None, str, float]:
+    """--lora [NAME=]PATH_OR_ID[:SCALE] -> (name or None, source, scale); the text after the last ':' is the
+    scale, a word before the first '=' the name."""
+    name, equals, rest = value.partition("=")
+    name, target = (name, rest) if equals and re.fullmatch(r"[\w.-]+", name) else (None, value)
+    source, colon, scale = target.rpartition(":")
     if not colon:
-        source, scale = value, "1"
+        source, scale = target, "1"
     try:
         number = float(scale)
     except ValueError:
         number = float("nan")
     if not source or not math.isfinite(number):
-        parser.error(f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite number as SCALE")
-    return source, number
+        parser.error(f"--lora {value}: give [NAME=]PATH_OR_ID or [NAME=]PATH_OR_ID:SCALE with a finite number as "
+                     "SCALE")
+    return name, source, number
 
 
 class Progress:
@@ -290,9 +295,9 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
                                             vae=args.vae, variant=getattr(args, "variant", None), **options)
     if args.t5_int8:
         quantize_int8_weights(pipe.text.t5)
-    for index, (source, scale) in enumerate(args.loras):
+    for index, (name, source, scale) in enumerate(args.loras):
         try:
-            pipe.load_lora(source, f"lora_{index}", scale)
+            pipe.load_lora(source, name or f"lora_{index}", scale)
         except CheckpointError as err:
             raise CheckpointError(f"--lora {source}: {err}") from None
     if args.fuse_lora:

@@ -5,7 +5,7 @@ arguments of one pipeline call per image: image i of `n` uses seed + i, so it is
 with that seed and n = 1 gets. Errors take OpenAI's shape, {"error": {"message", "type", "param",
 "code"}}, with `param` the request field at fault. Extensions beyond OpenAI's fields, under these
 names: `seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale` (FLUX.1-dev's distilled
-guidance), `true_cfg_scale`.
+guidance), `true_cfg_scale`, `loras` (the LoRA adapters' scales, as on /generate).
 """
 
 import json
@@ -23,7 +23,7 @@ from flux_parallel.serve.request import TYPE_NAMES, Limits, check_range, has_typ
 GENERATION_FIELDS = {"prompt": str, "model": str, "n": int, "size": str, "response_format": str, "user": str,
                      "quality": str, "style": str, "output_format": str,
                      "seed": int, "negative_prompt": str, "num_inference_steps": int, "guidance_scale": float,
-                     "true_cfg_scale": float}
+                     "true_cfg_scale": float, "loras": list}
 # the /generate field each extension is checked as, and back for error messages
 AS_GENERATE = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 RESPONSE_FORMATS = ("b64_json", "url")
@@ -94,7 +94,7 @@ def parse_generation(body: bytes, pipe: FluxPipeline, model_id: str, size: tuple
         raise APIError(400, str(err), param="n") from None
     height, width = parse_size(fields["size"]) if "size" in fields else size
     generate = {"prompt": fields["prompt"], "height": height, "width": width, "seed": fields.get("seed", 0)}
-    for name in ("negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale"):
+    for name in ("negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale", "loras"):
         if name in fields:
             generate[AS_GENERATE.get(name, name)] = fields[name]
     try:
