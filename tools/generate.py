@@ -40,7 +40,8 @@ from flux_parallel.parallel import comm
 from flux_parallel.parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
 from flux_parallel.weights import DTYPES, CheckpointError, check_device
 
-TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
+# default px: the trained models' resolution; any for random weights
+TINY_SIZES = {"tiny": 64, "tiny-kontext": 64, "tiny-random": 256}
 # the pipeline's image arguments and the flags that give them, for its refusals (ImageArgumentError)
 IMAGE_FLAGS = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image", "strength": "--strength"}
 
@@ -100,7 +101,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     """The model, runtime and parallel flags; tools/serve.py takes the same ones."""
     p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
                    help="pipeline folder, BFL folder or hub repo id; 'tiny' = the shipped tiny model trained on "
-                   "captioned shapes, 'tiny-random' = seeded random tiny weights (both offline)")
+                   "captioned shapes, 'tiny-kontext' = the same fine-tuned to edit them (--image), "
+                   "'tiny-random' = seeded random tiny weights (all offline)")
     p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
     p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (float32 for tiny)")
@@ -146,6 +148,8 @@ def apply_defaults(args) -> None:
         if getattr(args, name) is None and not from_image:
             setattr(args, name, TINY_SIZES.get(args.model, 1024))
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
+    if args.model == "tiny-kontext":  # trained on 64 px references; the preferred Kontext sizes are 1024 px
+        args.auto_resize = False
 
 
 # CacheConfig's options: (argparse dest, flag)
@@ -287,6 +291,8 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
         pipe = FluxPipeline.tiny(dtype=dtype, device=device, variant=getattr(args, "variant", None), **options)
+    elif args.model == "tiny-kontext":
+        pipe = FluxPipeline.tiny_kontext(dtype=dtype, device=device, **options)
     elif args.model == "tiny-random":
         pipe = FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, variant=getattr(args, "variant", None),
                                         **options)

@@ -152,6 +152,17 @@ class FluxPipeline:
         return cls.from_pretrained(Path(__file__).resolve().parent / "assets" / "tiny", dtype, device, **options)
 
     @classmethod
+    def tiny_kontext(cls, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
+        """The trained tiny FLUX.1 Kontext (flux/assets/tiny-kontext; tools/train_tiny_kontext.py;
+        docs/tiny-kontext.md): the tiny model fine-tuned to edit the shapes of shapes/data.py ("make the circle
+        red", "change the background to blue"), with the tiny model's text encoders and VAE. Its references
+        are 64x64 px: call it with auto_resize=False (the preferred Kontext resolutions are 1024 px)."""
+        assets = Path(__file__).resolve().parent / "assets"
+        transformer = assets / "tiny-kontext" / "flux1-kontext-tiny.safetensors"
+        return cls.from_pretrained(assets / "tiny", dtype, device, transformer=transformer, variant="kontext",
+                                   **options)
+
+    @classmethod
     def tiny_random(
         cls,
         seed: int = 0,
