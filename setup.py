@@ -8,7 +8,8 @@ setup(
     # distributions' import names (Hugging Face's kernels, BFL's flux), so nothing else is installed
     packages=find_packages(include=["flux_parallel", "flux_parallel.*"]),
     # the trained tiny model (FluxPipeline.tiny(), --model tiny) and the service's page ship inside the package
-    package_data={"flux_parallel.flux": ["assets/tiny/*", "assets/tiny/*/*"], "flux_parallel.serve": ["page.html"]},
+    package_data={"flux_parallel.flux": ["assets/tiny/*", "assets/tiny/*/*", "assets/tiny-kontext/*"],
+                  "flux_parallel.serve": ["page.html"]},
     python_requires=">=3.10",
     # torch is pinned by the README's install step (a CPU or CUDA wheel of the user's choice);
     # a bare range here keeps pip from replacing it.

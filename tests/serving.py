@@ -18,7 +18,9 @@ class Service:
     """The API and the rank loop of one process, on threads; the rank loop starts on demand."""
 
     def __init__(self, pipe: FluxPipeline, size: tuple[int, int], limits: Limits, max_queue: int = 16,
-                 max_batch: int = 1, window_s: float = 0.0):
+                 max_batch: int = 1, window_s: float = 0.0, loras: dict[str, Path] | None = None):
+        for name, path in (loras or {}).items():  # as tools/serve.py --lora NAME=PATH
+            pipe.load_lora(path, name)
         self.pipe, self.jobs = pipe, JobQueue(max_queue, max_batch, window_s)
         app = create_app(pipe, self.jobs, {"model": "tiny", "world_size": 1}, size, limits)
         self.server, self.http, port = serve.start_http(app, "127.0.0.1", 0)

@@ -221,8 +221,8 @@ def _bad_files(ref, pipe, tmp_path) -> dict:
     wrong_rank["transformer.x_embedder.lora_B.weight"] = torch.randn(P.hidden_size, RANK + 1)
     other_model = dict(state)
     other_model["transformer.proj_out.lora_A.weight"] = torch.randn(RANK, 2 * P.hidden_size)
-    widened = dict(state)  # a BFL control LoRA's img_in: 128 input channels
-    widened["transformer.x_embedder.lora_A.weight"] = torch.randn(RANK, 2 * P.in_channels)
+    widened = dict(state)  # 128 input channels widen img_in (a control LoRA, test_control_lora.py); 192 no model takes
+    widened["transformer.x_embedder.lora_A.weight"] = torch.randn(RANK, 3 * P.in_channels)
     write(state, tmp_path / "whole.safetensors")
     data = (tmp_path / "whole.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
@@ -232,7 +232,7 @@ def _bad_files(ref, pipe, tmp_path) -> dict:
                                tmp_path / "unknown.safetensors"), "no_such"),
         "wrong rank": (write(wrong_rank, tmp_path / "rank.safetensors"), "img_in"),
         "another model": (write(other_model, tmp_path / "other.safetensors"), "proj_out"),
-        "widened img_in": (write(widened, tmp_path / "control.safetensors"), "widens it to 128"),
+        "widened img_in": (write(widened, tmp_path / "control.safetensors"), "down [4, 192]"),
         "truncated": (tmp_path / "truncated.safetensors", "truncated"),
         "empty": (write({}, tmp_path / "empty.safetensors"), "holds no tensors"),
         "pickle": (tmp_path / "pytorch_lora_weights.bin", "safetensors"),
@@ -354,7 +354,7 @@ def test_generate_refuses_a_bad_lora_value(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", "tiny-random", "--lora", value])
     assert exit_info.value.code == 2
-    assert f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE" in capsys.readouterr().err
+    assert f"--lora {value}: give [NAME=]PATH_OR_ID or [NAME=]PATH_OR_ID:SCALE" in capsys.readouterr().err
 
 
 def test_generate_fuse_lora_needs_a_lora(capsys):

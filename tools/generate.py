@@ -21,6 +21,7 @@ Usage errors exit with status 2, loading errors with 1, each with one sentence o
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ from flux_parallel.parallel import comm
 from flux_parallel.parallel.context import ParallelContext, close_distributed, exit_process, init_distributed
 from flux_parallel.weights import DTYPES, CheckpointError, check_device
 
-TINY_SIZES = {"tiny": 64, "tiny-random": 256}  # default px: the trained model's resolution; any for random weights
+# default px: the trained models' resolution; any for random weights
+TINY_SIZES = {"tiny": 64, "tiny-kontext": 64, "tiny-random": 256}
 # the pipeline's image arguments and the flags that give them, for its refusals (ImageArgumentError)
 IMAGE_FLAGS = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image", "strength": "--strength"}
 
@@ -100,7 +102,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     """The model, runtime and parallel flags; tools/serve.py takes the same ones."""
     p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell",
                    help="pipeline folder, BFL folder or hub repo id; 'tiny' = the shipped tiny model trained on "
-                   "captioned shapes, 'tiny-random' = seeded random tiny weights (both offline)")
+                   "captioned shapes, 'tiny-kontext' = the same fine-tuned to edit them (--image), "
+                   "'tiny-random' = seeded random tiny weights (all offline)")
     p.add_argument("--transformer", help="override: a flux1-*.safetensors file or transformer folder")
     p.add_argument("--vae", help="override: an ae.safetensors file or vae folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (float32 for tiny)")
@@ -138,9 +141,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
                    choices=["replicated", "rank0"], default="replicated",
                    help="T5 and CLIP on every rank, or on rank 0 of each replica, which broadcasts the embeddings")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
-                        "(default 1); give it several times for several adapters")
+                        "(default 1), named NAME (default lora_<index>); give it several times for several adapters")
     p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA adapters into the weights")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the job fails")
 
@@ -154,6 +157,8 @@ def apply_defaults(args) -> None:
         if getattr(args, name) is None and not from_image:
             setattr(args, name, TINY_SIZES.get(args.model, 1024))
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
+    if args.model == "tiny-kontext":  # trained on 64 px references; the preferred Kontext sizes are 1024 px
+        args.auto_resize = False
 
 
 # CacheConfig's options: (argparse dest, flag)
@@ -259,18 +264,22 @@ def check_pipeline_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(err))
 
 
-def parse_lora(parser: argparse.ArgumentParser, value: str) -> tuple[str, float]:
-    """--lora PATH_OR_ID[:SCALE] -> (source, scale); the text after the last ':' is the scale."""
-    source, colon, scale = value.rpartition(":")
+def parse_lora(parser: argparse.ArgumentParser, value: str) -> tuple[str | None, str, float]:
+    """--lora [NAME=]PATH_OR_ID[:SCALE] -> (name or None, source, scale); the text after the last ':' is the
+    scale, a word before the first '=' the name."""
+    name, equals, rest = value.partition("=")
+    name, target = (name, rest) if equals and re.fullmatch(r"[\w.-]+", name) else (None, value)
+    source, colon, scale = target.rpartition(":")
     if not colon:
-        source, scale = value, "1"
+        source, scale = target, "1"
     try:
         number = float(scale)
     except ValueError:
         number = float("nan")
     if not source or not math.isfinite(number):
-        parser.error(f"--lora {value}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite number as SCALE")
-    return source, number
+        parser.error(f"--lora {value}: give [NAME=]PATH_OR_ID or [NAME=]PATH_OR_ID:SCALE with a finite number as "
+                     "SCALE")
+    return name, source, number
 
 
 class Progress:
@@ -292,6 +301,8 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
         pipe = FluxPipeline.tiny(dtype=dtype, device=device, variant=getattr(args, "variant", None), **options)
+    elif args.model == "tiny-kontext":
+        pipe = FluxPipeline.tiny_kontext(dtype=dtype, device=device, **options)
     elif args.model == "tiny-random":
         pipe = FluxPipeline.tiny_random(seed=0, dtype=dtype, device=device, variant=getattr(args, "variant", None),
                                         **options)
@@ -300,9 +311,9 @@ def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipel
                                             vae=args.vae, variant=getattr(args, "variant", None), **options)
     if args.t5_int8 and pipe.text.t5 is not None:  # a rank without the encoders receives the embeddings
         quantize_int8_weights(pipe.text.t5)
-    for index, (source, scale) in enumerate(args.loras):
+    for index, (name, source, scale) in enumerate(args.loras):
         try:
-            pipe.load_lora(source, f"lora_{index}", scale)
+            pipe.load_lora(source, name or f"lora_{index}", scale)
         except CheckpointError as err:
             raise CheckpointError(f"--lora {source}: {err}") from None
     if args.fuse_lora:

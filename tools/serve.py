@@ -2,6 +2,7 @@
 
     python tools/serve.py --model tiny --port 8000
     torchrun --nproc_per_node 2 tools/serve.py --model tiny --ulysses-degree 2 --use-parallel-vae --port 8000
+    python tools/serve.py --model ... --lora style=style.safetensors --lora ink=ink.safetensors
 
 Takes every model and parallel flag of tools/generate.py; with --data-parallel-degree N each batch of
 requests is split over the N replicas (a batch smaller than N is padded). Rank 0 serves the API and the page on
@@ -12,6 +13,9 @@ on a collective longer than that, and the death of any rank fails the next colle
 --timeout) instead of leaving a hung service: the rank that sees it exits non-zero, which makes
 torchrun stop the job. SIGTERM (or Ctrl-C) stops taking requests, finishes the running one, answers
 the queued ones 503 and exits 0 on every rank.
+
+LoRA adapters (--lora NAME=PATH, repeatable) load once at start; a request's `loras` field sets their
+scales for its call (the ones it leaves out at 0), on every rank, without reloading.
 """
 
 import argparse
@@ -117,6 +121,8 @@ def run_job(pipe, batch: list[dict], jobs: list[Job] | None, group, device: torc
         pipe.progress = lambda done, total: [job.on_progress(done, total) for job in jobs]
     start, status, problem = time.perf_counter(), OK, ""
     try:
+        if batch[0].get("loras") is not None:  # the batch's adapter scales (its requests agree on them), every rank
+            pipe.set_lora_scales(dict(batch[0]["loras"]))
         images = pipe(**batch_call(batch, pipe.kind, pipe.parallel.data_degree), output_type="pt")
     except Exception as err:  # noqa: BLE001 - reported to the client as a 500, the traceback to stderr
         traceback.print_exc()
@@ -141,7 +147,7 @@ def batch_call(batch: list[dict], kind: str, replicas: int = 1) -> dict:
     first = batch[0]
     noise = torch.cat([get_noise(1, first["height"], first["width"], p["seed"]) for p in batch])
     negatives = [p["negative_prompt"] for p in batch] if first["negative_prompt"] is not None else None
-    shared = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed", *EDIT_PARAMS)}
+    shared = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed", "loras", *EDIT_PARAMS)}
     images = edit_arguments(first, kind) if "image_b64" in first else {}
     return {**shared, **images, "prompt": [p["prompt"] for p in batch], "negative_prompt": negatives,
             "latents": noise}

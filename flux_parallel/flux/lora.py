@@ -15,6 +15,7 @@ are first copied to the host, and unfusing or unloading copies them back, bit fo
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -122,6 +123,7 @@ class LoRAAdapters:
         self.values: dict[str, float] = {}  # adapter -> its scale as given (the tensors hold it in float32)
         self.replaced: dict[str, tuple[str, Tensor]] = {}  # parameter -> (adapter, original value on the host)
         self.fused_originals: dict[str, tuple[Tensor, Tensor | None]] | None = None  # None: not fused
+        self.widened: tuple[str, nn.Module] | None = None  # (adapter, the original img_in) while a control LoRA is in
 
     @property
     def adapters(self) -> dict[str, float]:
@@ -159,9 +161,11 @@ class LoRAAdapters:
         shapes = {key: linear_shape(module) for key, module in self.linears().items()}
         lora = parse_lora(tensors, metadata, params, shapes, path)
         self._check_replacements(lora, path)
+        self._check_widening(lora, path)
         fused = self.fused_originals is not None
         if fused:
             self.unfuse()
+        self._widen(name, lora)
         self._add(name, lora, scale)
         if fused:
             self.fuse()
@@ -181,6 +185,40 @@ class LoRAAdapters:
                 found = list(params[key].shape) if key in params else "no such parameter"
                 raise CheckpointError(f"{source}: {key.split('.', 1)[1]} {list(value.shape)} does not fit this "
                                       f"model ({found})")
+
+    def _check_widening(self, lora: LoRAFile, source: str) -> None:
+        features = lora.img_in_features
+        widens = features is not None and features != linear_shape(self.components["transformer"].img_in)[1]
+        # a second adapter on a widened img_in would outlive the widening when the first is unloaded
+        if (widens or self.widened is not None) and features is not None and (
+                self.widened is not None or isinstance(self.components["transformer"].img_in, LoRALinear)):
+            holder = self.widened[0] if self.widened else ", ".join(self.wrappers()["transformer.img_in"].factors)
+            raise CheckpointError(f"{source} adapts img_in ({features} channels), but adapter {holder} already "
+                                  "adapts it and one of them is a control LoRA widening it: unload that first")
+
+    def _widen(self, name: str, lora: LoRAFile) -> None:
+        """A control LoRA's img_in takes [latents | control latents]: while it is loaded, img_in is a copy
+        of the original with zero columns for the control channels (diffusers zero-pads it the same way),
+        and the model's params say so; unloading puts the original module back, bit for bit."""
+        model, features = self.components["transformer"], lora.img_in_features
+        if features is None or features == linear_shape(model.img_in)[1]:
+            return
+        original = model.img_in
+        widened = nn.Linear(features, original.out_features, original.bias is not None,
+                            device=original.weight.device, dtype=original.weight.dtype)
+        with torch.no_grad():
+            widened.weight.zero_()[:, : original.in_features] = original.weight
+            if original.bias is not None:
+                widened.bias.copy_(original.bias)
+        model.img_in, model.params = widened, replace(model.params, in_channels=features)
+        self.widened = (name, original)
+
+    def _narrow(self, names: list[str]) -> None:
+        if self.widened is None or self.widened[0] not in names:
+            return
+        model, original = self.components["transformer"], self.widened[1]
+        model.img_in, model.params = original, replace(model.params, in_channels=original.in_features)
+        self.widened = None
 
     def _add(self, name: str, lora: LoRAFile, scale: float) -> None:
         self.scales[name], self.values[name] = {}, float(scale)
@@ -272,6 +310,7 @@ class LoRAAdapters:
                 component, module = key.split(".", 1)
                 _set_submodule(self.components[component], module, wrapper.base)
         self._restore_replaced(names)
+        self._narrow(names)
         for adapter in names:
             del self.scales[adapter], self.values[adapter]
         if fused and self.scales:

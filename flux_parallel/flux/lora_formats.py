@@ -8,7 +8,9 @@ The layout is recognised from the keys alone (as diffusers' FluxLoraLoaderMixin 
 - XLabs (x-flux): `double_blocks.0.processor.qkv_lora1.down.weight`; a single block's `qkv_lora`
   updates only the q/k/v rows (the first 3 * hidden) of `linear1`.
 - BFL control LoRAs: `lora_A`/`lora_B` (with `lora_B.bias`) on our names, plus `query_norm.scale` /
-  `key_norm.scale` tensors that replace the model's.
+  `key_norm.scale` tensors that replace the model's. Their `img_in` factors take 128 channels (noise and
+  control-image latents): the base img_in is widened with zero columns while loaded (flux/lora.py), as
+  diffusers' `_maybe_expand_transformer_param_shape_or_error_` does.
 - diffusers / PEFT: `transformer.<diffusers name>.lora_A.weight`, `text_encoder.text_model.<CLIP name>`;
   diffusers' separate to_q/to_k/to_v are row slices of our fused qkv / linear1, and norm_out's
   halves are (scale, shift) where ours are (shift, scale): lora_B's rows are swapped, never lora_A.
@@ -39,6 +41,8 @@ SUFFIXES = {  # longest first: ".lora_down.weight" must not be read as ".down.we
 }
 DIFFUSERS_STARTS = ("transformer.", "text_encoder.", "transformer_blocks.", "single_transformer_blocks.", "x_embedder.",
                     "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")  # the last: unprefixed PEFT
+# img_in widths a LoRA may widen a 64-channel img_in to: Canny/Depth control LoRAs take [noise | control latents]
+WIDENED_IMG_IN = (128,)
 XLABS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
          "proj_lora2": "txt_attn.proj", "proj_lora": "linear2", "qkv_lora": "linear1"}
 
@@ -60,6 +64,11 @@ class LoRAFile:
     layout: str
     factors: list[LoRAFactor]
     replacements: dict[str, Tensor]  # parameter name -> the value that replaces it (BFL's QK-norm scales)
+
+    @property
+    def img_in_features(self) -> int | None:
+        """The input channels img_in's factors take (a control LoRA's 128), None where it has none."""
+        return next((f.down.shape[1] for f in self.factors if f.module == "transformer.img_in"), None)
 
 
 @dataclass
@@ -237,10 +246,8 @@ def _factor(stem: str, parts: dict[str, Tensor], placement: Placement, shapes, c
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise CheckpointError(f"{source}: the LoRA factors of {name} do not match in rank "
                               f"(down {list(down.shape)}, up {list(up.shape)})")
-    if placement.module == "transformer.img_in" and down.shape[1] > in_features:
-        raise CheckpointError(f"{source}: img_in takes {in_features} channels here but this LoRA widens it to "
-                              f"{down.shape[1]} (a BFL Canny/Depth control LoRA, which needs a control-image input "
-                              "this pipeline does not have)")
+    if placement.module == "transformer.img_in" and down.shape[1] in WIDENED_IMG_IN and in_features < down.shape[1]:
+        in_features = down.shape[1]  # a control LoRA: img_in is widened (LoRAAdapters zero-pads the base)
     if down.shape[1] != in_features or up.shape[0] != rows[1] - rows[0] or (
             bias is not None and list(bias.shape) != [up.shape[0]]):
         raise CheckpointError(f"{source}: {name} maps {in_features} features to {rows[1] - rows[0]} here, but the "

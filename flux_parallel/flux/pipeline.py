@@ -23,6 +23,7 @@ from flux_parallel.flux.image_modes import ImageRequest, Start, image_request, i
 from flux_parallel.flux.lora import LoRAAdapters
 from flux_parallel.flux.model import Flux
 from flux_parallel.flux.pipeline_folder import (
+    CHANNEL_KINDS,
     KIND_CHANNELS,
     VARIANT_KINDS,
     check_variant,
@@ -94,6 +95,7 @@ class FluxPipeline:
         check_variant(variant)
         self.kind = transformer_kind(transformer.params.in_channels, "the transformer given",
                                      VARIANT_KINDS.get(variant), f"variant {variant}")
+        self.base_kind = self.kind  # a control LoRA makes it "control" while loaded (_follow_channels)
         if vae_stripes is not None and (not isinstance(vae_stripes, int) or vae_stripes < 1):
             raise ValueError(f"vae_stripes must be a positive integer (the number of row stripes), got {vae_stripes!r}")
         self.transformer, self.vae, self.text, self.schedule = transformer, vae, text, schedule
@@ -163,6 +165,17 @@ class FluxPipeline:
         return cls.from_pretrained(Path(__file__).resolve().parent / "assets" / "tiny", dtype, device, **options)
 
     @classmethod
+    def tiny_kontext(cls, dtype: torch.dtype = torch.float32, device="cpu", **options) -> "FluxPipeline":
+        """The trained tiny FLUX.1 Kontext (flux/assets/tiny-kontext; tools/train_tiny_kontext.py;
+        docs/tiny-kontext.md): the tiny model fine-tuned to edit the shapes of shapes/data.py ("make the circle
+        red", "change the background to blue"), with the tiny model's text encoders and VAE. Its references
+        are 64x64 px: call it with auto_resize=False (the preferred Kontext resolutions are 1024 px)."""
+        assets = Path(__file__).resolve().parent / "assets"
+        transformer = assets / "tiny-kontext" / "flux1-kontext-tiny.safetensors"
+        return cls.from_pretrained(assets / "tiny", dtype, device, transformer=transformer, variant="kontext",
+                                   **options)
+
+    @classmethod
     def tiny_random(
         cls,
         seed: int = 0,
@@ -199,7 +212,9 @@ class FluxPipeline:
                   weight_name: str | None = None) -> str:
         """A LoRA file, a folder (pytorch_lora_weights.safetensors or weight_name) or a hub repo id with
         weight_name, in any layout of flux/lora_formats.py -> the adapter's name."""
-        return self.lora.load(source, adapter_name, scale, self.transformer.params, weight_name)
+        name = self.lora.load(source, adapter_name, scale, self.transformer.params, weight_name)
+        self._follow_channels()
+        return name
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         self.lora.set_scales(scales)
@@ -212,6 +227,13 @@ class FluxPipeline:
 
     def unload_lora(self, name: str | None = None) -> None:
         self.lora.unload(name)
+        self._follow_channels()
+
+    def _follow_channels(self) -> None:
+        """A BFL control LoRA widens img_in to 128 channels while it is loaded (flux/lora.py): the pipeline
+        is a Control pipeline then (control_image=), and its own kind again once it is unloaded."""
+        channels = self.transformer.params.in_channels
+        self.kind = self.base_kind if channels == KIND_CHANNELS[self.base_kind] else CHANNEL_KINDS[channels]
 
     @property
     def lora_adapters(self) -> dict[str, float]:

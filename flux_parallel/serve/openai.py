@@ -6,7 +6,7 @@ arguments of one pipeline call per image: image i of `n` uses seed + i, so it is
 with that seed and n = 1 gets. Errors take OpenAI's shape, {"error": {"message", "type", "param",
 "code"}}, with `param` the request field at fault. Extensions beyond OpenAI's fields, under these
 names: `seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale` (FLUX.1-dev's distilled
-guidance), `true_cfg_scale`.
+guidance), `true_cfg_scale`, `loras` (the LoRA adapters' scales, as on /generate).
 """
 
 import base64
@@ -29,7 +29,7 @@ from flux_parallel.serve.request import TYPE_NAMES, Limits, check_range, has_typ
 GENERATION_FIELDS = {"prompt": str, "model": str, "n": int, "size": str, "response_format": str, "user": str,
                      "quality": str, "style": str, "output_format": str, "stream": bool,
                      "seed": int, "negative_prompt": str, "num_inference_steps": int, "guidance_scale": float,
-                     "true_cfg_scale": float}
+                     "true_cfg_scale": float, "loras": list}
 # the /generate field each extension is checked as, and back for error messages
 AS_GENERATE = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 RESPONSE_FORMATS = ("b64_json", "url")
@@ -119,7 +119,7 @@ def check_common(fields: dict, model_id: str, limits: Limits) -> tuple[int, str]
 def generation_params(fields: dict, generate: dict, n: int, pipe: FluxPipeline, limits: Limits) -> list[dict]:
     """`generate` (prompt, size, seed as /generate takes them) and the extensions in `fields` -> the checked
     keyword arguments of each of the n images (image i: seed + i)."""
-    for name in ("negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale"):
+    for name in ("negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale", "loras"):
         if name in fields:
             generate[AS_GENERATE.get(name, name)] = fields[name]
     try:
@@ -223,6 +223,14 @@ def typed(name: str, text: str):
         if text not in ("true", "false"):
             raise APIError(400, f"{name!r} must be true or false, got {text!r}", param=name, code="invalid_type")
         return text == "true"
+    if kind is list:  # a form field holds JSON text: loras='[{"name": "ink", "scale": 0.8}]'
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list):
+            raise APIError(400, f"{name!r} must be a JSON list, got {text!r}", param=name, code="invalid_type")
+        return value
     try:
         return text if kind is str else kind(text)
     except ValueError:

@@ -13,8 +13,9 @@ from flux_parallel.flux.sampling import check_image_size
 
 # field -> the JSON type it takes; every field but the prompt may be left out or null
 FIELDS = {"prompt": str, "negative_prompt": str, "true_cfg_scale": float, "height": int, "width": int,
-          "steps": int, "guidance": float, "seed": int, "max_sequence_length": int}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+          "steps": int, "guidance": float, "seed": int, "max_sequence_length": int, "loras": list}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+LORAS_FORM = '[{"name": "style", "scale": 0.8}, ...]'  # the form of the `loras` field, for messages
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,31 @@ def parse_fields(fields: dict, pipe: FluxPipeline, size: tuple[int, int], limits
     cfg_scale = get("true_cfg_scale", 1.0)
     if cfg_scale < 1:
         raise ValueError(f"'true_cfg_scale' must be at least 1 (1 turns true CFG off), got {cfg_scale}")
+    loras = parse_loras(get("loras", []), pipe.lora_adapters)
     # checked as the rank loop will run it: in a batch padded to a request per data-parallel replica
     prompts, negatives = expand_prompts(prompt, negative, cfg_scale, pipe.parallel.data_degree)
     pipe.check_call(prompts, negatives, height, width, steps, max_len, None)  # the model's limits, e.g. T5's
     return {"prompt": prompt, "negative_prompt": negative, "true_cfg_scale": cfg_scale, "height": height,
             "width": width, "num_steps": steps, "guidance": get("guidance"), "seed": seed,
-            "max_sequence_length": max_len}
+            "max_sequence_length": max_len, "loras": loras}
+
+
+def parse_loras(entries: list, loaded: dict) -> tuple[tuple[str, float], ...]:
+    """The `loras` field -> the scale of every loaded adapter, (name, scale) sorted by name: the adapters the
+    request leaves out at 0. A tuple, so that requests with other adapters never share a batch (app.batch_key)."""
+    scales = dict.fromkeys(loaded, 0.0)
+    named = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "scale"}:
+            raise ValueError(f"'loras' must be a list of {{name, scale}} objects such as {LORAS_FORM}, "
+                             f"got {json.dumps(entry)}")
+        name, scale = entry["name"], entry.get("scale", 1.0)
+        if name not in scales:
+            raise ValueError(f"'loras' names the adapter {name!r}, which this service has not loaded (its adapters: "
+                             f"{', '.join(sorted(loaded)) or 'none'}; --lora NAME=PATH)")
+        if name in named or not has_type(scale, float):
+            raise ValueError(f"'loras' gives {name!r} twice or a scale that is not a finite number: "
+                             f"{json.dumps(entry)}")
+        named.add(name)
+        scales[name] = float(scale)
+    return tuple(sorted(scales.items()))

@@ -14,7 +14,7 @@ split never draws, in any size or position: the model must compose them from par
 import functools
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -122,3 +122,38 @@ def caption_corpus() -> list[str]:
         Scene(shape, colour, background, size, position, (0, 0)).caption
         for (colour, shape, background), size, position in itertools.product(combinations, SIZES, POSITIONS)
     ]
+
+
+# Edits for the tiny Kontext: a source scene, an instruction in a fixed grammar, the scene it asks for.
+EDIT_KINDS = ("shape", "background")
+
+
+@dataclass(frozen=True)
+class Edit:
+    source: Scene
+    target: Scene
+    kind: str  # "shape": recolour the shape, keep the background; "background": the other way round
+
+    @property
+    def caption(self) -> str:
+        if self.kind == "shape":
+            return f"make the {self.target.shape} {self.target.colour}"
+        return f"change the background to {self.target.background}"
+
+
+def sample_edit(rng: random.Random, split: str = "train") -> Edit:
+    """An edit whose result is a scene of the split: held-out edits produce the held-out (colour, shape,
+    background) combinations, which training edits never produce nor start from."""
+    held_out = held_out_combinations()
+    while True:
+        target, kind = sample_scene(rng, split), rng.choice(EDIT_KINDS)
+        kept = target.background if kind == "shape" else target.colour  # the part the edit leaves alone
+        old = rng.choice([c for c in COLOURS if c not in (kept, target.colour, target.background)])
+        source = replace(target, colour=old) if kind == "shape" else replace(target, background=old)
+        if split == "held_out" or (source.colour, source.shape, source.background) not in held_out:
+            return Edit(source, target, kind)
+
+
+def edit_corpus() -> list[str]:
+    """Every edit caption the grammar makes."""
+    return [f"make the {s} {c}" for s in SHAPES for c in COLOURS] + [f"change the background to {c}" for c in COLOURS]

@@ -97,3 +97,35 @@ def generate(pipe, captions: list[str], seed: int, num_steps: int | None = None,
              output_type="pt")
         for i in range(0, len(captions), batch)
     ])
+
+
+def edit_accuracy(images: Tensor, edits: list) -> dict:
+    """images [B, 3, H, W] in [0, 1], the results of shapes.Edit's -> the fraction whose asked colour is there
+    (the shape's or the background's, by the edit's kind), whose untouched part kept its colour, and both
+    ("colours": the edit check)."""
+    if images.ndim != 4 or images.shape[0] != len(edits):
+        raise ValueError(f"images must be [{len(edits)}, 3, H, W] for {len(edits)} edits, got {list(images.shape)}")
+    right = {"asked": [], "kept": [], "colours": []}
+    for image, edit in zip(images, edits):
+        got = measure(image)
+        asked, kept = ("colour", "background") if edit.kind == "shape" else ("background", "colour")
+        right["asked"].append(got[asked] == getattr(edit.target, asked))
+        right["kept"].append(got[kept] == getattr(edit.source, kept))
+        right["colours"].append(right["asked"][-1] and right["kept"][-1])
+    return {name: sum(hits) / len(hits) for name, hits in right.items()} | {"count": len(edits)}
+
+
+def evaluation_edits(split: str, count: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    return [shapes.sample_edit(rng, split) for _ in range(count)]
+
+
+def generate_edits(pipe, edits: list, seed: int, num_steps: int | None = None, batch: int = 20) -> Tensor:
+    """[len(edits), 3, 64, 64] in [0, 1]: a Kontext pipeline's result for each edit's source and caption."""
+    sources = torch.stack([shapes.render(e.source) for e in edits])
+    size = shapes.IMAGE_SIZE
+    return torch.cat([
+        pipe([e.caption for e in edits[i : i + batch]], image=sources[i : i + batch], height=size, width=size,
+             num_steps=num_steps, seed=seed + i // batch, output_type="pt", auto_resize=False)
+        for i in range(0, len(edits), batch)
+    ])
