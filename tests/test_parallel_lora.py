@@ -1,5 +1,6 @@
-"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses, Ring, CFG-parallel and PipeFusion images
-equal the single-process one, unfused and fused (a PipeFusion rank holds, and fuses, its stage's blocks only)."""
+"""A LoRA (transformer and CLIP) loaded on every rank: the Ulysses, Ring, CFG-parallel, PipeFusion and tensor-
+parallel images equal the single-process one, unfused and fused (a PipeFusion rank holds, and fuses, its stage's
+blocks only; a tensor-parallel rank the factors of its slices)."""
 
 import pytest
 import torch
@@ -60,8 +61,10 @@ def _check_rank(rank, world, degrees, fuse, lora, expected_file):
 @pytest.mark.parametrize("degrees, fuse", [(dict(ulysses_degree=2), False),
                                            (dict(ring_degree=2), True),
                                            (dict(cfg_degree=2), False),
-                                           (dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=3), True)],
-                         ids=["ulysses2-unfused", "ring2-fused", "cfg2-unfused", "pipefusion2-fused"])
+                                           (dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=3), True),
+                                           (dict(tensor_degree=2), False), (dict(tensor_degree=2), True)],
+                         ids=["ulysses2-unfused", "ring2-fused", "cfg2-unfused", "pipefusion2-fused", "tensor2-unfused",
+                              "tensor2-fused"])
 def test_parallel_lora_image_equals_single_process(degrees, fuse, tmp_path):
     lora = kohya_file(tmp_path / "lora.safetensors")
     expected = lora_image(None, lora, fuse, call_for(degrees))

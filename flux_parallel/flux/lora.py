@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from flux_parallel.flux.layers import linear_rows
 from flux_parallel.flux.lora_formats import LoRAFactor, LoRAFile, parse_lora, read_lora
 from flux_parallel.flux.quantize import _set_submodule
+from flux_parallel.parallel import comm
+from flux_parallel.parallel.tensor import GatheredLinear, RowParallelLinear
 from flux_parallel.weights import CheckpointError
 
 
@@ -49,7 +51,9 @@ class LoRALinear(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return linear_shape(self.base)[0]
+        """The rows this module outputs: the base's own (a gathered tensor-parallel linear's, all of them)."""
+        shard = getattr(self.base, "tensor_shard", None)
+        return shard.full[0] if shard is not None and shard.kind == "gathered" else local_shape(self.base)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self._add_factors(x, self.base(x), 0, self.out_features)
@@ -60,9 +64,14 @@ class LoRALinear(nn.Module):
         return self._add_factors(x, linear_rows(self.base, x, rows), start, stop)
 
     def _add_factors(self, x: Tensor, out: Tensor, start: int, stop: int) -> Tensor:
-        """out: the base's output rows [start, stop); each factor adds to the rows it shares with them."""
+        """out: the base's output rows [start, stop); each factor adds to the rows it shares with them.
+        A row-parallel tensor-parallel base sees this rank's input columns only: its factors' products are
+        partial sums, added up over the tensor group (one more all-reduce) before they join `out`."""
         if self.fused:
             return out
+        row_parallel = isinstance(self.base, RowParallelLinear)
+        if row_parallel:
+            out, whole = torch.zeros_like(out), out
         for name, factors in self.factors.items():
             for f in factors:
                 lo, hi = max(f.rows[0], start), min(f.rows[1], stop)
@@ -72,21 +81,30 @@ class LoRALinear(nn.Module):
                 bias = None if f.bias is None else f.bias[lo - f.rows[0] : hi - f.rows[0]]
                 delta = F.linear(F.linear(x, f.down), up, bias)  # [..., hi - lo], through rank dims only
                 out[..., lo - start : hi - start] += delta * (self.scales[name] * f.scale)
-        return out
+        return whole + comm.all_reduce(out, self.base.group) if row_parallel else out
 
     def merge(self) -> None:
         """Add every factor's product to the base's weight (and bias), in float32, cast back once."""
         weight = self.base.weight
         merged = weight.detach().float()  # a copy: the weight changes once, at the end
         merged_bias = None if self.base.bias is None else self.base.bias.detach().float()
+        # a gathered tensor-parallel base holds some rows of the whole output its factors are for
+        shard = getattr(self.base, "tensor_shard", None)
+        gathered = shard is not None and shard.kind == "gathered"
+        target, target_bias = (torch.zeros(shard.full), torch.zeros(shard.full[:1])) if gathered else \
+            (merged, merged_bias)
         for name, factors in self.factors.items():
             for f in factors:
                 scale = float(self.scales[name]) * f.scale
-                merged[f.rows[0] : f.rows[1]] += (f.up.float() @ f.down.float()) * scale
+                target[f.rows[0] : f.rows[1]] += (f.up.float() @ f.down.float()) * scale
                 if f.bias is not None:
                     if merged_bias is None:
                         raise ValueError("fuse_lora: a LoRA bias on a linear layer without bias cannot be fused")
-                    merged_bias[f.rows[0] : f.rows[1]] += f.bias.float() * scale
+                    target_bias[f.rows[0] : f.rows[1]] += f.bias.float() * scale
+        if gathered:
+            merged += shard.take(target).to(merged.device)
+            if merged_bias is not None:
+                merged_bias += shard.take(target_bias).to(merged_bias.device)
         with torch.no_grad():
             weight.copy_(merged.to(weight.dtype))
             if merged_bias is not None:
@@ -95,22 +113,51 @@ class LoRALinear(nn.Module):
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of an nn.Linear, an FP8Linear (flux/quantize.py) or a LoRALinear."""
+    """(out, in) of the whole linear a LoRA is for: an nn.Linear, an FP8Linear (flux/quantize.py), a
+    LoRALinear, or a tensor-parallel rank's part of one (its whole shape)."""
     if isinstance(module, LoRALinear):
         return linear_shape(module.base)
-    weight = module.weight if isinstance(module, nn.Linear) else module.weight_fp8
-    return tuple(weight.shape)
+    shard = getattr(module, "tensor_shard", None)
+    return tuple(shard.full) if shard is not None else local_shape(module)
+
+
+def local_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the weight this process holds."""
+    return tuple((module.weight_fp8 if hasattr(module, "weight_fp8") else module.weight).shape)
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoRALinear)) or hasattr(module, "weight_fp8")
+    return isinstance(module, (nn.Linear, LoRALinear)) or hasattr(module, "weight_fp8") or \
+        hasattr(module, "tensor_shard")
 
 
 def _device_and_dtype(linear: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where a linear computes and in which dtype: an FP8Linear returns its original dtype."""
-    if isinstance(linear, nn.Linear):
-        return linear.weight.device, linear.weight.dtype
-    return linear.weight_fp8.device, linear.out_dtype
+    if hasattr(linear, "weight_fp8"):
+        return linear.weight_fp8.device, linear.out_dtype
+    return linear.weight.device, linear.weight.dtype
+
+
+def tensor_parallel_part(factor: LoRAFactor, shard) -> list[LoRAFactor]:
+    """A factor for a whole linear -> the factors of this tensor-parallel rank's part of it (shard: the
+    part's parallel/tensor.py Shard; None: no split). Column-parallel: the up factor's rows this rank
+    holds, at their local positions; row-parallel: the down factor's columns of this rank's inputs (the
+    products are partial sums: LoRALinear adds them up); gathered: the whole factor (it adds to the
+    gathered output)."""
+    if shard is None or shard.kind == "gathered":
+        return [factor]
+    if shard.kind == "row":
+        down = torch.cat([factor.down[:, a:b] for a, b in shard.ranges], dim=1)
+        return [replace(factor, down=down)]
+    parts, offset = [], 0
+    for a, b in shard.ranges:  # this rank's rows, concatenated in this order
+        lo, hi = max(a, factor.rows[0]), min(b, factor.rows[1])
+        if lo < hi:
+            take = slice(lo - factor.rows[0], hi - factor.rows[0])
+            parts.append(replace(factor, rows=(offset + lo - a, offset + hi - a), up=factor.up[take],
+                                             bias=None if factor.bias is None else factor.bias[take]))
+        offset += b - a
+    return parts
 
 
 class LoRAAdapters:
@@ -226,7 +273,8 @@ class LoRAAdapters:
         for factor in lora.factors:
             wrapper = self._wrapper(factor.module, linears)
             device, dtype = _device_and_dtype(wrapper.base)
-            wrapper.factors.setdefault(name, []).append(_moved(factor, device, dtype))
+            for part in tensor_parallel_part(factor, getattr(wrapper.base, "tensor_shard", None)):
+                wrapper.factors.setdefault(name, []).append(_moved(part, device, dtype))
             wrapper.scales[name] = self._scale(name, device, scale)
         params = self.parameters()
         with torch.no_grad():
@@ -272,7 +320,8 @@ class LoRAAdapters:
         """Merge every adapter into the weights (originals kept on the host until unfuse or unload)."""
         if self.fused_originals is not None:
             return
-        if any(not isinstance(m.base, nn.Linear) for m in self.wrappers().values()):
+        plain = (nn.Linear, RowParallelLinear, GatheredLinear)
+        if any(not isinstance(m.base, plain) for m in self.wrappers().values()):
             raise ValueError("fuse_lora needs plain linear layers; FP8 layers run LoRA unfused only")
         wrappers = {key: m for key, m in self.wrappers().items() if not m.weight.is_meta}  # a PipeFusion stage
         self.fused_originals = {}

@@ -34,6 +34,7 @@ Composition: the sp axes (Ulysses, ring) see H/T heads per rank and split those 
 H % (T x ulysses) == 0; cfg, data, the parallel VAE and step caching see whole activations.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ class Shard:
     dim: int
     ranges: tuple[tuple[int, int], ...]
     sizes: tuple[int, ...] = ()  # "gathered": every rank's output width, for the uneven all-gather
+    full: tuple[int, ...] = ()  # the whole parameter's shape (a LoRA's factors are for the whole linear)
 
     def take(self, full: Tensor) -> Tensor:
         """This rank's part of the full tensor (or of a safetensors slice, which supports basic slicing)."""
@@ -84,25 +86,27 @@ def shard_plan(params, rank: int, degree: int) -> dict[str, Shard]:
     mlp = _chunk(m, rank, degree)
     mod = {6: _chunk(6 * h, rank, degree), 3: _chunk(3 * h, rank, degree)}
     gathered = {k: Shard("gathered", 0, (rows,), tuple(shard_sizes(k * h, degree))) for k, rows in mod.items()}
+    gathered = {k: dataclasses.replace(g, full=(k * h, h)) for k, g in gathered.items()}
     linears: dict[str, Shard] = {}
     for i in range(params.depth):
         for stream in ("img", "txt"):
             prefix = f"double_blocks.{i}.{stream}"
-            linears[f"{prefix}_attn.qkv"] = Shard("column", 0, heads)
-            linears[f"{prefix}_attn.proj"] = Shard("row", 1, (heads[0],))
-            linears[f"{prefix}_mlp.0"] = Shard("column", 0, (mlp,))
-            linears[f"{prefix}_mlp.2"] = Shard("row", 1, (mlp,))
+            linears[f"{prefix}_attn.qkv"] = Shard("column", 0, heads, full=(3 * h, h))
+            linears[f"{prefix}_attn.proj"] = Shard("row", 1, (heads[0],), full=(h, h))
+            linears[f"{prefix}_mlp.0"] = Shard("column", 0, (mlp,), full=(m, h))
+            linears[f"{prefix}_mlp.2"] = Shard("row", 1, (mlp,), full=(h, m))
             linears[f"{prefix}_mod.lin"] = gathered[6]
     for i in range(params.depth_single_blocks):
         prefix = f"single_blocks.{i}"
-        linears[f"{prefix}.linear1"] = Shard("column", 0, (*heads, (3 * h + mlp[0], 3 * h + mlp[1])))
-        linears[f"{prefix}.linear2"] = Shard("row", 1, (heads[0], (h + mlp[0], h + mlp[1])))
+        linears[f"{prefix}.linear1"] = Shard("column", 0, (*heads, (3 * h + mlp[0], 3 * h + mlp[1])),
+                                             full=(3 * h + m, h))
+        linears[f"{prefix}.linear2"] = Shard("row", 1, (heads[0], (h + mlp[0], h + mlp[1])), full=(h, h + m))
         linears[f"{prefix}.modulation.lin"] = gathered[3]
     plan = {}
     for name, shard in linears.items():
         plan[f"{name}.weight"] = shard
         if shard.kind != "row":  # a row-parallel bias is added whole, once, after the all-reduce
-            plan[f"{name}.bias"] = Shard(shard.kind, 0, shard.ranges, shard.sizes)
+            plan[f"{name}.bias"] = Shard(shard.kind, 0, shard.ranges, shard.sizes, shard.full[:1])
     return plan
 
 
@@ -133,14 +137,17 @@ class GatheredLinear(nn.Module):
 
 
 def _sharded_linear(shard: Shard, weight: Tensor, bias: Tensor, group) -> nn.Module:
-    """The module holding `weight` and `bias` (already this rank's parts) that computes like `shard` says."""
+    """The module holding `weight` and `bias` (already this rank's parts) that computes like `shard` says;
+    it keeps `shard` as `tensor_shard` (a LoRA adapter splits its factors by it: flux/lora.py)."""
     if shard.kind == "row":
-        return RowParallelLinear(weight, bias, group)
-    if shard.kind == "gathered":
-        return GatheredLinear(weight, bias, group, shard.sizes)
-    local = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-    local.weight, local.bias = nn.Parameter(weight), nn.Parameter(bias)
-    return local
+        module = RowParallelLinear(weight, bias, group)
+    elif shard.kind == "gathered":
+        module = GatheredLinear(weight, bias, group, shard.sizes)
+    else:
+        module = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+        module.weight, module.bias = nn.Parameter(weight), nn.Parameter(bias)
+    module.tensor_shard = shard
+    return module
 
 
 def is_tensor_sharded(model: nn.Module) -> bool:
