@@ -9,6 +9,7 @@ import torch
 from helpers import rel_err
 from safetensors.torch import load_file, save_file
 
+from flux_parallel.flux.cache import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.launch import run_distributed
@@ -27,6 +28,12 @@ def case(mode: str) -> tuple[str | None, dict]:
         return "fill", dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1))
     if mode == "img2img":
         return None, dict(call, image=pixels(1, 48, 48), strength=0.7, num_steps=3)
+    if mode == "control":  # Canny/Depth: the control image's latents after the noise (128 channels)
+        return "canny", dict(call, control_image=pixels(4, 48, 48))
+    if mode == "kontext-cfg":  # true CFG: one branch per half of the ranks under cfg_degree 2
+        return "kontext", dict(case("kontext")[1], negative_prompt="blurry", true_cfg_scale=2.0)
+    if mode == "kontext-cached":  # a step cache decides identically on every rank in an image mode too
+        return "kontext", dict(case("kontext")[1], num_steps=6, cache=CacheConfig("dbcache", 0.8))
     if mode == "kontext-batch":  # one reference per prompt, two images per prompt: each replica takes its images
         references = torch.cat((pixels(1, 48, 48), pixels(3, 48, 48)))
         return "kontext", dict(call, prompt=["a red fox", "a cat"], image=references, num_images_per_prompt=2,
@@ -57,12 +64,22 @@ CASES = {  # id: (mode, degrees, world size)
     "inpaint-ulysses2": ("inpaint", dict(ulysses_degree=2), 2),
     "img2img-pipefusion2": ("img2img", PIPEFUSION, 2),
     "kontext-batch-data2-ulysses2": ("kontext-batch", dict(data_degree=2, ulysses_degree=2), 4),
+    "kontext-ulysses3": ("kontext", dict(ulysses_degree=3), 3),
+    "fill-ring3": ("fill", dict(ring_degree=3), 3),
+    "inpaint-usp2x2": ("inpaint", dict(ulysses_degree=2, ring_degree=2), 4),
+    "control-ulysses2": ("control", dict(ulysses_degree=2), 2),
+    "kontext-cfg2": ("kontext-cfg", dict(cfg_degree=2), 2),
+    "img2img-tensor2": ("img2img", dict(tensor_degree=2), 2),
+    "kontext-cached-ulysses2": ("kontext-cached", dict(ulysses_degree=2), 2),
 }
 
 
 @pytest.mark.parametrize("mode, degrees, world", CASES.values(), ids=CASES.keys())
 def test_image_mode_on_ranks_equals_one_process(tmp_path, mode, degrees, world):
     variant, call = case(mode)
-    expected = FluxPipeline.tiny_random(seed=0, variant=variant)(**call)
+    pipe = FluxPipeline.tiny_random(seed=0, variant=variant)
+    expected = pipe(**call)
+    if "cache" in call:  # the cache skipped steps (else this case would test nothing a plain one does not)
+        assert pipe.last_run["cache"]["branches"]["positive"]["reused"]
     save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
     run_distributed(_check_rank, world, mode, degrees, str(tmp_path / "expected.safetensors"))
