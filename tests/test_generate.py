@@ -176,6 +176,8 @@ def test_image_flags_write_an_image_of_the_image_size(tmp_path, variant, flags, 
     assert png_size(tmp_path / "out.png") == size
     data = json.loads(report.read_text())
     assert data["mode"] == (variant or ("inpaint" if "--mask" in flags else "img2img"))
+    # Kontext's 32x48 px reference adds its 2 x 3 tokens to the sequence; the other modes add none
+    assert data["reference_tokens"] == (6 if variant == "kontext" else 0)
 
 
 @pytest.mark.parametrize("argv, message", [

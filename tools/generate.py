@@ -420,6 +420,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "model": args.model, "prompts": args.prompt, "negative_prompt": args.negative_prompt,
         "true_cfg_scale": run["true_cfg_scale"], "num_images_per_prompt": args.num_images_per_prompt,
         "images": paths, "height": run["height"], "width": run["width"], "mode": run["mode"],
+        "reference_tokens": run["reference_tokens"],  # Kontext: the reference's tokens, sharded with the output's
         "image": args.image, "mask": args.mask, "control_image": args.control_image, "strength": run["strength"],
         "variant": args.variant,
         "steps": run["num_steps"], "guidance": run["guidance"], "max_sequence_length": run["max_sequence_length"],

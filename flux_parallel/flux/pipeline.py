@@ -328,7 +328,8 @@ class FluxPipeline:
         # the settings this call used, defaults resolved, for reports
         run = self.last_run = {"num_steps": num_steps, "guidance": guidance, "max_sequence_length": max_sequence_length,
                                "true_cfg_scale": true_cfg_scale if negatives else None, "steps_s": [],
-                               "mode": request.mode, "strength": request.strength, "height": height, "width": width}
+                               "mode": request.mode, "strength": request.strength, "height": height, "width": width,
+                               "reference_tokens": request.reference_tokens}  # Kontext's, beside the output's
         run["lora"] = self.lora_adapters
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
