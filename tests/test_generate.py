@@ -113,6 +113,31 @@ def test_torchrun_two_ranks_write_the_same_image(tmp_path):
     assert json.loads(report.read_text())["comm_bytes_per_step"]["all_to_all"] > 0
 
 
+@pytest.mark.parametrize("layout", [["--ulysses-degree", "2"], ["--ring-degree", "2"]], ids=["ulysses2", "ring2"])
+def test_torchrun_edits_with_the_tiny_kontext_as_one_process(tmp_path, layout):
+    """`torchrun ... tools/generate.py --model tiny-kontext --image SRC` on 2 ranks == one process: the
+    reference's 16 tokens and the output's 16 are sharded together."""
+    import numpy as np
+    from PIL import Image
+
+    source = tmp_path / "source.png"
+    assert generate.main(["--model", "tiny", "--prompt", "a red circle on a blue background",
+                          "--output", str(source)]) == 0
+    common = ["--model", "tiny-kontext", "--image", str(source), "--prompt", "make the circle green", "--steps", "2"]
+    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common,
+                             "--output", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    parallel = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "generate.py"), *common, *layout, "--output", str(tmp_path / "two.png")],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert parallel.returncode == 0, parallel.stderr
+    one, two, src = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two", "source"))
+    assert np.abs(one - two).max() <= 1  # fp32 images ~1e-6 apart; 8-bit rounding moves a .5 by one
+    assert np.abs(one - src).max() > 32  # the edit changed the image
+
+
 def test_several_prompts_write_numbered_images_in_order(tmp_path):
     report = tmp_path / "report.json"
     code = generate.main(
