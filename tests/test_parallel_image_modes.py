@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_parallel.flux.cache import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
+from flux_parallel.parallel import runtime
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.launch import run_distributed
 
@@ -43,11 +44,21 @@ def case(mode: str) -> tuple[str | None, dict]:
 
 def _check_rank(rank, world, mode, degrees, expected_file):
     variant, call = case(mode)
-    pipe = FluxPipeline.tiny_random(seed=0, variant=variant, parallel=ParallelContext(**degrees))
+    degrees = dict(degrees)
+    parallel_vae = degrees.pop("parallel_vae", False)  # the reference encoded (and the image decoded) across ranks
+    pipe = FluxPipeline.tiny_random(seed=0, variant=variant, parallel=ParallelContext(**degrees),
+                                    parallel_vae=parallel_vae)
     if "pipefusion_degree" in degrees:  # refused identically on every rank, before any collective
         with pytest.raises(ValueError, match="^inpaint cannot be combined with PipeFusion"):
             pipe(**case("inpaint")[1])
-    image = pipe(**call)
+    encoded = []  # the parallel VAE's encodes of this call (the reference or source image across the ranks)
+    real_encode = runtime.encode_parallel
+    runtime.encode_parallel = lambda *args, **kwargs: encoded.append(1) or real_encode(*args, **kwargs)
+    try:
+        image = pipe(**call)
+    finally:
+        runtime.encode_parallel = real_encode
+    assert len(encoded) == (1 if parallel_vae else 0)
     if rank != 0:
         assert image is None
         return
@@ -71,6 +82,8 @@ CASES = {  # id: (mode, degrees, world size)
     "kontext-cfg2": ("kontext-cfg", dict(cfg_degree=2), 2),
     "img2img-tensor2": ("img2img", dict(tensor_degree=2), 2),
     "kontext-cached-ulysses2": ("kontext-cached", dict(ulysses_degree=2), 2),
+    "kontext-ulysses2-parallel-vae": ("kontext", dict(ulysses_degree=2, parallel_vae=True), 2),
+    "fill-ring3-parallel-vae": ("fill", dict(ring_degree=3, parallel_vae=True), 3),
 }
 
 

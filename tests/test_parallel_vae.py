@@ -13,7 +13,7 @@ from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.halo import DistGroupNorm, split_rows
 from flux_parallel.parallel.launch import run_distributed
 from flux_parallel.parallel.stripes import decode_in_stripes
-from flux_parallel.parallel.vae import decode_parallel
+from flux_parallel.parallel.vae import decode_parallel, encode_parallel
 from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
 
 TOL = 1e-5  # fp32: the sharded decode only reorders sums (halo rows, reductions), ~1e-7 in practice
@@ -117,3 +117,27 @@ def test_stripes_flux_widths():
 def test_stripe_count_is_checked():
     with pytest.raises(ValueError, match="stripes must be a positive integer \\(the number of row stripes\\), got 0"):
         decode_in_stripes(tiny_vae(), torch.randn(1, 16, 4, 4), 0)
+
+
+def _encode_cases(rank, world):
+    """Uneven latent stripes (5 latent rows over 2 and 3 ranks: 40 image rows), both attentions, an image
+    with vertical structure; the latents on every rank equal one device's encode."""
+    cases = (("tiny", 40, 24, "gather"), ("tiny", 40, 16, "ring"), ("flux", 24, 16, "gather"))
+    for name, height, width, attention in cases:
+        if height // 8 < world:
+            continue
+        ae = tiny_vae(name, perturb=name == "tiny")
+        image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(4)) * 2 - 1
+        image = image + torch.linspace(-0.5, 0.5, height)[:, None]
+        with torch.no_grad():
+            expected = ae.encode(image)
+        latents = encode_parallel(ae, image, dist.group.WORLD, attention=attention)
+        assert latents.shape == expected.shape == (1, 16, height // 8, width // 8)
+        assert rel_err(latents, expected) <= TOL, f"world {world}, {name} {height}x{width}, {attention}"
+    with pytest.raises(ValueError, match=f"cannot be encoded over {world} ranks"):  # every rank, no collective
+        encode_parallel(tiny_vae(), torch.zeros(1, 3, 8 * (world - 1), 8), dist.group.WORLD)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_parallel_encode_equals_single_device(world):
+    run_distributed(_encode_cases, world)

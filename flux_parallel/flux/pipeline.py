@@ -55,7 +55,7 @@ from flux_parallel.parallel import (
     stage_filter,
 )
 from flux_parallel.parallel.pipefusion import PipeFusionGeneration
-from flux_parallel.parallel.runtime import holds_text_encoders, share_conditioning
+from flux_parallel.parallel.runtime import encode, holds_text_encoders, share_conditioning
 from flux_parallel.vae import VAE_CONFIGS, AutoEncoder, load_autoencoder
 from flux_parallel.weights import check_device, check_dtype, module_or_load, resolve, seeded_init
 
@@ -264,6 +264,8 @@ class FluxPipeline:
                             negatives is not None, rows=height // 16, cache=cache,
                             image_cond=request.mode if conditioned else None)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
+        if request is not None and request.pixels is not None:  # the image it encodes, likewise
+            check_decode(request.pixels.shape[2] // 8, self.parallel, self.parallel_vae)
         expected = (len(prompts), 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"latents must have shape {list(expected)} for {len(prompts)} images of {height}x{width}, "
@@ -375,9 +377,10 @@ class FluxPipeline:
 
     def _vae_encode(self, pixels: Tensor) -> Tensor:
         """[b, 3, H, W] in [-1, 1] -> latents [b, 16, H/8, W/8] in fp32 on the transformer's device: the posterior
-        mean, on every rank of the replica (an image is encoded once per call; the decode is the costly part)."""
+        mean, on every rank of the replica (with the parallel VAE, encoded across its ranks)."""
         vae_device = next(self.vae.parameters()).device
-        return self.vae.encode(pixels.to(device=vae_device, dtype=self.vae_dtype)).float().to(self.device)
+        pixels = pixels.to(device=vae_device, dtype=self.vae_dtype)
+        return encode(self.vae, pixels, self.parallel, self.parallel_vae).float().to(self.device)
 
     @property
     def vae_dtype(self) -> torch.dtype:

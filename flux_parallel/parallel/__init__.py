@@ -15,7 +15,7 @@ from flux_parallel.parallel.runtime import (
 )
 from flux_parallel.parallel.stages import release_other_stages, stage_filter
 from flux_parallel.parallel.stripes import decode_in_stripes
-from flux_parallel.parallel.vae import decode_parallel
+from flux_parallel.parallel.vae import decode_parallel, encode_parallel
 
 __all__ = [
     "Conditioning",
@@ -29,6 +29,7 @@ __all__ = [
     "decode",
     "decode_in_stripes",
     "decode_parallel",
+    "encode_parallel",
     "gather_batch",
     "init_distributed",
     "parallelize",

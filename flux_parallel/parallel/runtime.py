@@ -42,7 +42,7 @@ from flux_parallel.parallel.stages import split_stages, stage_prefixes
 from flux_parallel.parallel.stripes import decode_in_stripes
 from flux_parallel.parallel.swap import swapped
 from flux_parallel.parallel.tensor import parallelize_tensor
-from flux_parallel.parallel.vae import decode_parallel
+from flux_parallel.parallel.vae import decode_parallel, encode_parallel
 
 BRANCHES = ("negative", "positive")  # in cfg rank order
 
@@ -254,6 +254,14 @@ def check_decode(latent_rows: int, ctx: ParallelContext, parallel_vae: bool) -> 
     """The parallel VAE needs a latent row per rank of the replica (raised before any collective)."""
     if parallel_vae and ctx.replica_size > 1:
         split_rows(latent_rows, ctx.replica_size)
+
+
+def encode(vae: nn.Module, pixels: Tensor, ctx: ParallelContext, parallel_vae: bool) -> Tensor:
+    """pixels [b, 3, H, W] in [-1, 1], the same on every rank of the replica -> the posterior mean's latents
+    [b, 16, H/8, W/8] on every rank of it: across the replica with the parallel VAE, else on each rank."""
+    if parallel_vae and ctx.replica_size > 1:
+        return encode_parallel(vae, pixels, ctx.group("replica"))
+    return vae.encode(pixels)
 
 
 def decode(vae: nn.Module, latents: Tensor, ctx: ParallelContext, parallel_vae: bool,

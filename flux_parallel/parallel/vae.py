@@ -1,4 +1,4 @@
-"""Exact VAE decoding across the ranks of a group, each decoding its own row stripe.
+"""Exact VAE decoding (and encoding) across the ranks of a group, each working on its own row stripe.
 
 Parallel (`decode_parallel`): every rank decodes its own latent rows from `conv_in` on. The
 decoder's modules are swapped for the duration of the call (`vae/` stays single-device code):
@@ -7,10 +7,16 @@ exact global statistics, and the mid-block attention attends this rank's queries
 rank's keys and values (all-gathered at the latent's small resolution, or passed round a ring).
 Nearest up-sampling is row-local. The image stripes are gathered to rank 0 only.
 The same algorithm run stripe after stripe on one device is parallel/stripes.py.
+
+Encoding (`encode_parallel`, an image-conditioned call's reference or source image) swaps the encoder's
+modules the same way; its stride-2 down-samplings take one halo row from the stripe below. Every rank
+holds whole latent rows, so every stripe starts at an even row at each resolution; the latents are
+all-gathered, since every rank of the replica needs the image's tokens.
 """
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -19,7 +25,7 @@ from flux_parallel.parallel import comm
 from flux_parallel.parallel.halo import DistGroupNorm, HaloConv2d, group_rank_size, split_rows
 from flux_parallel.parallel.ring import ring_attention
 from flux_parallel.parallel.swap import module_swaps, swapped
-from flux_parallel.vae.autoencoder import AutoEncoder, Conv3x3, SpatialAttention
+from flux_parallel.vae.autoencoder import AutoEncoder, Conv3x3, Downsample, SpatialAttention
 
 
 def _tokens(x: Tensor) -> Tensor:
@@ -103,3 +109,54 @@ def decode_parallel(ae: AutoEncoder, z: Tensor, group, attention: str = "gather"
     with torch.no_grad(), swapped(module_swaps(ae.decoder, replace)):
         image_local = ae.decode(z_local)  # [B, 3, 8 rows[rank], 8w]
     return _gather_to_root(image_local, group, [r * ae.params.downsample for r in rows])
+
+
+class HaloDownsample(nn.Module):
+    """Downsample's stride-2 3x3 convolution (after one zero row and column at the bottom and right) on an
+    even row stripe that starts at an even row: only its last output row reaches below the stripe, into
+    the next stripe's first row (or, on the last stripe, the zero row)."""
+
+    def __init__(self, down: Downsample, group):
+        super().__init__()
+        self.conv, self.group = down.conv, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        rank, world = group_rank_size(self.group)
+        edge = (x.shape[0], x.shape[1], 1, x.shape[3])
+        p2p = comm.P2P(self.group)
+        below = p2p.recv(edge, x.dtype, x.device, src=rank + 1) if rank < world - 1 else x.new_zeros(edge)
+        if rank > 0:
+            p2p.send(x[:, :, :1], dst=rank - 1)
+        p2p.commit()
+        p2p.wait()
+        return self.conv(F.pad(torch.cat((x, below), dim=2), (0, 1, 0, 0)))
+
+
+def encode_parallel(ae: AutoEncoder, x: Tensor, group, attention: str = "gather") -> Tensor:
+    """Encode x [B, 3, H, W] (H, W multiples of 8) across every rank of `group`, every rank passing the
+    same x: each encodes the image rows of its latent rows split_rows(H/8, world)[rank]. Returns the
+    posterior mean's latents [B, 16, H/8, W/8] on every rank, as ae.encode(x) computes them."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
+    if group is None or dist.get_world_size(group) == 1:
+        return ae.encode(x)
+    rank, world = group_rank_size(group)
+    f = ae.params.downsample
+    if x.ndim != 4 or x.shape[2] % f or x.shape[2] // f < world:  # checked on every rank before a collective
+        raise ValueError(f"an image of {list(x.shape)} cannot be encoded over {world} ranks: each needs at least "
+                         f"one latent row ({f} image rows), and H must be a multiple of {f}")
+    rows = split_rows(x.shape[2] // f, world)
+    x_local = x[:, :, f * sum(rows[:rank]) : f * sum(rows[: rank + 1])]  # [B, 3, f rows[rank], W]
+
+    def replace(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, Conv3x3):
+            return HaloConv2d(module, group)
+        if isinstance(module, Downsample):
+            return HaloDownsample(module, group)
+        if isinstance(module, nn.GroupNorm):
+            return DistGroupNorm(module, group)
+        return ATTENTION[attention](group, rows) if isinstance(module, SpatialAttention) else None
+
+    with torch.no_grad(), swapped(module_swaps(ae.encoder, replace)):
+        z_local = ae.encode(x_local)  # [B, 16, rows[rank], W/8]
+    return comm.all_gather(z_local.contiguous(), group, dim=2, sizes=rows)
