@@ -29,6 +29,8 @@ def case(mode: str) -> tuple[str | None, dict]:
         return "fill", dict(call, image=pixels(1, 48, 48), mask_image=pixels(2, 48, 48, 1))
     if mode == "img2img":
         return None, dict(call, image=pixels(1, 48, 48), strength=0.7, num_steps=3)
+    if mode == "kontext-3-steps":
+        return "kontext", dict(case("kontext")[1], num_steps=3)
     if mode == "control":  # Canny/Depth: the control image's latents after the noise (128 channels)
         return "canny", dict(call, control_image=pixels(4, 48, 48))
     if mode == "kontext-cfg":  # true CFG: one branch per half of the ranks under cfg_degree 2
@@ -45,12 +47,10 @@ def case(mode: str) -> tuple[str | None, dict]:
 def _check_rank(rank, world, mode, degrees, expected_file):
     variant, call = case(mode)
     degrees = dict(degrees)
+    degrees.pop("one_device", None)
     parallel_vae = degrees.pop("parallel_vae", False)  # the reference encoded (and the image decoded) across ranks
     pipe = FluxPipeline.tiny_random(seed=0, variant=variant, parallel=ParallelContext(**degrees),
                                     parallel_vae=parallel_vae)
-    if "pipefusion_degree" in degrees:  # refused identically on every rank, before any collective
-        with pytest.raises(ValueError, match="^inpaint cannot be combined with PipeFusion"):
-            pipe(**case("inpaint")[1])
     encoded = []  # the parallel VAE's encodes of this call (the reference or source image across the ranks)
     real_encode = runtime.encode_parallel
     runtime.encode_parallel = lambda *args, **kwargs: encoded.append(1) or real_encode(*args, **kwargs)
@@ -74,6 +74,14 @@ CASES = {  # id: (mode, degrees, world size)
     "fill-ulysses2": ("fill", dict(ulysses_degree=2), 2),
     "inpaint-ulysses2": ("inpaint", dict(ulysses_degree=2), 2),
     "img2img-pipefusion2": ("img2img", PIPEFUSION, 2),
+    "inpaint-pipefusion2": ("inpaint", PIPEFUSION, 2),
+    "fill-pipefusion2": ("fill", PIPEFUSION, 2),
+    "control-pipefusion2": ("control", PIPEFUSION, 2),
+    "kontext-pipefusion2": ("kontext", dict(PIPEFUSION, num_pipeline_patch=2), 2),
+    # stale patches (one warm-up step of 3): the reference is a patch of its own; the one-device reference is
+    # PipeFusion's own schedule run on one process (ParallelContext with patches, no stages)
+    "kontext-pipefusion2-stale": ("kontext-3-steps", dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=1,
+                                                          one_device=dict(num_pipeline_patch=2, warmup_steps=1)), 2),
     "kontext-batch-data2-ulysses2": ("kontext-batch", dict(data_degree=2, ulysses_degree=2), 4),
     "kontext-ulysses3": ("kontext", dict(ulysses_degree=3), 3),
     "fill-ring3": ("fill", dict(ring_degree=3), 3),
@@ -90,7 +98,9 @@ CASES = {  # id: (mode, degrees, world size)
 @pytest.mark.parametrize("mode, degrees, world", CASES.values(), ids=CASES.keys())
 def test_image_mode_on_ranks_equals_one_process(tmp_path, mode, degrees, world):
     variant, call = case(mode)
-    pipe = FluxPipeline.tiny_random(seed=0, variant=variant)
+    one_device = degrees.get("one_device")
+    pipe = FluxPipeline.tiny_random(seed=0, variant=variant,
+                                    parallel=ParallelContext(**one_device) if one_device else None)
     expected = pipe(**call)
     if "cache" in call:  # the cache skipped steps (else this case would test nothing a plain one does not)
         assert pipe.last_run["cache"]["branches"]["positive"]["reused"]

@@ -202,7 +202,8 @@ def inpaint_blend(clean: Tensor, noise: Tensor, mask: Tensor, timesteps: list[fl
     """blend(step, img) for sampling.denoise: after step i the kept region (mask 0) holds the image latents
     noised to timesteps[i + 1] (the last is 0: the clean latents). Tensors are the state's rows, [b, L_r, 64]."""
 
-    def blend(step: int, img: Tensor) -> Tensor:
-        return (1 - mask) * noised(clean, noise, timesteps[step + 1]) + mask * img
+    def blend(step: int, img: Tensor, rows: slice = slice(None)) -> Tensor:  # rows: PipeFusion's patch
+        kept = 1 - mask[:, rows]
+        return kept * noised(clean[:, rows], noise[:, rows], timesteps[step + 1]) + mask[:, rows] * img
 
     return blend

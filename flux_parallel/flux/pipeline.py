@@ -435,8 +435,9 @@ class FluxPipeline:
 def denoise_on_mesh(generation, timesteps: list[float], on_step=None, blend=None) -> Tensor:
     """The denoising loop of one generation on this rank -> the final latents [B, L, C] on every rank of
     the replica: the Euler loop over this rank's token shard, or PipeFusion's own patch schedule.
-    blend(step, img_local): see sampling.denoise (inpainting; refused under PipeFusion by the checks)."""
+    blend(step, img_local): see sampling.denoise (inpainting)."""
     if isinstance(generation, PipeFusionGeneration):
+        generation.blend = blend  # its last stage blends each patch as it updates it
         return generation.denoise(timesteps, on_step)
     return generation.finish(denoise(generation.velocity, generation.img, timesteps, on_step, blend))
 

@@ -130,9 +130,13 @@ class PipeFusionGeneration:
     cache_report = None  # step caching is refused with PipeFusion (ParallelDenoiser.start)
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, blocks: range, img: Tensor, img_ids: Tensor,
-                 cond, branches: int, guidance: float | None, true_cfg_scale: float | None):
+                 cond, branches: int, guidance: float | None, true_cfg_scale: float | None,
+                 channels: Tensor | None = None, out_len: int | None = None):
         """img [B, L, 64], img_ids [B, L, 3] full on every rank; cond: the branches' conditioning
-        stacked along the batch ([negative; positive] when both are on this rank)."""
+        stacked along the batch ([negative; positive] when both are on this rank). Image conditioning
+        (runtime.ImageCond): `channels` [B, L, C] join each patch's tokens at the first stage (Fill,
+        Canny/Depth); tokens from `out_len` on (Kontext's reference) are one more patch of every step,
+        after the output's row bands, whose latents the last stage leaves unchanged."""
         self.model, self.ctx, self.blocks, self.scale = model, ctx, blocks, true_cfg_scale
         self.stage, self.num_stages, self.branches = ctx.rank("pipefusion"), ctx.pipefusion_degree, branches
         self.sp_rank, self.sp_group = ctx.rank("sp"), ctx.group("sp") if ctx.sp_degree > 1 else None
@@ -144,8 +148,13 @@ class PipeFusionGeneration:
         self.txt, self.txt_ids, self.y = cond.txt[:, text], cond.txt_ids[:, text], cond.y
         rows = self.txt.shape[0]
         self.guidance = None if guidance is None else torch.full((rows,), guidance, device=img.device)
-        grid_rows = int(img_ids[0, -1, 1].item()) + 1  # row-major position ids: the last token is in the last row
-        self.patches = patch_bounds(grid_rows, img.shape[1] // grid_rows, ctx.patches)
+        self.channels, self.out_len = channels, img.shape[1] if out_len is None else out_len
+        # the output's row-major position ids: its last token is in its last row
+        grid_rows = int(img_ids[0, self.out_len - 1, 1].item()) + 1
+        self.patches = patch_bounds(grid_rows, self.out_len // grid_rows, ctx.patches)
+        if self.out_len < img.shape[1]:  # the reference: one patch of its own, attended by every other
+            self.patches.append((self.out_len, img.shape[1]))
+        self.blend = None  # blend(step, img_rows, rows): inpainting's kept region, set by the caller
         self.kv = [StaleKV(img.shape[1], self.sp_group, self.sp_rank) for _ in blocks]
         self.swaps = [(b, "attention_fn", kv) for b, kv in zip(stages.stage_blocks(model, blocks), self.kv)]
         self.txt_h = self.vec = None  # this step's text input and conditioning vector at this stage
@@ -187,7 +196,10 @@ class PipeFusionGeneration:
                 t = torch.full((self.txt.shape[0],), timesteps[message.step], device=self.img.device)
                 self.vec = stages.conditioning(model, t, self.y, self.guidance)
                 self.txt_h = stages.embed_text(model, self.txt)
-            img_h = stages.embed_image(model, self.img[:, start:end].repeat(self.branches, 1, 1))
+            patch = self.img[:, start:end]
+            if self.channels is not None:  # Fill's masked image and mask, or the control image, after the 64
+                patch = torch.cat((patch, self.channels[:, start:end]), dim=-1)
+            img_h = stages.embed_image(model, patch.repeat(self.branches, 1, 1))
         elif message.patch == 0:  # [txt; vec; img] from the previous stage
             self.txt_h, self.vec, img_h = inbox[:, :text], inbox[:, text], inbox[:, text + 1 :]
         else:
@@ -207,9 +219,18 @@ class PipeFusionGeneration:
         velocity = self._guided(stages.final(model, img_h, self.vec).float())
         if self.sp_group is not None:  # every sp rank of the last stage updates (and sends back) the whole patch
             velocity = comm.all_gather(velocity, self.sp_group, dim=1, sizes=patch_sizes)
+        # Kontext: the output on the reference's tokens is discarded, so their latents stay as they are
+        velocity[:, max(0, self.out_len - message.start) :] = 0
         step = timesteps[message.step + 1] - timesteps[message.step]
-        self.img[:, message.start : message.end] += step * velocity
+        rows = slice(message.start, message.end)
+        self.img[:, rows] += step * velocity
+        if self.blend is not None:  # inpainting: the kept region back to the image, noised to the next time
+            self.img[:, rows] = self.blend(message.step, self.img[:, rows], rows)
         return None
+
+    def local(self, x: Tensor) -> Tensor:
+        """A full per-token tensor as this generation holds the state: whole, on every stage."""
+        return x
 
     def _guided(self, pred: Tensor) -> Tensor:
         """The branches' predictions [n B, l, C] -> the guided velocity [B, l, C] (as runtime.Generation)."""

@@ -109,9 +109,6 @@ class ParallelDenoiser:
         rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for;
         image_cond: the name of the image mode when it changes the transformer's input or the loop (an ImageCond)."""
         ctx = self.ctx
-        if ctx.uses_pipefusion and image_cond:  # PipeFusion's patch loop knows only plain packed noise
-            raise ValueError(f"{image_cond} cannot be combined with PipeFusion: its patch schedule runs the plain "
-                             "text-to-image loop (img2img can)")
         if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
             raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
                              "the stack live on different stages, so no rank sees what the decision needs")
@@ -119,7 +116,7 @@ class ParallelDenoiser:
             if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
                 raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
                                  f"{rows} rows of image tokens (height / 16): every sp rank needs a row of every patch")
-            patch_bounds(rows, img_len // rows, ctx.patches)
+            patch_bounds(rows, 1, ctx.patches)
         if ctx.cfg_degree == 2 and not true_cfg:
             raise ValueError("cfg_degree 2 runs the negative and the positive branch on two halves of the mesh: "
                              "it needs a negative prompt and true_cfg_scale > 1")
@@ -133,14 +130,15 @@ class ParallelDenoiser:
         """img [B, L, 64] and img_ids [B, L, 3] full and identical on every rank of the replica; conds has
         the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
         flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None.
-        image_cond: what an image-conditioned model adds to img (Kontext, Fill, Canny/Depth); not under PipeFusion."""
-        if self.ctx.uses_pipefusion:  # a cache and image conditioning were refused by check()
+        image_cond: what an image-conditioned model adds to img (Kontext, Fill, Canny/Depth)."""
+        if self.ctx.uses_pipefusion:  # a cache was refused by check()
             branches = tuple(b for b in BRANCHES if b in conds)
             stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
                                      for f in ("txt", "txt_ids", "y")))
             blocks = self.stages[self.ctx.rank("pipefusion")]
+            image_cond = image_cond or ImageCond()
             return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
-                                        true_cfg_scale)
+                                        true_cfg_scale, image_cond.channels, image_cond.out_len)
         return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache, image_cond)
 
     def cache_sums(self):
