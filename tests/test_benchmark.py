@@ -114,3 +114,11 @@ def test_factorisations():
     assert benchmark.launches([2], heads=6, patterns=["u1r2+pvae"]) == [(1, 2, [True])]
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--output-dir", "x", "--resolutions", "40"])
+
+
+def test_the_scaling_suite_needs_an_output_dir(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--model", "tiny"])
+    assert exit_info.value.code == 2
+    assert "--output-dir is required by --suite scaling" in capsys.readouterr().err
+    assert benchmark.parse_args(["--suite", "kontext"]).suite == "kontext"

@@ -3,6 +3,7 @@
     python tools/benchmark.py --model tiny --resolutions 256 512 --world-sizes 1 2 --output-dir bench/
     python tools/benchmark.py --model schnell --device cuda --resolutions 1024 2048 --world-sizes 1 2 4 8 \
         --output-dir bench/ --dtype bfloat16
+    python tools/benchmark.py --suite kontext     # Kontext's doubled sequence on 2 CPU ranks, beside the ceiling
 
 --model: `tiny` (built in), a preset of flux.CONFIGS (`schnell`, `dev`: full size, random weights)
 or a checkpoint folder / hub repo id. For every world size W, every (ulysses, ring) factorisation
@@ -50,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="tiny, a preset (schnell, dev: random weights) or a checkpoint")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="square image sides in pixels")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2], help="processes (devices) per configuration")
-    p.add_argument("--output-dir", required=True, help="folder for results.json, results.md, chart.png and logs/")
+    p.add_argument("--suite", choices=("scaling", "kontext"), default="scaling",
+                   help="scaling: every configuration (above); kontext: 1024 output + 1024 reference tokens of the "
+                        "medium transformer on 2 CPU ranks, Ulysses and Ring beside the no-exchange ceiling "
+                        "(tools/bench/bench_parallel.py --kontext)")
+    p.add_argument("--output-dir", help="folder for results.json, results.md, chart.png and logs/ (--suite scaling)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 4 or 28)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case before the repeats")
@@ -69,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
     """Exit 2 with one sentence naming the flag at fault."""
+    if args.suite == "scaling" and not args.output_dir:
+        parser.error("--output-dir is required by --suite scaling (the default)")
     for size in args.resolutions:
         try:
             check_image_size("resolution", size)
@@ -375,6 +382,10 @@ def measure(args, logs: Path) -> tuple[list[dict], list[dict]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == "kontext":
+        bench = Path(__file__).resolve().parent / "bench" / "bench_parallel.py"
+        return subprocess.call([sys.executable, str(bench), "--kontext", "--img-tokens", "1024",
+                                "--repeats", str(args.repeats)])
     out = Path(args.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     warn_costs(args)
