@@ -72,10 +72,10 @@ def _pipeline_matches(rank, world, degrees, expected_file):
         assert all(by_axis[name.removesuffix("_degree")] > 0 for name in degrees if name != "data_degree")
 
 
-@pytest.mark.parametrize("degrees", [dict(tensor_degree=2, ulysses_degree=2), dict(tensor_degree=2, cfg_degree=2),
-                                     dict(tensor_degree=2, data_degree=2),
+@pytest.mark.parametrize("degrees", [dict(tensor_degree=2, ulysses_degree=2), dict(tensor_degree=2, ring_degree=2),
+                                     dict(tensor_degree=2, cfg_degree=2), dict(tensor_degree=2, data_degree=2),
                                      dict(tensor_degree=2, ulysses_degree=2, cfg_degree=2)],
-                         ids=["tp2-ulysses2", "tp2-cfg2", "tp2-data2", "tp2-ulysses2-cfg2"])
+                         ids=["tp2-ulysses2", "tp2-ring2", "tp2-cfg2", "tp2-data2", "tp2-ulysses2-cfg2"])
 def test_tensor_parallel_pipeline_equals_single_process(degrees, tmp_path):
     expected = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
     save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
