@@ -99,14 +99,7 @@ def decode_parallel(ae: AutoEncoder, z: Tensor, group, attention: str = "gather"
     rows = split_rows(z.shape[2], world)
     z_local = z[:, :, sum(rows[:rank]) : sum(rows[: rank + 1])]  # [B, 16, rows[rank], w]
 
-    def replace(module: nn.Module) -> nn.Module | None:
-        if isinstance(module, Conv3x3):
-            return HaloConv2d(module, group)
-        if isinstance(module, nn.GroupNorm):
-            return DistGroupNorm(module, group)
-        return ATTENTION[attention](group, rows) if isinstance(module, SpatialAttention) else None
-
-    with torch.no_grad(), swapped(module_swaps(ae.decoder, replace)):
+    with torch.no_grad(), swapped(stripe_swaps(ae.decoder, group, rows, attention)):
         image_local = ae.decode(z_local)  # [B, 3, 8 rows[rank], 8w]
     return _gather_to_root(image_local, group, [r * ae.params.downsample for r in rows])
 
@@ -132,6 +125,23 @@ class HaloDownsample(nn.Module):
         return self.conv(F.pad(torch.cat((x, below), dim=2), (0, 1, 0, 0)))
 
 
+def stripe_swaps(root: nn.Module, group, rows: list[int], attention: str) -> list:
+    """The swaps that make the encoder or decoder `root` run on this rank's row stripe (`rows`: every rank's
+    latent rows): halo 3x3 convolutions and down-samplings, global GroupNorm, the mid block's attention over
+    every rank's keys."""
+
+    def replace(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, Conv3x3):
+            return HaloConv2d(module, group)
+        if isinstance(module, Downsample):
+            return HaloDownsample(module, group)
+        if isinstance(module, nn.GroupNorm):
+            return DistGroupNorm(module, group)
+        return ATTENTION[attention](group, rows) if isinstance(module, SpatialAttention) else None
+
+    return module_swaps(root, replace)
+
+
 def encode_parallel(ae: AutoEncoder, x: Tensor, group, attention: str = "gather") -> Tensor:
     """Encode x [B, 3, H, W] (H, W multiples of 8) across every rank of `group`, every rank passing the
     same x: each encodes the image rows of its latent rows split_rows(H/8, world)[rank]. Returns the
@@ -148,15 +158,6 @@ def encode_parallel(ae: AutoEncoder, x: Tensor, group, attention: str = "gather"
     rows = split_rows(x.shape[2] // f, world)
     x_local = x[:, :, f * sum(rows[:rank]) : f * sum(rows[: rank + 1])]  # [B, 3, f rows[rank], W]
 
-    def replace(module: nn.Module) -> nn.Module | None:
-        if isinstance(module, Conv3x3):
-            return HaloConv2d(module, group)
-        if isinstance(module, Downsample):
-            return HaloDownsample(module, group)
-        if isinstance(module, nn.GroupNorm):
-            return DistGroupNorm(module, group)
-        return ATTENTION[attention](group, rows) if isinstance(module, SpatialAttention) else None
-
-    with torch.no_grad(), swapped(module_swaps(ae.encoder, replace)):
+    with torch.no_grad(), swapped(stripe_swaps(ae.encoder, group, rows, attention)):
         z_local = ae.encode(x_local)  # [B, 16, rows[rank], W/8]
     return comm.all_gather(z_local.contiguous(), group, dim=2, sizes=rows)
