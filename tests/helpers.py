@@ -1,6 +1,9 @@
 """Small helpers shared by the test modules (pytest puts tests/ on the path; tools/ via pyproject.toml)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -169,3 +172,22 @@ def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in module.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
     return module.eval()
+
+
+GENERATE = str(Path(__file__).resolve().parents[1] / "tools" / "generate.py")
+
+
+def one_and_two_ranks(tmp_path, common: list[str], parallel: list[str]):
+    """tools/generate.py with the flags `common` in one process, then under torchrun on 2 ranks with `parallel`
+    added -> the two images' pixels (int arrays [H, W, 3]); each run must succeed."""
+    import numpy as np
+    from PIL import Image
+
+    runs = {"one": [sys.executable, GENERATE, *common],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", GENERATE,
+                    *common, *parallel]}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, "--output", str(tmp_path / f"{name}.png")], capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in runs)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import generate
 import pytest
+from helpers import one_and_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,28 +89,12 @@ def test_pickle_transformer_exits_1(tmp_path, capsys):
 
 def test_torchrun_two_ranks_write_the_same_image(tmp_path):
     """`torchrun --nproc_per_node 2 tools/generate.py --ulysses-degree 2 --use-parallel-vae` == one process."""
-    import numpy as np
-    from PIL import Image
-
-    common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
-    single = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "generate.py"), *common, "--output", str(tmp_path / "one.png")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert single.returncode == 0, single.stderr
     report = tmp_path / "report.json"
-    parallel = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "generate.py"), *common, "--ulysses_degree", "2", "--use-parallel-vae",
-         "--output", str(tmp_path / "two.png"), "--report", str(report)],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert parallel.returncode == 0, parallel.stderr
-    one, two = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
+    common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
+    one, two = one_and_two_ranks(tmp_path, common, ["--ulysses_degree", "2", "--use-parallel-vae", "--report",
+                                                    str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
-    assert np.abs(one - two).max() <= 1
+    assert abs(one - two).max() <= 1
     assert json.loads(report.read_text())["comm_bytes_per_step"]["all_to_all"] > 0
 
 
@@ -124,18 +109,9 @@ def test_torchrun_edits_with_the_tiny_kontext_as_one_process(tmp_path, layout):
     assert generate.main(["--model", "tiny", "--prompt", "a red circle on a blue background",
                           "--output", str(source)]) == 0
     common = ["--model", "tiny-kontext", "--image", str(source), "--prompt", "make the circle green", "--steps", "2"]
-    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common,
-                             "--output", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=120)
-    assert single.returncode == 0, single.stderr
-    parallel = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "generate.py"), *common, *layout, "--output", str(tmp_path / "two.png")],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert parallel.returncode == 0, parallel.stderr
-    one, two, src = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two", "source"))
-    assert np.abs(one - two).max() <= 1  # fp32 images ~1e-6 apart; 8-bit rounding moves a .5 by one
-    assert np.abs(one - src).max() > 32  # the edit changed the image
+    one, two = one_and_two_ranks(tmp_path, common, layout)
+    assert abs(one - two).max() <= 1  # fp32 images ~1e-6 apart; 8-bit rounding moves a .5 by one
+    assert abs(one - np.asarray(Image.open(source)).astype(int)).max() > 32  # the edit changed the image
 
 
 @pytest.mark.parametrize("flags", [["--strength", "0.7"], ["--mask", "mask"], ["--variant", "fill", "--mask", "mask"],
@@ -144,25 +120,13 @@ def test_torchrun_edits_with_the_tiny_kontext_as_one_process(tmp_path, layout):
 def test_torchrun_image_modes_on_two_ranks_write_the_one_process_image(tmp_path, flags):
     """Each image mode through `torchrun tools/generate.py --ulysses-degree 2` equals one process (a 48x48 px
     image: 9 tokens, uneven shards)."""
-    import numpy as np
-    from PIL import Image
-
     image = write_image(tmp_path / "image.png", 48, 48)
     mask = write_image(tmp_path / "mask.png", 48, 48, mode="L")
     flags = [str(mask) if f == "mask" else str(image) if f == "image" else f for f in flags]
     image_flag = [] if "--control-image" in flags else ["--image", str(image)]
     common = ["--model", "tiny-random", *image_flag, *flags, "--steps", "2", "--prompt", "a red fox"]
-    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common,
-                             "--output", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=120)
-    assert single.returncode == 0, single.stderr
-    parallel = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "generate.py"), *common, "--ulysses-degree", "2", "--output", str(tmp_path / "two.png")],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert parallel.returncode == 0, parallel.stderr
-    one, two = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
-    assert np.abs(one - two).max() <= 1  # fp32 images ~1e-6 apart; 8-bit rounding moves a .5 by one
+    one, two = one_and_two_ranks(tmp_path, common, ["--ulysses-degree", "2"])
+    assert abs(one - two).max() <= 1  # fp32 images ~1e-6 apart; 8-bit rounding moves a .5 by one
 
 
 def test_several_prompts_write_numbered_images_in_order(tmp_path):

@@ -5,14 +5,12 @@ import copy
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import PARAMS, assert_rel_close, tiny_flux, tiny_flux_inputs
+from helpers import PARAMS, assert_rel_close, one_and_two_ranks, tiny_flux, tiny_flux_inputs
 from safetensors.torch import load_file, save_file
 
 from flux_parallel.flux import CONFIGS, Flux
@@ -184,24 +182,12 @@ def test_heads_not_dividing_tensor_degree_are_refused_on_every_rank():
 
 def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
     """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced)."""
-    import numpy as np
-    from PIL import Image
-
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
-    single = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *common,
-                             "--output", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=120)
-    assert single.returncode == 0, single.stderr
     report = tmp_path / "report.json"
-    parallel = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "generate.py"), *common, "--tensor_parallel_degree", "2", "--use-parallel-vae",
-         "--output", str(tmp_path / "two.png"), "--report", str(report)],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert parallel.returncode == 0, parallel.stderr
-    one, two = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
+    one, two = one_and_two_ranks(tmp_path, common, ["--tensor_parallel_degree", "2", "--use-parallel-vae",
+                                                    "--report", str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
-    assert np.abs(one - two).max() <= 1
+    assert abs(one - two).max() <= 1
     figures = json.loads(report.read_text())
     assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
     held = [r["parameter_bytes"] for r in figures["ranks"]]

@@ -259,10 +259,8 @@ class FluxPipeline:
             raise ValueError(f"max_sequence_length {max_sequence_length!r} is outside 1..{limit} "
                              "(the T5 tokenizer's model_max_length)")
         extra_tokens = 0 if request is None else request.reference_tokens  # Kontext's, sharded with the output's
-        conditioned = request is not None and request.mode not in ("text", "img2img")
         self.denoiser.check(len(prompts), max_sequence_length, (height // 16) * (width // 16) + extra_tokens,
-                            negatives is not None, rows=height // 16, cache=cache,
-                            image_cond=request.mode if conditioned else None)
+                            negatives is not None, rows=height // 16, cache=cache)
         check_decode(height // 8, self.parallel, self.parallel_vae)  # a latent row per rank of the parallel VAE
         if request is not None and request.pixels is not None:  # the image it encodes, likewise
             check_decode(request.pixels.shape[2] // 8, self.parallel, self.parallel_vae)

@@ -104,10 +104,9 @@ class ParallelDenoiser:
         return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
 
     def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None,
-              cache: bool = False, image_cond: str | None = None) -> None:
+              cache: bool = False) -> None:
         """One sentence per impossible request, raised identically on every rank before any collective.
-        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for;
-        image_cond: the name of the image mode when it changes the transformer's input or the loop (an ImageCond)."""
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for."""
         ctx = self.ctx
         if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
             raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "

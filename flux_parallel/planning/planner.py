@@ -196,7 +196,7 @@ def calibrate_cpu(w: cm.Workload, seconds: float = 3.0) -> cm.Hardware:
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            rates = _compute_rates(torch, w, seconds / 6)
+            rates = _compute_rates(w, seconds / 6)
     finally:
         torch.set_num_threads(threads)
     return cm.Hardware(
@@ -206,28 +206,28 @@ def calibrate_cpu(w: cm.Workload, seconds: float = 3.0) -> cm.Hardware:
     )
 
 
-def _compute_rates(torch, w: cm.Workload, share: float) -> dict:
+def _compute_rates(w: cm.Workload, share: float) -> dict:
 
     f = w.flux
     rows = 512 if f.hidden_size <= 1024 else 64  # a fraction of a second at any width
     a, b = torch.randn(rows, f.hidden_size), torch.randn(f.hidden_size, f.mlp_hidden_dim)
     q, wide = torch.randn(1, f.num_heads, 512, f.head_dim), torch.randn(1, 1, 512, w.vae.widths[-1])
     src, dst = torch.randn(2**23), torch.empty(2**23)
-    host_op_s = _host_op_seconds(torch, share)
+    host_op_s = _host_op_seconds(share)
     return dict(
         matmul_flops=_rate(lambda: a @ b, 2 * rows * f.hidden_size * f.mlp_hidden_dim, share),
         attention_flops=_rate(lambda: F.scaled_dot_product_attention(q, q, q), 4 * 512**2 * f.hidden_size, share),
         wide_attention_flops=_rate(
             lambda: F.scaled_dot_product_attention(wide, wide, wide), 4 * 512**2 * wide.shape[-1], share
         ),
-        vae_flops=_vae_rate(torch, w, host_op_s, share),
+        vae_flops=_vae_rate(w, host_op_s, share),
         memory_bw=_rate(lambda: dst.copy_(src), 2 * 4 * src.numel(), share),
         kernel_overhead_s=0.0,  # a CPU op's fixed cost is all host time
         host_op_s=host_op_s,
     )
 
 
-def _host_op_seconds(torch, share: float) -> float:
+def _host_op_seconds(share: float) -> float:
     """The tiny transformer at 24 tokens does almost no arithmetic: its time is per-op overhead."""
 
     p = CONFIGS["tiny"]
@@ -235,7 +235,7 @@ def _host_op_seconds(torch, share: float) -> float:
     return 1 / _rate(lambda: model(**inputs), cm.transformer_host_ops(p), share)
 
 
-def _vae_rate(torch, w: cm.Workload, host_op_s: float, share: float) -> float:
+def _vae_rate(w: cm.Workload, host_op_s: float, share: float) -> float:
     """Effective decoder FLOP rate: our decoder on a small latent, its host ops taken out."""
 
     side = 16 if w.vae.ch <= 32 else 4  # ~1-10 GFLOP
