@@ -197,6 +197,10 @@ class StepCache:
             raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
         self.config, self.branches, self.num_steps = config, branches, num_steps
         self.reduce_sums = reduce_sums or local_sums
+        # fold(local sums, on_sums, run_range) -> run_range()'s result, or None where on_sums(the image's sums)
+        # said False: the image's sums ride on the cached range's first exchange instead of reduce_sums' own
+        # collective (parallel/cache.py). Set by the runtime on several sp ranks; None: reduce_sums.
+        self.fold = None
         self.state = [BranchState() for _ in branches]
         # the whole batch's watched tensor that each branch compares with, [N, L, hidden] (fbcache: the
         # first-block residual at its last computed step; teacache: the modulated input of the last step)
@@ -213,35 +217,65 @@ class StepCache:
         """The model's block stack, its cached range skipped for the branches whose indicator stays below the
         threshold: blocks [0, Fn) always, then [Fn, L - Bn) or the forecast residual, then [L - Bn, L)."""
         first, end = self.config.blocks_first, block_count(model) - self.config.blocks_last
+        img_modulated = None
         if self.config.kind == "teacache":
             img_modulated = model.double_blocks[0].modulate_img(img, vec)
-            compute = self.timed_decide(img_modulated[2])  # the first block's modulated input [N, L, hidden]
-            img, txt = self._run_cached_range(model, img, txt, vec, pe, range(0, end), compute, img_modulated)
+            signal = img_modulated[2]  # the first block's modulated input [N, L, hidden]
+            first = 0
         else:
-            img_first, txt_first = run_block_range(model, range(0, first), img, txt, vec, pe)
-            compute = self.timed_decide(img_first - img)  # the first Fn blocks' image residual [N, L, hidden]
-            img, txt = self._run_cached_range(model, img_first, txt_first, vec, pe, range(first, end), compute)
+            img_in = img
+            img, txt = run_block_range(model, range(0, first), img, txt, vec, pe)
+            signal = img - img_in  # the first Fn blocks' image residual [N, L, hidden]
+        cached_range = range(first, end)
+        ran, compute = None, None
+        if self.fold is not None and self._compares():
+            ran, compute = self._folded(signal, lambda: run_block_range(model, cached_range, img, txt, vec, pe,
+                                                                        img_modulated))
+        if compute is None:
+            compute = self.timed_decide(signal)
+        img, txt = self._run_cached_range(model, img, txt, vec, pe, cached_range, compute, img_modulated, ran)
         self.step += 1
         return run_block_range(model, range(end, block_count(model)), img, txt, vec, pe)
 
-    def timed_decide(self, signal: Tensor) -> list[bool]:
+    def _compares(self) -> bool:
+        """Whether this step compares the watched tensor with the reference (needs the image's sums)."""
+        return self.step > 0 and not (self.config.kind == "teacache" and self.step == self.num_steps - 1)
+
+    def _folded(self, signal: Tensor, run_range: Callable[[], tuple[Tensor, Tensor]]):
+        """The decision folded into the cached range's first exchange (self.fold): -> (the range's output for
+        the whole batch, or None where some branch skips it; every branch's decision)."""
         start = time.perf_counter()
-        compute = self.decide(signal)
+        local = change_sums(signal, self.reference, len(self.state))
+        self.decision_s += time.perf_counter() - start
+        decided = []
+
+        def on_sums(sums: Tensor) -> bool:  # -> whether the whole batch runs the range, speculation kept
+            decided.append(self.timed_decide(signal, sums))
+            return all(decided[0])
+
+        ran = self.fold(local, on_sums, run_range)
+        return ran, decided[0]
+
+    def timed_decide(self, signal: Tensor, sums: Tensor | None = None) -> list[bool]:
+        start = time.perf_counter()
+        compute = self.decide(signal, sums)
         self.decision_s += time.perf_counter() - start
         return compute
 
-    def decide(self, signal: Tensor) -> list[bool]:
+    def decide(self, signal: Tensor, sums: Tensor | None = None) -> list[bool]:
         """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
-        first block's image residual; teacache: its modulated input). Updates the reference; calls
-        reduce_sums once at most (and waits for it at once: parallel/cache.py says why)."""
+        first block's image residual; teacache: its modulated input). sums: the image's [2, n] change_sums,
+        where already reduced (folded); else reduce_sums is called once at most (and waited for at once:
+        parallel/cache.py says why). Updates the reference."""
         n = len(self.state)
-        edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
         changes = [None] * n
-        if self.step > 0 and not edge:
-            local = change_sums(signal, self.reference, n)
-            start = time.perf_counter()
-            differences, magnitudes = self.reduce_sums(local).tolist()
-            self.reduction_s += time.perf_counter() - start
+        if self._compares():
+            if sums is None:
+                local = change_sums(signal, self.reference, n)
+                start = time.perf_counter()
+                sums = self.reduce_sums(local)
+                self.reduction_s += time.perf_counter() - start
+            differences, magnitudes = sums.tolist()
             changes = [d / p if p > 0 else math.inf for d, p in zip(differences, magnitudes)]
         compute = [self._decide_branch(s, change) for s, change in zip(self.state, changes)]
         if self.config.kind == "teacache" or all(compute):  # teacache compares neighbouring steps
@@ -277,11 +311,14 @@ class StepCache:
                 and (c.max_continuous_cached_steps is None or state.cached_in_a_row < c.max_continuous_cached_steps))
 
     def _run_cached_range(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, blocks: range,
-                          compute: list[bool], img_modulated=None) -> tuple[Tensor, Tensor]:
+                          compute: list[bool], img_modulated=None, ran=None) -> tuple[Tensor, Tensor]:
         """Blocks `blocks` on the computing branches' rows; the stored (or forecast) residuals for the others.
-        img_modulated: block 0's modulate_img(img, vec) for the whole batch (teacache), where computed already."""
+        img_modulated: block 0's modulate_img(img, vec) for the whole batch (teacache), where computed already.
+        ran: the blocks' (img, txt) output for the whole batch, where run already (a folded decision)."""
         n, todo = len(compute), [i for i, c in enumerate(compute) if c]
-        if len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
+        if ran is not None:
+            img_out, txt_out = ran
+        elif len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
             img_out, txt_out = run_block_range(model, blocks, img, txt, vec, pe, img_modulated)
         elif todo:  # (the first block recomputes its modulated input on these rows: rare, only under true CFG)
             def pick(x: Tensor) -> Tensor:  # the rows of the computing branches

@@ -7,6 +7,7 @@ per kind of call; when it is off (the default) the accounting costs one `is None
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,7 @@ def all_to_all(
     scatter_sizes: list[int] | None = None,
     gather_sizes: list[int] | None = None,
     wire: str | None = None,
+    payload: "Payload | None" = None,
 ) -> Tensor:
     """Split x along scatter_dim, send piece j to rank j, concatenate what arrives along gather_dim.
 
@@ -102,17 +104,20 @@ def all_to_all(
     passes the same lists. Shapes: [.., S, .., G_r, ..] -> [.., S_r, .., sum(G), ..].
     Differentiable: the gradient goes back by the inverse all-to-all (its adjoint). `wire` ("bf16",
     "fp8", None: x's dtype) is what travels, each piece scaled on its own for fp8 (WIRE_DTYPES); in grad
-    mode x travels as it is.
+    mode x travels as it is. `payload` (Payload) rides along to every rank and arrives before x's pieces
+    are unpacked.
     """
     world = dist.get_world_size(group)
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if torch.is_grad_enabled() and x.requires_grad:
+        if payload is not None:
+            raise ValueError("all_to_all: a payload rides only on a no-grad exchange")
         return _AllToAll.apply(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
-    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire)
+    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire, payload)
 
 
 def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
-                gather_sizes: list[int], wire: str | None = None) -> Tensor:
+                gather_sizes: list[int], wire: str | None = None, payload: "Payload | None" = None) -> Tensor:
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
@@ -133,28 +138,42 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
                   for n in gather_sizes]
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if wire is not None:
-        return _all_to_all_wire(pieces, out, group, in_splits, out_splits, gather_sizes, gather_dim, wire)
+        return _all_to_all_wire(pieces, out, group, in_splits, out_splits, gather_sizes, gather_dim, wire, payload)
     # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
-    # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards).
+    # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards). A payload's
+    # words follow each piece in its segment.
+    words = None if payload is None else payload.words(x.dtype)
+    extra = 0 if words is None else words.numel()
+    in_splits, out_splits = [n + extra for n in in_splits], [n + extra for n in out_splits]
     send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
     for piece, dst in zip(pieces, send.split(in_splits)):
-        dst.view(piece.shape).copy_(piece)
+        dst[: piece.numel()].view(piece.shape).copy_(piece)
+        if extra:
+            dst[piece.numel() :].copy_(words)
     received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
     start = time.perf_counter()
     dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
     _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
-    for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(arrived.view(dst.shape))
+    segments = received.split(out_splits)
+    if payload is not None:  # may raise: the caller's speculative work ends here, on every rank alike
+        payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
+    for arrived, dst in zip(segments, out.split(gather_sizes, dim=gather_dim)):
+        dst.copy_(arrived[: dst.numel()].view(dst.shape))
     return out
 
 
 def _all_to_all_wire(pieces, out: Tensor, group, in_splits: list[int], out_splits: list[int],
-                     gather_sizes: list[int], gather_dim: int, wire: str) -> Tensor:
+                     gather_sizes: list[int], gather_dim: int, wire: str, payload: "Payload | None" = None) -> Tensor:
     """_all_to_all with each piece cast to the wire dtype (fp8: scaled on its own; the scales, one per
-    piece, follow in a second all-to-all of world floats) and back on arrival, into `out`."""
+    piece, follow in a second all-to-all of world floats) and back on arrival, into `out`. A payload's
+    bytes follow each piece unrounded, seen as wire-dtype words."""
     rank = dist.get_rank(group)
     encoded = [to_wire(piece, wire) for piece in pieces]
-    send = torch.cat([payload.flatten() for payload, _ in encoded])
+    words = None if payload is None else payload.words(encoded[0][0].dtype)
+    extra = 0 if words is None else words.numel()
+    in_splits, out_splits = [n + extra for n in in_splits], [n + extra for n in out_splits]
+    send = torch.cat([part for encoded_piece, _ in encoded
+                      for part in (encoded_piece.flatten(), words) if part is not None])
     received = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
     start = time.perf_counter()
     dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
@@ -164,8 +183,11 @@ def _all_to_all_wire(pieces, out: Tensor, group, in_splits: list[int], out_split
         dist.all_to_all_single(scales_in, torch.cat([scale for _, scale in encoded]), group=group)
         scales = scales_in.split(1)
     _record("all_to_all", group, (send.numel() - in_splits[rank]) * send.element_size(), start)
-    for arrived, scale, dst in zip(received.split(out_splits), scales, out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(from_wire(arrived.view(dst.shape), scale, out.dtype))
+    segments = received.split(out_splits)
+    if payload is not None:
+        payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
+    for arrived, scale, dst in zip(segments, scales, out.split(gather_sizes, dim=gather_dim)):
+        dst.copy_(from_wire(arrived[: dst.numel()].view(dst.shape), scale, out.dtype))
     return out
 
 
@@ -257,6 +279,49 @@ def all_gather_object(obj, group) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+class Payload:
+    """A few numbers that ride on an exchange the step makes anyway (a step cache's indicator sums, parallel/
+    cache.py): every rank hands in `local`; the exchange hands every rank's copy, bit for bit and in group
+    rank order, to `on_arrival` [P, *local.shape] as soon as it is in, before the exchange's own data is
+    unpacked. on_arrival may raise: every rank then raises at the same point, so no collective is left
+    half-entered. The numbers travel as raw bytes in the exchange's own buffer (no wire dtype rounds them),
+    or, along a ring, as one more message of the same hop."""
+
+    def __init__(self, local: Tensor | None, on_arrival: Callable[[Tensor], None]):
+        self.local = local  # None until known (USP: the ring carries what the Ulysses exchange brought)
+        self.on_arrival = on_arrival
+
+    def words(self, dtype: torch.dtype) -> Tensor:
+        """local's bytes seen as `dtype` elements (its byte count is a multiple of their size)."""
+        return self.local.contiguous().flatten().view(torch.uint8).view(dtype)
+
+    def arrive(self, words: Tensor) -> None:
+        """words [P, m]: each rank's `words`, in group rank order."""
+        self.on_arrival(words.contiguous().view(torch.uint8).view(self.local.dtype).reshape(-1, *self.local.shape))
+
+    def ring_start(self, group) -> None:
+        """Along a ring (ring.py), the entries travel as the K/V shards do: at hop s rank r sends the entry of
+        rank r - s to rank r + 1, in a message of its own posted with the K/V hop; after P - 1 hops every
+        rank holds every entry, and ring_arrive hands them on."""
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.entries = [None] * self.world
+        self.entries[self.rank] = self.held = self.local.contiguous()
+
+    def ring_post(self, step: int) -> None:
+        self.hop, held = P2P(self.group), self.held
+        self.arriving = self.hop.recv(held.shape, held.dtype, held.device, src=(self.rank - 1) % self.world)
+        self.hop.send(self.held, dst=(self.rank + 1) % self.world)
+        self.hop.commit()
+        self.step = step
+
+    def ring_wait(self) -> None:
+        self.hop.wait()
+        self.entries[(self.rank - self.step - 1) % self.world] = self.held = self.arriving
+
+    def ring_arrive(self) -> None:
+        self.on_arrival(torch.stack(self.entries))
 
 
 class P2P:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
 from flux_parallel.parallel.apply import check_heads, parallelize_flux
-from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_sums
+from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_fold, sp_sums
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.halo import split_rows
 from flux_parallel.parallel.pipefusion import PipeFusionGeneration, patch_bounds
@@ -162,6 +162,8 @@ class Generation:
         txt_ids = torch.cat([conds[b].txt_ids for b in self.branches])
         self.y = torch.cat([conds[b].y for b in self.branches])
         self.layout = self.sp.layout(txt.shape[1], img.shape[1])
+        if cache is not None and self.ctx.sp_degree > 1:  # the decision's sums ride on the sp attention's exchanges
+            cache.fold = sp_fold(self.ctx, self.sp.attention_for(self.layout))
         self.img, img_ids_l, self.txt, self.txt_ids = self.sp.shard(self.layout, img, img_ids, txt, txt_ids)
         self.img_ids = img_ids_l.repeat(len(self.branches), 1, 1)
         rows = len(self.branches) * batch

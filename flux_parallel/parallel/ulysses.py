@@ -23,6 +23,7 @@ def ulysses_attention(
     seq_lens: list[int],  # L_j of every rank j of `group`, in group rank order
     attn: Callable[[Tensor, Tensor, Tensor], Tensor] = attention,
     wire: str | None = None,  # what the all-to-alls carry: comm.WIRE_DTYPES, None for q's own dtype
+    payload: comm.Payload | None = None,  # rides on the q/k/v exchange
 ) -> Tensor:
     """Attention of this rank's queries over every rank's keys -> [B, H, L_r, D] (the rows of q).
 
@@ -33,7 +34,7 @@ def ulysses_attention(
     qkv = torch.stack((q, k, v))  # [3, B, H, L_r, D]: one all-to-all instead of three
     # scatter heads (dim 2), gather the sequence (dim 3): [3, B, H/P, sum(L), D]
     q_heads, k_heads, v_heads = comm.all_to_all(qkv, group, scatter_dim=2, gather_dim=3, gather_sizes=seq_lens,
-                                                wire=wire)
+                                                wire=wire, payload=payload)
     out_heads = attn(q_heads, k_heads, v_heads)  # [B, H/P, sum(L), D]
     # scatter the sequence back to its owners, gather the heads: [B, H, L_r, D]
     return comm.all_to_all(out_heads, group, scatter_dim=2, gather_dim=1, scatter_sizes=seq_lens, wire=wire)
