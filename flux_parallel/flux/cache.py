@@ -30,7 +30,9 @@ branch: the forward's batch holds one contiguous chunk of rows per branch ([nega
 both run together), each decided from its own rows, so two branches run as one batched forward decide
 as they would run apart. This module is single-device code; `StepCache.run_blocks` replaces the model's
 `run_blocks` seam during a call, and the caller hands in `reduce_sums`, which turns this process's sums
-into the sums over the whole image (parallel/cache.py does it over the sequence-parallel group).
+into the sums over the whole image, or sets `fold`, which carries them on the cached range's first
+exchange instead (parallel/cache.py, over the sequence-parallel group: no collective of its own).
+PipeFusion's stages use `decide_message`, `record` and `run_message` (parallel/pipefusion.py).
 
 The decision is kept cheap: TeaCache's watched tensor is the first block's own modulated input, handed to
 the block rather than computed again (DoubleStreamBlock.modulate_img), and the sums of every branch take
@@ -341,8 +343,9 @@ class StepCache:
         return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
     def stored(self, img_in: Tensor, txt_in: Tensor, img_out: Tensor, txt_out: Tensor) -> tuple[Tensor, Tensor]:
-        """What a computed step keeps of the cached blocks, per stream: their residual (the forecast target;
-        forecasting their output instead is 0.3-3 dB worse on the trained tiny model, docs/cache.md)."""
+        """What a computed step keeps of the cached blocks, per stream: their residual, the forecast target.
+        Forecasting their output instead (tools/bench/cache_forecast_target.py) lost 0.6-8.6 dB at order 1,
+        the default, and at order 2 between 0.2 dB gained and 3.0 dB lost, on the trained tiny model (docs/cache.md)."""
         return img_out - img_in, txt_out - txt_in
 
     def applied(self, img_in: Tensor, txt_in: Tensor, img_kept: Tensor, txt_kept: Tensor) -> tuple[Tensor, Tensor]:
