@@ -225,7 +225,10 @@ CFG = dict(negative_prompt="blurry", true_cfg_scale=2.5)
     (dict(cfg_degree=2, pipefusion_degree=2), {"cfg-exact": (dict(warmup_steps=3),
                                                              dict(CALL, **CFG, output_type="pt", vae=True)),
                                                "cfg-stale": (dict(num_pipeline_patch=3, warmup_steps=1),
-                                                             dict(CALL, **CFG))}),
+                                                             dict(CALL, **CFG)),
+                                               # one branch per half, each stage keeping its K/V as one device
+                                               "cfg-cache-stale": (dict(num_pipeline_patch=2, warmup_steps=1),
+                                                                   dict(CACHED, **CFG))}),
     # two replicas (3 images), each 2 stages running both CFG branches as one batch
     (dict(data_degree=2, pipefusion_degree=2), {"data-stale": (dict(num_pipeline_patch=2, warmup_steps=1),
                                                                dict(CALL, **CFG, prompt=["a fox", "snow", "a cat"]))}),
@@ -242,6 +245,9 @@ def _check_sp_rank(rank, world, degrees, cases, expected_file):
     with comm.count_comm() as stats, pytest.raises(ValueError) as error:
         pipe(**CALL)  # 4 patches x 2 sp ranks need 8 rows; the image has 6
     assert not stats.calls and "every sp rank needs a row of every patch" in str(error.value)
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        last(**CACHED)
+    assert not stats.calls and "needs sp degree 1 inside each stage" in str(error.value)
 
 
 @pytest.mark.parametrize("degrees, cases", [

@@ -269,8 +269,22 @@ class PipeFusionGeneration:
         if first:
             self.cache.record(message.step, self.compute)
         return self._run_blocks(tail, message, *self.cache.run_message(
-            lambda img, txt: self._run_blocks(middle, message, img, txt, pe), img_h, txt_h, message.step, rows,
+            lambda img, txt: self._run_middle(middle, message, img, txt, pe), img_h, txt_h, message.step, rows,
             self.img.shape[1], first, self.compute), pe)
+
+    def _run_middle(self, middle: range, message: Message, img_h: Tensor, txt_h: Tensor, pe) -> tuple[Tensor, Tensor]:
+        """The cached range's blocks on the whole batch; where some branch skips the step, its rows of their
+        stale K/V buffers are put back as they were, as if it had not run (as under cfg_degree 2, where it
+        does not): the image does not depend on how the branches are laid out."""
+        n, buffers = len(self.compute), [self.kv[block - self.blocks.start] for block in middle]
+        skipping = [i for i, c in enumerate(self.compute) if not c]
+        kept = [(kv, i, kv.keys.chunk(n)[i].clone(), kv.values.chunk(n)[i].clone())
+                for kv in buffers if kv.keys is not None for i in skipping]
+        img_h, txt_h = self._run_blocks(middle, message, img_h, txt_h, pe)
+        for kv, i, keys, values in kept:
+            kv.keys.chunk(n)[i].copy_(keys)
+            kv.values.chunk(n)[i].copy_(values)
+        return img_h, txt_h
 
     def local(self, x: Tensor) -> Tensor:
         """A full per-token tensor as this generation holds the state: whole, on every stage."""

@@ -110,7 +110,7 @@ class ParallelDenoiser:
         flux.cache.CacheConfig, or None."""
         ctx = self.ctx
         if ctx.uses_pipefusion and cache is not None:  # the decision is made on the first stage (pipefusion.py)
-            check_stage_cache(cache, self.stages)
+            check_stage_cache(cache, self.stages, ctx.sp_degree)
         if ctx.uses_pipefusion and rows is not None:
             if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
                 raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
@@ -145,10 +145,14 @@ class ParallelDenoiser:
         return sp_sums(self.ctx)
 
 
-def check_stage_cache(cache, stages: list[range]) -> None:
-    """One sentence when a step cache's always-computed blocks straddle PipeFusion stages: the first
-    compute_first blocks must lie on the first stage (which decides), the last compute_last on the last."""
+def check_stage_cache(cache, stages: list[range], sp_degree: int) -> None:
+    """One sentence when a step cache cannot run on these PipeFusion stages: the first compute_first blocks
+    must lie on the first stage (which decides), the last compute_last on the last; no sp inside a stage."""
     total = stages[-1].stop
+    if sp_degree > 1:  # an sp rank's tokens of a whole-image message are not its tokens of a patch
+        raise ValueError(f"a step cache under PipeFusion needs sp degree 1 inside each stage, got {sp_degree}: "
+                         "each rank keeps the cache of its own tokens, and those change between the whole-image "
+                         "warm-up messages and the patches")
     if cache.blocks_first > len(stages[0]):
         raise ValueError(f"compute_first {cache.blocks_first} is more than the first PipeFusion stage's "
                          f"{len(stages[0])} blocks: the blocks the cache watches must run on the first stage")
