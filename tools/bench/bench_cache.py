@@ -14,16 +14,16 @@ Per setting: the steps computed (per CFG branch), the median denoising time and 
 uncached one in the same layout, PSNR and max abs error of the decoded image ([0, 1]) against the
 uncached one, the decision's share of an uncached step (the sums, their reduction and the comparison;
 (a) timed inside the generation, the time it holds up the step, and of that the reduction, which on
-several ranks includes waiting for the slower rank; (b) alone, on the same shapes, after a barrier), and,
-on 2 ranks, whether the steps and the image are those of 1 rank. On 2 ranks also the latency of one bare
-reduction of the decision's size after a barrier, the floor under (b), and after 20 ms of compute, as
-collectives come inside a step. On 2 ranks the decision's sums ride on the cached range's first
-all-to-all (parallel/cache.py); each threshold-0 dbcache setting also runs with them in a separate
-all-reduce instead ("... all-reduce" rows), alternated with the rest: at threshold 0 every block runs, so
-the median step against the uncached one is what the decision adds to a 2-rank step either way
-(`floors` prints both). fp32, 1 thread per process,
-64x64 px for tiny (the 60 held-out captions of eval_tiny.py as one batch by default) and 128x128 px for
-medium. Figures drift 10-20% between runs on a shared CPU.
+several ranks includes waiting for the slower rank; (b) alone, on the same shapes, after a barrier, its
+sums in a separate all-reduce), and, on 2 ranks, whether the steps and the image are those of 1 rank.
+On 2 ranks also the latency of one bare reduction of the decision's size after a barrier, the floor
+under (b), and after 20 ms of compute, as collectives come inside a step. On 2 ranks the decision's
+sums ride on the cached range's first all-to-all (parallel/cache.py); each threshold-0 dbcache setting
+also runs with them in a separate all-reduce instead ("... all-reduce" rows), alternated with the rest:
+at threshold 0 every block runs, so the median step against the uncached one is what the decision adds
+to a 2-rank step either way (`floors` prints both). fp32, 1 thread per process, 64x64 px for tiny (the
+60 held-out captions of eval_tiny.py as one batch by default) and 128x128 px for medium. Figures drift
+10-20% between runs on a shared CPU.
 """
 
 import argparse
