@@ -103,7 +103,7 @@ class JobQueue:
     def __init__(self, max_queue: int, max_batch: int = 1, window_s: float = 0.0):
         self.max_queue, self.max_batch, self.window_s = max_queue, max_batch, window_s
         self.accepting = True  # a plain flag: the SIGTERM handler clears it
-        self.current: list[Job] = []  # the running batch
+        self.current: list[Job] = []  # the batch that rank 0's own replica runs (serve.py's rank loop sets it)
         self.served = self.failed = self.largest_batch = 0
         self._waiting: collections.deque[Job] = collections.deque()
         self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -158,7 +158,7 @@ class JobQueue:
                 self._changed.wait(timeout=left)
             for job in batch:
                 job.state = "running"
-            self.current, self.largest_batch = batch, max(self.largest_batch, len(batch))
+            self.largest_batch = max(self.largest_batch, len(batch))
         return batch
 
     def _pop_matching(self, key: tuple, count: int) -> list[Job]:
@@ -212,11 +212,14 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
     def index():
         return page
 
+    def running() -> bool:  # rank 0's own replica, or another one (serve/replicas.py keeps their entries)
+        return bool(jobs.current) or any(r["running"] for r in info.get("replicas", []))
+
     @app.get("/health")
     def health():
         status = "ok" if jobs.accepting else "stopping"
         return {"status": status, **info, "kind": pipe.kind, "default_height": size[0], "default_width": size[1],
-                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": bool(jobs.current),
+                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": running(),
                 "served": jobs.served, "failed": jobs.failed, "max_batch": jobs.max_batch,
                 "largest_batch": jobs.largest_batch}
 
