@@ -51,22 +51,35 @@ class EventLog:
     def __init__(self):
         self.events: list[tuple[str, dict]] = []
         self.finished = False
+        self._readers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # streams waiting for more
 
     def add(self, kind: str, data: dict) -> None:
         self.events.append((kind, data))  # list.append is atomic: the rank loop's thread and the event loop's
         self.finished = self.finished or kind in ("done", "error")
+        for loop, more in list(self._readers):  # wake them now (no polling interval between a step and its event)
+            try:
+                loop.call_soon_threadsafe(more.set)
+            except RuntimeError:  # that loop has closed: its stream is gone
+                pass
 
-    async def stream(self, poll_s: float = 0.05):
+    async def stream(self):
         """Every event as `event: KIND` / `data: JSON`, those to come included, until done or error."""
+        reader = (asyncio.get_running_loop(), asyncio.Event())
+        self._readers.append(reader)
         sent = 0
-        while True:
-            while sent < len(self.events):
-                kind, data = self.events[sent]
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                sent += 1
-            if self.finished:
-                return
-            await asyncio.sleep(poll_s)
+        try:
+            while True:
+                reader[1].clear()  # before reading: an event added from here on sets it again
+                finished = self.finished  # before reading too: add() appends the last event, then sets it
+                while sent < len(self.events):
+                    kind, data = self.events[sent]
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    sent += 1
+                if finished:
+                    return
+                await reader[1].wait()
+        finally:
+            self._readers.remove(reader)
 
 
 class Job:
@@ -201,9 +214,10 @@ def error(status: int, message) -> JSONResponse:
 
 
 def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: Limits,
-               url_ttl_s: float = 3600.0) -> FastAPI:
+               url_ttl_s: float = 3600.0, png_level: int = 6) -> FastAPI:
     """The API. `info` (model, world size, ...) is shown by /health, and its model is the OpenAI routes' model
-    id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept."""
+    id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept;
+    `png_level`: the zlib level of the PNGs it sends (serve.py --png-level)."""
     app = FastAPI(title="flux-parallel", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text()
     files, logs, started = ImageFiles(url_ttl_s), Expiring(url_ttl_s), int(time.time())
@@ -243,7 +257,8 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         if "error" in outcome:
             return error(outcome["status"], outcome["error"])
         start = time.perf_counter()
-        png = await run_in_threadpool(encode_png, outcome.pop("image"))  # off the event loop; the ranks go on
+        # off the event loop, so that the ranks go on meanwhile
+        png = await run_in_threadpool(encode_png, outcome.pop("image"), png_level)
         outcome["stages"]["png_encode_s"] = time.perf_counter() - start
         if "application/json" in request.headers.get("accept", ""):
             return {"image_png_base64": base64.b64encode(png).decode(), **outcome}
@@ -307,7 +322,7 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         if failed is not None:
             log.add("error", {"error": {"message": failed["error"], "type": "server_error"}})
             return APIError(failed["status"], failed["error"]).response()
-        pngs = await run_in_threadpool(lambda: [encode_png(o["image"]) for o in outcomes])
+        pngs = await run_in_threadpool(lambda: [encode_png(o["image"], png_level) for o in outcomes])
         if response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
         else:  # absolute URLs on the host and port this request came to
