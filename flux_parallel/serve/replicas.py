@@ -72,7 +72,9 @@ def control_groups(ctx, timeout) -> tuple[object, dict]:
     ranks = replica_ranks(ctx)
     groups = [dist.new_group(members, backend="gloo", timeout=timeout) for members in ranks]
     links = {members[0]: dist.new_group([0, members[0]], backend="gloo", timeout=timeout) for members in ranks[1:]}
-    mine = next(group for group, members in zip(groups, ranks) if dist.get_rank() in members)
+    mine, members = next((g, m) for g, m in zip(groups, ranks) if dist.get_rank() in m)
+    if ctx.data_degree > 1 and sorted(dist.get_process_group_ranks(ctx.group("replica"))) != members:
+        raise RuntimeError(f"the mesh's replica of rank {dist.get_rank()} is not the ranks {members}")
     return mine, links
 
 
@@ -171,8 +173,8 @@ def relay(jobs, link, status: dict, replicas: list[dict], heartbeat_s: float) ->
             status["running"], batch = 0, []
         send({"kind": "stop"}, link, 0)
         dist.barrier(group=link)  # as the leader does: neither tears the link down under the other
-    except RuntimeError as err:  # a failed collective (gloo's DistError), a timeout, or the leader's report
-        mark_down(status, replicas, jobs, batch, err)
+    except Exception as err:  # noqa: BLE001 - a failed collective (gloo's DistError), a timeout, the leader's
+        mark_down(status, replicas, jobs, batch, err)  # report, or a bug here: never a request left waiting
 
 
 def relay_replies(batch: list, link, status: dict) -> None:
