@@ -112,29 +112,33 @@ def test_two_replicas_run_apart_and_a_failed_replica_leaves_the_other_serving(tm
                          "--batch-window-ms", "200")
     try:
         client = ranks[0].wait_until_serving(timeout_s=180)
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(7) as pool:  # a long request keeps one replica busy; six short ones go to the other
+            busy = pool.submit(generate, client, height=64, width=64, steps=30, seed=7, max_sequence_length=16)
+            wait_for(lambda: sum(running(client)) == 1)
             replies = list(pool.map(lambda s: generate(client, height=32, width=32, steps=2, seed=s,
                                                        max_sequence_length=16), range(6)))
-        assert [r.status_code for r in replies] == [200] * 6
+            replies.append(busy.result())
+        assert [r.status_code for r in replies] == [200] * 7
         assert max(int(r.headers["x-batch-size"]) for r in replies) == 2
         replicas = client.get("/health").json()["replicas"]
         assert [(r["state"], r["ranks"]) for r in replicas] == [("up", [0, 1]), ("up", [2, 3])]
-        assert min(r["batches"] for r in replicas) >= 1  # both ran batches: they run apart, not in step
+        assert min(r["batches"] for r in replicas) >= 1  # both made images: checked below
         pipe = FluxPipeline.tiny()
-        for seed, reply in enumerate(replies):
-            expected = pipe("a red fox", height=32, width=32, num_steps=2, seed=seed, max_sequence_length=16,
+        for seed, reply in [*enumerate(replies[:6]), (7, replies[6])]:
+            size, steps = (64, 30) if seed == 7 else (32, 2)
+            expected = pipe("a red fox", height=size, width=size, num_steps=steps, seed=seed, max_sequence_length=16,
                             output_type="pt")[0]
             one = (expected * 255).round().permute(1, 2, 0).numpy().astype(int)
             assert np.abs(pixels(reply.content) - one).max() <= 1, f"seed {seed}"  # 8-bit rounding, as below
 
         long = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 30, "seed": 1}
         with ThreadPoolExecutor(2) as pool:  # one long request on each replica
-            running = [pool.submit(client.post, "/v1/images/generations", json=long)]
-            wait_for(lambda: sum(r["running"] for r in client.get("/health").json()["replicas"]) == 1)
-            running.append(pool.submit(client.post, "/v1/images/generations", json=long))
-            wait_for(lambda: client.get("/health").json()["replicas"][1]["running"])
+            pending = [pool.submit(client.post, "/v1/images/generations", json=long)]
+            wait_for(lambda: sum(running(client)) == 1)
+            pending.append(pool.submit(client.post, "/v1/images/generations", json=long))
+            wait_for(lambda: all(running(client)))
             ranks[3].proc.kill()
-            answers = sorted((f.result().status_code, f.result().json()) for f in running)
+            answers = sorted((f.result().status_code, f.result().json()) for f in pending)
         assert [status for status, _ in answers] == [200, 503]
         assert set(answers[1][1]["error"]) == {"message", "type", "param", "code"}
         assert "replica 1 failed" in answers[1][1]["error"]["message"]
@@ -198,6 +202,11 @@ def test_a_dead_rank_ends_the_job(tmp_path, victim):
     finally:
         for launched in ranks:
             launched.close()
+
+
+def running(client: httpx.Client) -> list[int]:
+    """The requests each replica runs now, from /health."""
+    return [r["running"] for r in client.get("/health").json()["replicas"]]
 
 
 def launch_ranks(tmp_path: Path, world: int, *flags: str) -> list[Launched]:
