@@ -69,7 +69,9 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def generate(client: httpx.Client, **fields) -> httpx.Response:
-    return client.post("/generate", json={"prompt": "a red fox", **fields})
+    """POST /generate, with the seed as the request's id (X-Request-Id) when there is one."""
+    headers = {"X-Request-Id": f"seed {fields['seed']}"} if "seed" in fields else {}
+    return client.post("/generate", json={"prompt": "a red fox", **fields}, headers=headers)
 
 
 def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
@@ -126,6 +128,8 @@ def test_two_replicas_run_apart_and_a_failed_replica_leaves_the_other_serving(tm
         pipe = FluxPipeline.tiny()
         for seed, reply in [*enumerate(replies[:6]), (7, replies[6])]:
             size, steps = (64, 30) if seed == 7 else (32, 2)
+            progress = client.get("/progress", params={"id": f"seed {seed}"}).json()  # steps relayed too
+            assert progress == {"state": "done", "step": steps, "steps": steps}
             expected = pipe("a red fox", height=size, width=size, num_steps=steps, seed=seed, max_sequence_length=16,
                             output_type="pt")[0]
             one = (expected * 255).round().permute(1, 2, 0).numpy().astype(int)
