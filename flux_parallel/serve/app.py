@@ -121,6 +121,7 @@ class JobQueue:
         self._waiting: collections.deque[Job] = collections.deque()
         self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._changed = threading.Condition()
+        self._idle = 0  # replicas waiting in take() for a first job
 
     def submit(self, params: dict, request_id: str | None) -> Job:
         return self.submit_all([params], request_id)[0]
@@ -155,18 +156,25 @@ class JobQueue:
             self.served += 1
 
     def take(self, timeout_s: float) -> list[Job]:
-        """The next batch (the rank loop calls this): the oldest job and the compatible ones after it, or
-        [] after `timeout_s` without a job."""
+        """The next batch (each replica's rank loop calls this when it is free): the oldest job and the
+        compatible ones after it, or [] after `timeout_s` without a job. While other replicas wait for work,
+        a batch takes only its share of the waiting jobs and waits for no company: they run the rest at once."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._waiting, timeout=timeout_s):
-                return []
+            self._idle += 1
+            try:
+                if not self._changed.wait_for(lambda: self._waiting, timeout=timeout_s):
+                    return []
+            finally:
+                self._idle -= 1
             first = self._waiting.popleft()
             batch, key = [first], batch_key(first.params)
             deadline = time.monotonic() + self.window_s
             while len(batch) < self.max_batch:
-                batch += self._pop_matching(key, self.max_batch - len(batch))
+                idle = self._idle
+                share = -(-(len(batch) + len(self._waiting)) // (idle + 1)) if idle else self.max_batch
+                batch += self._pop_matching(key, max(0, min(share, self.max_batch) - len(batch)))
                 left = deadline - time.monotonic()
-                if len(batch) == self.max_batch or left <= 0 or not self.accepting:
+                if len(batch) == self.max_batch or idle or left <= 0 or not self.accepting:
                     break
                 self._changed.wait(timeout=left)
             for job in batch:
