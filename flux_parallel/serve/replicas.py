@@ -88,8 +88,8 @@ def send(message: dict, group, src: int, image: torch.Tensor | None = None) -> d
         data = torch.empty(int(length), dtype=torch.uint8)
     dist.broadcast(data, group=group, group_src=src)
     message = json.loads(bytes(data.tolist()))
-    if "image_shape" in message:  # a finished image: float32 [3, H, W] in [0, 1]
-        image = image.float().contiguous() if image is not None else torch.empty(message["image_shape"])
+    if "image_shape" in message:  # a finished image: float32 [3, H, W] in [0, 1], over gloo from the CPU
+        image = image.float().cpu().contiguous() if image is not None else torch.empty(message["image_shape"])
         dist.broadcast(image, group=group, group_src=src)
         message["image"] = image
     return message
