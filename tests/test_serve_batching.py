@@ -3,6 +3,7 @@ each image is the one its request gets alone (its own seed's noise)."""
 
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -56,6 +57,21 @@ def test_only_compatible_requests_share_a_batch():
     assert [j.params["seed"] for j in jobs.take(0.1)] == [3]  # true CFG runs another forward
     assert [j.params["seed"] for j in jobs.take(0.1)] == [5]
     assert batch_key(request(0)) == batch_key(request(9, prompt="other")) != batch_key(request(0, width=48))
+
+
+def test_replicas_waiting_for_work_share_the_queued_jobs():
+    """Two replicas wait in take() when four compatible jobs come at once: each takes two (one batch of four
+    would leave the other replica idle). The first takes its share without waiting for company; the last idle
+    one waits its window as a lone replica does."""
+    jobs = JobQueue(8, max_batch=8, window_s=0.05)
+    with ThreadPoolExecutor(2) as pool:
+        takers = [pool.submit(jobs.take, 5.0) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while jobs._idle < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        jobs.submit_all([request(seed) for seed in range(4)], None)
+        batches = sorted([j.params["seed"] for j in taker.result()] for taker in takers)
+    assert batches == [[0, 1], [2, 3]]
 
 
 def decode(png: bytes) -> torch.Tensor:

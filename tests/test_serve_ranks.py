@@ -69,7 +69,9 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def generate(client: httpx.Client, **fields) -> httpx.Response:
-    return client.post("/generate", json={"prompt": "a red fox", **fields})
+    """POST /generate, with the seed as the request's id (X-Request-Id) when there is one."""
+    headers = {"X-Request-Id": f"seed {fields['seed']}"} if "seed" in fields else {}
+    return client.post("/generate", json={"prompt": "a red fox", **fields}, headers=headers)
 
 
 def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
@@ -86,7 +88,7 @@ def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
         subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--model", "tiny", "--prompt", "a red fox",
                         "--height", "64", "--width", "48", "--steps", "2", "--seed", "3", "--max-sequence-length", "16",
                         "--output", str(out)], check=True, capture_output=True, timeout=120)
-        assert reply.content == out.read_bytes()
+        assert np.array_equal(pixels(reply.content), pixels(out.read_bytes()))  # serve.py stores them unzipped
 
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(generate, client, height=64, width=64, steps=100, max_sequence_length=16)
@@ -102,32 +104,59 @@ def test_one_process_equals_generate_py_and_stops_cleanly_on_sigterm(tmp_path):
         served.close()
 
 
-def test_two_data_parallel_replicas_of_two_ranks_serve_behind_one_port(tmp_path):
-    """torchrun, 4 ranks: data parallel 2 x Ulysses 2. Batches are split over the two replicas (a lone
-    request is padded), and every image equals the one-process image of its seed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", SERVE, *TINY,
-           "--data-parallel-degree", "2", "--ulysses-degree", "2", "--max-batch", "4", "--batch-window-ms", "200"]
-    served = Launched(cmd, tmp_path)
+def test_two_replicas_run_apart_and_a_failed_replica_leaves_the_other_serving(tmp_path):
+    """Four ranks started by hand (torchrun stops every worker once one fails, by design): data parallel 2 x
+    Ulysses 2. Both replicas take batches from the one queue, each on its own, and every image equals the
+    one-process image of its seed. Then a rank of replica 1 dies during a request: that request gets an
+    OpenAI-shaped 503, /health says replica 1 is down, replica 0 goes on answering, and SIGTERM still ends
+    rank 0 and its replica with status 0."""
+    ranks = launch_ranks(tmp_path, 4, "--data-parallel-degree", "2", "--ulysses-degree", "2", "--max-batch", "2",
+                         "--batch-window-ms", "200")
     try:
-        client = served.wait_until_serving(timeout_s=180)
-        assert client.get("/health").json()["world_size"] == 4
-        lone = generate(client, height=32, width=32, steps=2, seed=9, max_sequence_length=16)
-        with ThreadPoolExecutor(4) as pool:
+        client = ranks[0].wait_until_serving(timeout_s=180)
+        with ThreadPoolExecutor(7) as pool:  # a long request keeps one replica busy; six short ones go to the other
+            busy = pool.submit(generate, client, height=64, width=64, steps=30, seed=7, max_sequence_length=16)
+            wait_for(lambda: sum(running(client)) == 1)
             replies = list(pool.map(lambda s: generate(client, height=32, width=32, steps=2, seed=s,
-                                                       max_sequence_length=16), range(4)))
-        assert [r.status_code for r in [lone, *replies]] == [200] * 5
-        assert max(int(r.headers["x-batch-size"]) for r in replies) >= 2
+                                                       max_sequence_length=16), range(6)))
+            replies.append(busy.result())
+        assert [r.status_code for r in replies] == [200] * 7
+        assert max(int(r.headers["x-batch-size"]) for r in replies) == 2
+        replicas = client.get("/health").json()["replicas"]
+        assert [(r["state"], r["ranks"]) for r in replicas] == [("up", [0, 1]), ("up", [2, 3])]
+        assert min(r["batches"] for r in replicas) >= 1  # both made images: checked below
         pipe = FluxPipeline.tiny()
-        for seed, reply in [(9, lone), *enumerate(replies)]:
-            expected = pipe("a red fox", height=32, width=32, num_steps=2, seed=seed, max_sequence_length=16,
+        for seed, reply in [*enumerate(replies[:6]), (7, replies[6])]:
+            size, steps = (64, 30) if seed == 7 else (32, 2)
+            progress = client.get("/progress", params={"id": f"seed {seed}"}).json()  # steps relayed too
+            assert progress == {"state": "done", "step": steps, "steps": steps}
+            expected = pipe("a red fox", height=size, width=size, num_steps=steps, seed=seed, max_sequence_length=16,
                             output_type="pt")[0]
             one = (expected * 255).round().permute(1, 2, 0).numpy().astype(int)
             assert np.abs(pixels(reply.content) - one).max() <= 1, f"seed {seed}"  # 8-bit rounding, as below
-        for rank in child_pids(served.proc.pid):  # as torchrun forwards a SIGTERM: to every rank
-            os.kill(rank, signal.SIGTERM)
-        assert served.wait(60) == 0, served.err.read_text()[-3000:]
+
+        long = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 30, "seed": 1}
+        with ThreadPoolExecutor(2) as pool:  # one long request on each replica
+            pending = [pool.submit(client.post, "/v1/images/generations", json=long)]
+            wait_for(lambda: sum(running(client)) == 1)
+            pending.append(pool.submit(client.post, "/v1/images/generations", json=long))
+            wait_for(lambda: all(running(client)))
+            ranks[3].proc.kill()
+            answers = sorted((f.result().status_code, f.result().json()) for f in pending)
+        assert [status for status, _ in answers] == [200, 503]
+        assert set(answers[1][1]["error"]) == {"message", "type", "param", "code"}
+        assert "replica 1 failed" in answers[1][1]["error"]["message"]
+        replicas = client.get("/health").json()["replicas"]
+        assert [r["state"] for r in replicas] == ["up", "down"]
+        assert ranks[2].wait(30) == 1  # the leader saw its peer's death, reported it and stopped
+        again = generate(client, height=32, width=32, steps=2, seed=2, max_sequence_length=16)
+        assert np.abs(pixels(again.content) - pixels(replies[2].content)).max() <= 1  # alone, or batched before
+        ranks[0].proc.send_signal(signal.SIGTERM)
+        assert ranks[0].wait(30) == 0, ranks[0].err.read_text()[-3000:]
+        assert ranks[1].wait(30) == 0, ranks[1].err.read_text()[-3000:]
     finally:
-        served.close()
+        for launched in ranks:
+            launched.close()
 
 
 def test_two_ranks_serve_concurrent_requests_exactly(tmp_path):
@@ -166,10 +195,7 @@ def test_two_ranks_serve_concurrent_requests_exactly(tmp_path):
 def test_a_dead_rank_ends_the_job(tmp_path, victim):
     """Two ranks started by hand (no torchrun to clean up): when one is killed, the other notices at its next
     collective (rank 0's heartbeat or broadcast) and exits non-zero within seconds, never a hung service."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    ranks = [Launched([sys.executable, SERVE, *TINY, "--ulysses-degree", "2"], tmp_path, f"rank{r}",
-                      {**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    ranks = launch_ranks(tmp_path, 2, "--ulysses-degree", "2")
     try:
         client = ranks[0].wait_until_serving()
         assert generate(client, height=32, width=32, steps=1).status_code == 200
@@ -180,6 +206,19 @@ def test_a_dead_rank_ends_the_job(tmp_path, victim):
     finally:
         for launched in ranks:
             launched.close()
+
+
+def running(client: httpx.Client) -> list[int]:
+    """The requests each replica runs now, from /health."""
+    return [r["running"] for r in client.get("/health").json()["replicas"]]
+
+
+def launch_ranks(tmp_path: Path, world: int, *flags: str) -> list[Launched]:
+    """serve.py's `world` ranks started by hand, as torchrun would start them but with nothing watching them."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    return [Launched([sys.executable, SERVE, *TINY, *flags], tmp_path, f"rank{r}",
+                     {**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
 
 
 def child_pids(pid: int) -> list[int]:

@@ -1,18 +1,25 @@
-"""Serve FLUX.1 over HTTP: the model loads once, every rank runs each request together.
+"""Serve FLUX.1 over HTTP: the model loads once, the ranks of a replica run each batch of requests together.
 
     python tools/serve.py --model tiny --port 8000
     torchrun --nproc_per_node 2 tools/serve.py --model tiny --ulysses-degree 2 --use-parallel-vae --port 8000
+    torchrun --nproc_per_node 4 tools/serve.py --model tiny --data-parallel-degree 2 --ulysses-degree 2
     python tools/serve.py --model ... --lora style=style.safetensors --lora ink=ink.safetensors
 
-Takes every model and parallel flag of tools/generate.py; with --data-parallel-degree N each batch of
-requests is split over the N replicas (a batch smaller than N is padded). Rank 0 serves the API and the page on
---host:--port and queues the requests (serve_app.py); the rank loop below hands each one to every
-rank as a JSON message over a gloo group (a broadcast), and all ranks run the pipeline on it. While
-no request waits, rank 0 sends a heartbeat every --heartbeat seconds, so an idle rank never waits
-on a collective longer than that, and the death of any rank fails the next collective (within
---timeout) instead of leaving a hung service: the rank that sees it exits non-zero, which makes
-torchrun stop the job. SIGTERM (or Ctrl-C) stops taking requests, finishes the running one, answers
-the queued ones 503 and exits 0 on every rank.
+Takes every model and parallel flag of tools/generate.py. Rank 0 serves the API and the page on
+--host:--port and queues the requests (serve/app.py). The rank loop below hands each batch to every
+rank of a replica as a JSON message over a gloo group (a broadcast from the replica's first rank), and
+they run the pipeline on it. With --data-parallel-degree N there are N replicas, and each takes the next
+batch from the one queue whenever it is free, apart from the others: rank 0 runs the first replica and
+relays batches, progress and images to and from the others' first ranks (serve/replicas.py).
+
+While no request waits, a replica's first rank sends a heartbeat every --heartbeat seconds, so an idle
+rank never waits on a collective longer than that, and the death of a rank fails its replica's next
+collective (within --timeout) instead of leaving a hung service: that replica answers its running batch
+503 and takes no more work, /health shows it "down", and the others go on; when the last replica fails,
+rank 0 exits non-zero (torchrun then stops the job; torchrun also stops every worker as soon as any one
+fails, so the survival of the other replicas needs ranks started without torchrun's agent). SIGTERM (or
+Ctrl-C) stops taking requests, finishes the running batches, answers the queued ones 503 and exits 0 on
+every rank.
 
 LoRA adapters (--lora NAME=PATH, repeatable) load once at start; a request's `loras` field sets their
 scales for its call (the ones it leaves out at 0), on every rank, without reloading.
@@ -20,7 +27,6 @@ scales for its call (the ones it leaves out at 0), on every rank, without reload
 
 import argparse
 import datetime
-import json
 import signal
 import sys
 import threading
@@ -36,6 +42,16 @@ from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel.context import close_distributed, exit_process
 from flux_parallel.serve.app import Job, JobQueue, create_app
 from flux_parallel.serve.openai import EDIT_PARAMS, edit_arguments
+from flux_parallel.serve.replicas import (
+    FromRankZero,
+    control_groups,
+    mark_down,
+    relay,
+    replica_ranks,
+    replica_status,
+    run_replicas_apart,
+    send,
+)
 from flux_parallel.serve.request import Limits
 from flux_parallel.weights import CheckpointError
 
@@ -61,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for (its n)")
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger requests get 413")
     p.add_argument("--url-ttl", type=float, default=3600.0, help="seconds the images of url responses are served")
+    p.add_argument("--png-level", type=int, default=0, choices=range(10), metavar="{0..9}",
+                   help="zlib level of the PNGs sent: 0 stores the pixels (a 256 px image in 0.7 ms instead of 36, "
+                        "1.4x the bytes); 6 is generate.py's")
     p.set_defaults(prompt=None)  # generate.apply_defaults also fills in generate.py's --prompt; unused here
     args = p.parse_args(argv)
     apply_defaults(args)
@@ -86,16 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def broadcast_message(message: dict | None, group) -> dict:
-    """Rank 0's message to every rank, as JSON bytes (never a pickle): its length, then the bytes."""
-    if group is None:
-        return message
-    data = torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8) if message else None
-    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-    dist.broadcast(length, src=0, group=group)
-    if data is None:
-        data = torch.empty(int(length), dtype=torch.uint8)
-    dist.broadcast(data, src=0, group=group)
-    return json.loads(bytes(data.tolist()))
+    """The group's first rank's message to every rank of it, as JSON bytes (never a pickle): replicas.send."""
+    return message if group is None else send(message, group, 0)
 
 
 def agree(status: int, group) -> int:
@@ -154,6 +165,9 @@ def batch_call(batch: list[dict], kind: str, replicas: int = 1) -> dict:
 
 
 def answer(job: Job, status: int, problem: str, image, run: dict, total_s: float, device, batch_size: int) -> None:
+    if status == FATAL:  # a rank of this replica is gone or out of step
+        job.fail(503, f"the generation failed: a rank failed inside a collective ({problem or 'see its log'})")
+        return
     if status != OK:
         job.fail(500, f"the generation failed: {problem or 'on another rank (see its log)'}")
         return
@@ -167,27 +181,35 @@ def answer(job: Job, status: int, problem: str, image, run: dict, total_s: float
 
 
 def next_message(jobs: JobQueue, heartbeat_s: float) -> tuple[list[Job], dict]:
-    """Rank 0: the next batch's message, a heartbeat after `heartbeat_s` without one, or stop."""
+    """A replica's leader: the next batch's message, a heartbeat after `heartbeat_s` without one, or stop."""
+    batch = jobs.take(heartbeat_s) if jobs.accepting else []
+    if batch:
+        return batch, {"kind": "job", "batch": [job.params for job in batch]}
     if not jobs.accepting:
         jobs.close(503, "the service is shutting down: this request was not started")
         return [], {"kind": "stop"}
-    batch = jobs.take(heartbeat_s)
-    if not batch:
-        return [], {"kind": "heartbeat"}
-    return batch, {"kind": "job", "batch": [job.params for job in batch]}
+    return [], {"kind": "heartbeat"}
 
 
-def serve_ranks(pipe, jobs: JobQueue | None, group, device: torch.device, heartbeat_s: float) -> None:
-    """Every rank: act on rank 0's messages, in order, until it says stop. `jobs` only on rank 0."""
+def serve_ranks(pipe, jobs, group, device: torch.device, heartbeat_s: float, status: dict | None = None) -> None:
+    """Every rank of one replica: act on its leader's messages, in order, until it says stop. `jobs` only on the
+    leader: the JobQueue on rank 0, the link to rank 0 elsewhere (replicas.FromRankZero). `status`: the
+    replica's /health entry, on rank 0."""
     while True:
         batch, message = next_message(jobs, heartbeat_s) if jobs is not None else ([], None)
         message = broadcast_message(message, group)
         if message["kind"] == "stop":
             return
         if message["kind"] == "job":
+            if jobs is not None:
+                jobs.current = batch
+            if status is not None:
+                status["running"] = len(batch)
             run_job(pipe, message["batch"], batch if jobs is not None else None, group, device)
             if jobs is not None:
                 jobs.current = []
+            if status is not None:
+                status.update(running=0, batches=status["batches"] + 1)
 
 
 def start_http(app, host: str, port: int):
@@ -216,59 +238,88 @@ def main(argv=None) -> int:
         return 2
     timeout = datetime.timedelta(seconds=args.timeout)
     # the control messages go over gloo on every backend (NCCL would need a GPU tensor and a sync per message)
-    group = dist.new_group(backend="gloo", timeout=timeout) if ctx.is_distributed else None
+    group, links = (control_groups(ctx, timeout) if ctx.is_distributed else (None, {}))
+    if ctx.data_degree > 1:
+        run_replicas_apart(pipe)  # each replica runs its own batches (flux_parallel/serve/replicas.py)
     if ctx.is_main:
-        code = serve_main_rank(args, pipe, ctx, group, device, load_s)
+        code = serve_main_rank(args, pipe, ctx, group, links, device, load_s)
+    elif dist.get_rank() in links:
+        code = serve_other_rank(args, pipe, group, device, FromRankZero(links[dist.get_rank()]))
     else:
         code = serve_other_rank(args, pipe, group, device)
-    close_distributed(wait=code == 0)  # now, not at exit, where gloo's threads would abort the interpreter
+    # now, not at exit, where gloo's threads would abort the interpreter. No barrier of the whole job (a failed
+    # replica's ranks are gone): each rank that stopped cleanly has met its peers at finish() already
+    close_distributed(wait=False)
     return code
 
 
-def serve_other_rank(args, pipe, group, device: torch.device) -> int:
+def finish(*groups) -> None:
+    """Meet the peers of each group at a barrier after the stop message, so that no rank tears down a group
+    under a peer still in its last collective."""
+    for group in groups:
+        if group is not None:
+            dist.barrier(group=group)
+
+
+def serve_other_rank(args, pipe, group, device: torch.device, leader: FromRankZero | None = None) -> int:
+    """A rank other than 0; `leader`: its link to rank 0 when it leads a replica other than the first."""
     # only rank 0 decides when to stop: torchrun forwards a SIGTERM to every rank, and this one waits for rank 0's
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        serve_ranks(pipe, None, group, device, args.heartbeat)
+        serve_ranks(pipe, leader, group, device, args.heartbeat)
+        finish(leader and leader.link, group)
     except RuntimeError as err:  # rank 0 or a peer is gone, or a collective timed out
-        print(f"serve.py: error: rank {dist.get_rank()} stops: {str(err).splitlines()[0]}", file=sys.stderr)
+        problem = str(err).splitlines()[0]
+        print(f"serve.py: error: rank {dist.get_rank()} stops: {problem}", file=sys.stderr)
+        if leader is not None:
+            leader.report_down(problem)
         return 1
     return 0
 
 
-def serve_main_rank(args, pipe, ctx, group, device: torch.device, load_s: float) -> int:
+def serve_main_rank(args, pipe, ctx, group, links: dict, device: torch.device, load_s: float) -> int:
+    """Rank 0: the HTTP service, the rank loop of the first replica, and a relay thread per other replica."""
     jobs = JobQueue(args.max_queue, args.max_batch, args.batch_window_ms / 1000)
-    info = {"model": args.model, "world_size": ctx.world_size, "ulysses_degree": ctx.ulysses_degree,
-            "ring_degree": ctx.ring_degree, "use_parallel_vae": args.use_parallel_vae, "load_s": load_s}
+    replicas = replica_status(replica_ranks(ctx))
+    info = {"model": args.model, "world_size": ctx.world_size, "data_parallel_degree": ctx.data_degree,
+            "ulysses_degree": ctx.ulysses_degree, "ring_degree": ctx.ring_degree,
+            "use_parallel_vae": args.use_parallel_vae, "load_s": load_s, "replicas": replicas}
     limits = Limits(args.max_prompt_length, args.max_size, args.max_steps, args.max_images, args.max_body_bytes)
-    app = create_app(pipe, jobs, info, (args.height, args.width), limits, args.url_ttl)
+    app = create_app(pipe, jobs, info, (args.height, args.width), limits, args.url_ttl, args.png_level)
     server, thread, port = start_http(app, args.host, args.port)
     if port is None:
         print(f"serve.py: error: cannot listen on {args.host}:{args.port} (see the message above)", file=sys.stderr)
+        jobs.accepting = False
         broadcast_message({"kind": "stop"}, group)
+        for link in links.values():
+            send({"kind": "stop"}, link, 0)
         return 1
 
-    def stop(signum, frame):  # only flags: the rank loop finishes the running request, then stops
+    def stop(signum, frame):  # only flags: the replicas finish their running batches, then stop
         jobs.accepting = False
         server.should_exit = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    relays = [threading.Thread(target=relay, args=(jobs, links[status["ranks"][0]], status, replicas, args.heartbeat),
+                               name=f"replica {status['replica']}", daemon=True) for status in replicas[1:]]
+    for worker in relays:
+        worker.start()
     print(f"serve.py: {args.model} (world {ctx.world_size}) on http://{args.host}:{port}", flush=True)
     try:
-        serve_ranks(pipe, jobs, group, device, args.heartbeat)
-    except RuntimeError as err:  # a collective failed: a rank is gone or timed out
-        print(f"serve.py: error: rank 0 stops: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    finally:  # answer whoever still waits
-        for job in jobs.current:
-            if not job.outcome.done():
-                job.fail(500, "the service stopped during this request: a rank failed")
-        jobs.close(503, "the service stopped: a rank failed")
-        server.should_exit = True
-        thread.join(timeout=10)
-    return 0
+        serve_ranks(pipe, jobs, group, device, args.heartbeat, replicas[0])
+        finish(group)
+    except RuntimeError as err:  # a collective of the first replica failed: a rank is gone or timed out
+        print(f"serve.py: error: rank 0 stops serving its replica: {str(err).splitlines()[0]}", file=sys.stderr)
+        mark_down(replicas[0], replicas, jobs, jobs.current, err)
+    for worker in relays:  # each returns after its replica's stop or failure (every wait of it has --timeout)
+        worker.join()
+    jobs.close(503, "the service stopped: every replica failed (a rank is gone)")  # whoever still waits
+    server.should_exit = True
+    thread.join(timeout=10)
+    return 1 if all(r["state"] == "down" for r in replicas) else 0
+
 
 if __name__ == "__main__":
     exit_process(main())

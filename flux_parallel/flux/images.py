@@ -13,8 +13,9 @@ def write_png(path: str, image: torch.Tensor) -> None:
     Path(path).write_bytes(encode_png(image))
 
 
-def encode_png(image: torch.Tensor) -> bytes:
-    """image [3, H, W] in [0, 1] -> an 8-bit RGB PNG (zlib from the standard library; no Pillow needed)."""
+def encode_png(image: torch.Tensor, level: int = 6) -> bytes:
+    """image [3, H, W] in [0, 1] -> an 8-bit RGB PNG (zlib from the standard library; no Pillow needed).
+    level: zlib's, 0 (stored: ~50x faster, ~1.4x the bytes of a generated image) to 9."""
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
     height, width = pixels.shape[:2]
     filtered = torch.cat((torch.zeros(height, 1, dtype=torch.uint8), pixels.view(height, -1)), dim=1)
@@ -25,7 +26,8 @@ def encode_png(image: torch.Tensor) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    data = zlib.compress(rows, level)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def write_grid(path: str, images: Tensor, columns: int = 4, scale: int = 2) -> None:

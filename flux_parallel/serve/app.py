@@ -51,22 +51,35 @@ class EventLog:
     def __init__(self):
         self.events: list[tuple[str, dict]] = []
         self.finished = False
+        self._readers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # streams waiting for more
 
     def add(self, kind: str, data: dict) -> None:
         self.events.append((kind, data))  # list.append is atomic: the rank loop's thread and the event loop's
         self.finished = self.finished or kind in ("done", "error")
+        for loop, more in list(self._readers):  # wake them now (no polling interval between a step and its event)
+            try:
+                loop.call_soon_threadsafe(more.set)
+            except RuntimeError:  # that loop has closed: its stream is gone
+                pass
 
-    async def stream(self, poll_s: float = 0.05):
+    async def stream(self):
         """Every event as `event: KIND` / `data: JSON`, those to come included, until done or error."""
+        reader = (asyncio.get_running_loop(), asyncio.Event())
+        self._readers.append(reader)
         sent = 0
-        while True:
-            while sent < len(self.events):
-                kind, data = self.events[sent]
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                sent += 1
-            if self.finished:
-                return
-            await asyncio.sleep(poll_s)
+        try:
+            while True:
+                reader[1].clear()  # before reading: an event added from here on sets it again
+                finished = self.finished  # before reading too: add() appends the last event, then sets it
+                while sent < len(self.events):
+                    kind, data = self.events[sent]
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    sent += 1
+                if finished:
+                    return
+                await reader[1].wait()
+        finally:
+            self._readers.remove(reader)
 
 
 class Job:
@@ -103,11 +116,12 @@ class JobQueue:
     def __init__(self, max_queue: int, max_batch: int = 1, window_s: float = 0.0):
         self.max_queue, self.max_batch, self.window_s = max_queue, max_batch, window_s
         self.accepting = True  # a plain flag: the SIGTERM handler clears it
-        self.current: list[Job] = []  # the running batch
+        self.current: list[Job] = []  # the batch that rank 0's own replica runs (serve.py's rank loop sets it)
         self.served = self.failed = self.largest_batch = 0
         self._waiting: collections.deque[Job] = collections.deque()
         self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._changed = threading.Condition()
+        self._idle = 0  # replicas waiting in take() for a first job
 
     def submit(self, params: dict, request_id: str | None) -> Job:
         return self.submit_all([params], request_id)[0]
@@ -142,23 +156,30 @@ class JobQueue:
             self.served += 1
 
     def take(self, timeout_s: float) -> list[Job]:
-        """The next batch (the rank loop calls this): the oldest job and the compatible ones after it, or
-        [] after `timeout_s` without a job."""
+        """The next batch (each replica's rank loop calls this when it is free): the oldest job and the
+        compatible ones after it, or [] after `timeout_s` without a job. While other replicas wait for work,
+        a batch takes only its share of the waiting jobs and waits for no company: they run the rest at once."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._waiting, timeout=timeout_s):
-                return []
+            self._idle += 1
+            try:
+                if not self._changed.wait_for(lambda: self._waiting, timeout=timeout_s):
+                    return []
+            finally:
+                self._idle -= 1
             first = self._waiting.popleft()
             batch, key = [first], batch_key(first.params)
             deadline = time.monotonic() + self.window_s
             while len(batch) < self.max_batch:
-                batch += self._pop_matching(key, self.max_batch - len(batch))
+                idle = self._idle
+                share = -(-(len(batch) + len(self._waiting)) // (idle + 1)) if idle else self.max_batch
+                batch += self._pop_matching(key, max(0, min(share, self.max_batch) - len(batch)))
                 left = deadline - time.monotonic()
-                if len(batch) == self.max_batch or left <= 0 or not self.accepting:
+                if len(batch) == self.max_batch or idle or left <= 0 or not self.accepting:
                     break
                 self._changed.wait(timeout=left)
             for job in batch:
                 job.state = "running"
-            self.current, self.largest_batch = batch, max(self.largest_batch, len(batch))
+            self.largest_batch = max(self.largest_batch, len(batch))
         return batch
 
     def _pop_matching(self, key: tuple, count: int) -> list[Job]:
@@ -201,9 +222,10 @@ def error(status: int, message) -> JSONResponse:
 
 
 def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: Limits,
-               url_ttl_s: float = 3600.0) -> FastAPI:
+               url_ttl_s: float = 3600.0, png_level: int = 6) -> FastAPI:
     """The API. `info` (model, world size, ...) is shown by /health, and its model is the OpenAI routes' model
-    id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept."""
+    id; `size` is the default (height, width); `url_ttl_s`: how long the images of `url` responses are kept;
+    `png_level`: the zlib level of the PNGs it sends (serve.py --png-level)."""
     app = FastAPI(title="flux-parallel", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text()
     files, logs, started = ImageFiles(url_ttl_s), Expiring(url_ttl_s), int(time.time())
@@ -212,11 +234,14 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
     def index():
         return page
 
+    def running() -> bool:  # rank 0's own replica, or another one (serve/replicas.py keeps their entries)
+        return bool(jobs.current) or any(r["running"] for r in info.get("replicas", []))
+
     @app.get("/health")
     def health():
         status = "ok" if jobs.accepting else "stopping"
         return {"status": status, **info, "kind": pipe.kind, "default_height": size[0], "default_width": size[1],
-                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": bool(jobs.current),
+                "queued": jobs.waiting, "max_queue": jobs.max_queue, "running": running(),
                 "served": jobs.served, "failed": jobs.failed, "max_batch": jobs.max_batch,
                 "largest_batch": jobs.largest_batch}
 
@@ -240,7 +265,8 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         if "error" in outcome:
             return error(outcome["status"], outcome["error"])
         start = time.perf_counter()
-        png = await run_in_threadpool(encode_png, outcome.pop("image"))  # off the event loop; the ranks go on
+        # off the event loop, so that the ranks go on meanwhile
+        png = await run_in_threadpool(encode_png, outcome.pop("image"), png_level)
         outcome["stages"]["png_encode_s"] = time.perf_counter() - start
         if "application/json" in request.headers.get("accept", ""):
             return {"image_png_base64": base64.b64encode(png).decode(), **outcome}
@@ -304,7 +330,7 @@ def create_app(pipe, jobs: JobQueue, info: dict, size: tuple[int, int], limits: 
         if failed is not None:
             log.add("error", {"error": {"message": failed["error"], "type": "server_error"}})
             return APIError(failed["status"], failed["error"]).response()
-        pngs = await run_in_threadpool(lambda: [encode_png(o["image"]) for o in outcomes])
+        pngs = await run_in_threadpool(lambda: [encode_png(o["image"], png_level) for o in outcomes])
         if response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
         else:  # absolute URLs on the host and port this request came to
