@@ -26,6 +26,7 @@ from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
 from flux_parallel.weights import seeded_init
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "flux_parallel" / "flux" / "assets" / "tiny"
 CALL = dict(prompt=["a red fox", ""], height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
 
 
@@ -270,16 +271,53 @@ def test_planner_says_which_tensor_layouts_fit_in_24gb(capsys):
 
 
 def _placement_matches(rank, world, degrees, expected_file):
+    expected = load_file(expected_file)
     pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**degrees), text_encoder_placement="rank0")
     assert (pipe.text.t5 is None and pipe.text.clip is None) == (rank != 0)  # only replica rank 0 holds them
     image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
     if rank == 0:  # fp32: the broadcast embeddings are the encoded ones, bit for bit; the rest as above
-        torch.testing.assert_close(image, load_file(expected_file)["image"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(image, expected["image"], rtol=1e-5, atol=1e-5)
+    if degrees == dict(cfg_degree=2):  # in the same processes: a spawn costs seconds
+        _sharded_text_matches(rank, ParallelContext(**degrees), expected)
+
+
+def _sharded_text_matches(rank, ctx, expected):
+    """text_encoder_placement "sharded": both cfg ranks encode both branches, each with half of every layer."""
+    from flux_parallel.flux.text_parallel import load_text_shards
+
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ctx, text_encoder_placement="sharded")
+    image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    if rank == 0:  # fp32: the embeddings differ by rounding (partial sums, then the all-reduce), as the transformer's
+        torch.testing.assert_close(image, expected["image"], rtol=1e-5, atol=1e-5)
+    # the trained tiny encoders, each rank reading only its slices of the files
+    clip, t5 = load_text_shards(ASSETS, ctx, torch.float32, "cpu")
+    q = t5.encoder.block[1].layer[0].SelfAttention.q.weight  # [heads/2 x d_kv, d_model]: this rank's heads
+    whole = load_file(ASSETS / "text_encoder_2" / "model.safetensors")["encoder.block.1.layer.0.SelfAttention.q.weight"]
+    torch.testing.assert_close(q, whole.chunk(2)[rank], rtol=0, atol=0)
+    fc2 = clip.encoder.layers[0].mlp.fc2.weight  # [hidden, intermediate/2]: this rank's MLP columns
+    assert fc2.shape[1] * 2 == clip.params.intermediate_size
+    tokenizers = TextConditioner.tokenizers_only(ASSETS)
+    text = TextConditioner(tokenizers.clip_tokenizer, tokenizers.t5_tokenizer, clip, t5)
+    txt, _, y = text(["a red fox", "blurry"], 7)
+    assert_rel_close(txt, expected["txt"], "sharded T5")
+    assert_rel_close(y, expected["y"], "sharded CLIP")
 
 
 @pytest.mark.parametrize("degrees", [dict(tensor_degree=2), dict(cfg_degree=2)], ids=["tp2", "cfg2"])
-def test_text_encoders_on_rank0_broadcast_the_embeddings(degrees, tmp_path):
-    """cfg 2: rank 0 encodes both branches (it runs only the negative one) and rank 1 receives the positive."""
-    expected = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
-    save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
+def test_text_encoders_on_rank0_or_sharded_equal_one_process(degrees, tmp_path):
+    """rank0, cfg 2: rank 0 encodes both branches (it runs only the negative one) and rank 1 receives the
+    positive. sharded (cfg 2): T5 and CLIP split over the replica, loaded slice by slice."""
+    image = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    txt, _, y = FluxPipeline.tiny().text(["a red fox", "blurry"], 7)
+    save_file({"image": image.contiguous(), "txt": txt, "y": y}, tmp_path / "expected.safetensors")
     run_distributed(_placement_matches, 2, degrees, str(tmp_path / "expected.safetensors"))
+
+
+def test_sharded_text_encoders_refuse_sizes_that_do_not_divide():
+    from flux_parallel.flux.clip import CLIP_CONFIGS
+    from flux_parallel.flux.t5 import T5_CONFIGS
+    from flux_parallel.flux.text_parallel import check_text_degree
+
+    check_text_degree(T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"], 4)  # 64 and 12 heads, 10240 and 3072 wide
+    with pytest.raises(ValueError, match="CLIP num_attention_heads 12 is not divisible by 8: use 'rank0'"):
+        check_text_degree(T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"], 8)

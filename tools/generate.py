@@ -139,8 +139,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
-                   choices=["replicated", "rank0"], default="replicated",
-                   help="T5 and CLIP on every rank, or on rank 0 of each replica, which broadcasts the embeddings")
+                   choices=["replicated", "rank0", "sharded"], default="replicated",
+                   help="T5 and CLIP whole on every rank; or whole on rank 0 of each replica, which broadcasts the "
+                        "embeddings; or sharded: split tensor-parallel over the replica's ranks, each holding "
+                        "1/ranks of them (heads and MLP widths must divide by the replica's rank count)")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
                         "(default 1), named NAME (default lora_<index>); give it several times for several adapters")

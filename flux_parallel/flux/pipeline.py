@@ -41,6 +41,7 @@ from flux_parallel.flux.sampling import (
     unpack,
 )
 from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.flux.text_parallel import load_text_shards, shard_text_encoders
 from flux_parallel.flux.tokenizers import as_prompt_list
 from flux_parallel.parallel import (
     Conditioning,
@@ -75,7 +76,9 @@ class FluxPipeline:
     kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py.
     text_encoder_placement: "replicated" (T5 and CLIP on every rank, each encoding its own branches) or
     "rank0" (on rank 0 of each data replica only, which encodes the replica's branches and broadcasts
-    the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks)."""
+    the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks) or "sharded" (both
+    tensor-parallel over the replica's ranks, each holding 1/replica_size of their layers and encoding
+    every branch of the replica with the others: flux/text_parallel.py)."""
 
     def __init__(
         self,
@@ -105,6 +108,8 @@ class FluxPipeline:
         self.text_encoder_placement = text_encoder_placement
         if not holds_text_encoders(self.parallel, text_encoder_placement):
             text.release()  # replica rank 0 encodes and broadcasts (from_pretrained never loads them here)
+        elif text_encoder_placement == "sharded" and text.t5 is not None:
+            shard_text_encoders(text, self.parallel)  # whole encoders split here; loaded shards kept as they are
         prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
         # the parallel strategies leave the transformer as it is, except tensor parallelism, which shards it in place
         self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
@@ -147,7 +152,10 @@ class FluxPipeline:
             load = partial(load_transformer_tensor_parallel, ctx=parallel, dtype=dtype, device=device)  # slices only
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
-        if holds_text_encoders(parallel or ParallelContext(), options.get("text_encoder_placement", "replicated")):
+        placement = options.get("text_encoder_placement", "replicated")
+        if placement == "sharded" and parallel is not None and parallel.replica_size > 1:  # slices only
+            text_encoder, text_encoder_2 = load_text_shards(root, parallel, dtype, device, text_encoder, text_encoder_2)
+        if holds_text_encoders(parallel or ParallelContext(), placement):
             text = TextConditioner.from_pretrained(
                 root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
             )
@@ -386,11 +394,13 @@ class FluxPipeline:
 
     def _encode(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> dict:
         """The conditioning of each CFG branch this rank computes (cfg-parallel ranks encode only theirs); with
-        text_encoder_placement "rank0", replica rank 0 encodes every branch of the replica and broadcasts them."""
+        text_encoder_placement "rank0", replica rank 0 encodes every branch of the replica and broadcasts them;
+        with "sharded", every rank of the replica encodes every branch together with the others."""
         dtype, device = self.transformer.img_in.weight.dtype, self.device
         mine = self.denoiser.branches(negatives is not None)
         shared = self.text_encoder_placement == "rank0"
-        branches = (("negative", "positive") if negatives else ("positive",)) if shared else mine
+        every = shared or self.text_encoder_placement == "sharded"
+        branches = (("negative", "positive") if negatives else ("positive",)) if every else mine
         conds = {}
         for branch in branches if self.text.t5 is not None else ():
             txt, txt_ids, y = self.text(negatives if branch == "negative" else prompts, max_sequence_length)

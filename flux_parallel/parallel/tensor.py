@@ -112,15 +112,18 @@ def shard_plan(params, rank: int, degree: int) -> dict[str, Shard]:
 
 class RowParallelLinear(nn.Module):
     """x [.., in_local] (this rank's input columns) -> x W^T summed over the group, plus the bias:
-    [.., out], identical on every rank. weight [out, in_local] (this rank's columns), bias [out] whole."""
+    [.., out], identical on every rank. weight [out, in_local] (this rank's columns), bias [out] whole
+    or None (T5's linears have none)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor, group):
+    def __init__(self, weight: Tensor, bias: Tensor | None, group):
         super().__init__()
-        self.weight, self.bias, self.group = nn.Parameter(weight), nn.Parameter(bias), group
+        self.weight, self.group = nn.Parameter(weight), group
+        self.bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, x: Tensor) -> Tensor:
         partial_sum = F.linear(x, self.weight)  # [.., out]: this rank's heads' / columns' share
-        return comm.all_reduce(partial_sum, self.group) + self.bias
+        summed = comm.all_reduce(partial_sum, self.group)
+        return summed if self.bias is None else summed + self.bias
 
 
 class GatheredLinear(nn.Module):
@@ -136,7 +139,7 @@ class GatheredLinear(nn.Module):
         return comm.all_gather(F.linear(x, self.weight, self.bias), self.group, dim=-1, sizes=self.sizes)
 
 
-def _sharded_linear(shard: Shard, weight: Tensor, bias: Tensor, group) -> nn.Module:
+def sharded_linear(shard: Shard, weight: Tensor, bias: Tensor | None, group) -> nn.Module:
     """The module holding `weight` and `bias` (already this rank's parts) that computes like `shard` says;
     it keeps `shard` as `tensor_shard` (a LoRA adapter splits its factors by it: flux/lora.py)."""
     if shard.kind == "row":
@@ -145,7 +148,7 @@ def _sharded_linear(shard: Shard, weight: Tensor, bias: Tensor, group) -> nn.Mod
         module = GatheredLinear(weight, bias, group, shard.sizes)
     else:
         module = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-        module.weight, module.bias = nn.Parameter(weight), nn.Parameter(bias)
+        module.weight, module.bias = nn.Parameter(weight), None if bias is None else nn.Parameter(bias)
     module.tensor_shard = shard
     return module
 
@@ -168,7 +171,7 @@ def shard_modules(model: nn.Module, rank: int, degree: int, group) -> nn.Module:
         weight = shard.take(module.weight.data).clone()
         bias = (plan[f"{name}.bias"].take(module.bias.data) if shard.kind != "row" else module.bias.data).clone()
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _sharded_linear(shard, weight, bias, group))
+        setattr(model.get_submodule(parent), child, sharded_linear(shard, weight, bias, group))
     for block in (*model.double_blocks, *model.single_blocks):
         block.num_heads = params.num_heads // degree  # the blocks' rearranges cut the local heads
     for block in model.single_blocks:

@@ -70,10 +70,13 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{folder} has no {stem}.safetensors nor {stem}.safetensors.index.json")
 
 
-def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device, keep=None) -> dict[str, Tensor]:
+def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device, keep=None,
+                     part=None) -> dict[str, Tensor]:
     """All tensors of `files` (those whose name `keep` accepts, when given: the others are never read), each
     cast to `dtype` (floating point only) and moved to `device` one by one, so that peak memory is the
-    converted state dict, not an fp32 copy of it."""
+    converted state dict, not an fp32 copy of it. part(name, lazy_slice) -> the piece of that tensor to
+    keep, read by slicing lazy_slice (safetensors' get_slice), or None for the whole tensor: a tensor-
+    parallel rank reads only its slices."""
     state = {}
     for file in files:
         if file.suffix in PICKLE_SUFFIXES:
@@ -83,7 +86,8 @@ def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for key in (k for k in handle.keys() if keep is None or keep(k)):
-                    tensor = handle.get_tensor(key)
+                    piece = None if part is None else part(key, handle.get_slice(key))
+                    tensor = handle.get_tensor(key) if piece is None else piece
                     cast = dtype if tensor.is_floating_point() else tensor.dtype
                     state[key] = tensor.to(device=device, dtype=cast)
         except (SafetensorError, OSError, RuntimeError) as err:
