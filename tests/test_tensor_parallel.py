@@ -182,17 +182,24 @@ def test_heads_not_dividing_tensor_degree_are_refused_on_every_rank():
 
 
 def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
-    """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced)."""
+    """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced),
+    the text encoders sharded too (their files: sliced)."""
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
     report = tmp_path / "report.json"
     one, two = one_and_two_ranks(tmp_path, common, ["--tensor_parallel_degree", "2", "--use-parallel-vae",
-                                                    "--report", str(report)])
+                                                    "--text-encoder-placement", "sharded", "--report", str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
     assert abs(one - two).max() <= 1
     figures = json.loads(report.read_text())
     assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
     held = [r["parameter_bytes"] for r in figures["ranks"]]
     assert held[0] == held[1] < 0.7 * (ROOT / "flux_parallel/flux/assets/tiny/flux1-tiny.safetensors").stat().st_size
+    text = [r["parameter_bytes_by_stage"]["text"] for r in figures["ranks"]]
+    whole = sum((ASSETS / f / "model.safetensors").stat().st_size for f in ("text_encoder", "text_encoder_2"))
+    assert text[0] == text[1] < 0.8 * whole  # the tiny encoders' embeddings (replicated): a quarter
+    for rank in figures["ranks"]:  # each stage's own peak (this process's resident set on a CPU)
+        assert {"before", "text", "denoise", "vae"} <= rank["peak_memory_bytes_by_stage"].keys()
+        assert min(rank["peak_memory_bytes_by_stage"].values()) > 50 * 2**20  # an interpreter with torch
 
 
 CACHE_CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32,

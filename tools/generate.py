@@ -395,14 +395,28 @@ def generate(args) -> int:
     return 0
 
 
+def tensor_bytes(modules) -> int:
+    """Bytes of the parameters and buffers (int8 T5 keeps its weights as buffers) the modules hold."""
+    return sum(t.numel() * t.element_size() for m in modules if m is not None
+               for t in (*m.parameters(), *m.buffers()) if not t.is_meta)
+
+
+def overall_peak(run: dict, device) -> int:
+    """The peak over the whole process: the pipeline resets the peak at each stage (peak_memory_bytes_by_stage)."""
+    return max([peak_memory_bytes(device), *run.get("peak_memory_bytes_by_stage", {}).values()])
+
+
 def rank_figures(pipe: FluxPipeline, ctx: ParallelContext, device) -> list[dict]:
-    """Every rank's parameter bytes (held, and used by its PipeFusion stage), peak memory and bytes sent
-    per step, in global rank order (a collective: every rank calls it)."""
-    held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
-    encoders = [e for e in (pipe.text.t5, pipe.text.clip) if e is not None]
+    """Every rank's parameter bytes (held, and used by its PipeFusion stage; and per stage: the text
+    encoders', the transformer's, the VAE's), peak memory (overall, and per stage: "before" is loading)
+    and bytes sent per step, in global rank order (a collective: every rank calls it)."""
+    held = tensor_bytes([pipe.transformer])
+    text_bytes = tensor_bytes([pipe.text.t5, pipe.text.clip])
     mine = {"parameter_bytes": held, "stage_parameter_bytes": pipe.denoiser.parameter_bytes(),
-            "text_encoder_bytes": sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()),
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "text_encoder_bytes": text_bytes,
+            "parameter_bytes_by_stage": {"text": text_bytes, "denoise": held, "vae": tensor_bytes([pipe.vae])},
+            "peak_memory_bytes": overall_peak(pipe.last_run, device),
+            "peak_memory_bytes_by_stage": pipe.last_run.get("peak_memory_bytes_by_stage", {}),
             "comm_bytes_per_step": pipe.last_run.get("comm_bytes_per_step", {})}
     if not ctx.is_distributed:
         return [mine]
@@ -436,7 +450,8 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": overall_peak(run, device),
+        "peak_memory_bytes_by_stage": run.get("peak_memory_bytes_by_stage", {}),  # this rank's; "ranks": each's
         "comm_dtype": ctx.comm_dtype,  # what the sp exchanges carried (None: the activations, exact)
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),

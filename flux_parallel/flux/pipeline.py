@@ -43,6 +43,7 @@ from flux_parallel.flux.sampling import (
 from flux_parallel.flux.text_encoders import TextConditioner
 from flux_parallel.flux.text_parallel import load_text_shards, shard_text_encoders
 from flux_parallel.flux.tokenizers import as_prompt_list
+from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel import (
     Conditioning,
     ParallelContext,
@@ -341,9 +342,13 @@ class FluxPipeline:
         run["lora"] = self.lora_adapters
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
+        # this rank's peak memory per stage (reset before each): "before" is the peak up to this call (loading)
+        run["peak_memory_bytes_by_stage"] = peaks = {"before": peak_memory_bytes(self.device)}
+        reset_peak_memory(self.device)
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s
+        peaks["text"] = _next_stage(self.device)
 
         noise = latents if latents is not None else get_noise(total, height, width, seed)
         begin = self._start(request, pack(noise[part].to(device=self.device, dtype=torch.float32)), num_steps)
@@ -355,6 +360,7 @@ class FluxPipeline:
         blend = None if begin.inpaint is None else inpaint_blend(*map(generation.local, begin.inpaint),
                                                                  begin.timesteps)
         img = self._denoise(generation, begin.timesteps, blend)[:, : (height // 16) * (width // 16)]
+        peaks["denoise"] = _next_stage(self.device)  # with the VAE encode of image modes
         run["cache"] = generation.cache_report
         latents = unpack(img, height, width)
         if output_type == "latent":
@@ -364,6 +370,7 @@ class FluxPipeline:
             image = decode(self.vae, latents.to(self.vae_dtype), self.parallel, self.parallel_vae, self.vae_stripes)
         self._sync()
         run["vae_decode_s"] = time.perf_counter() - start_s
+        peaks["vae"] = _next_stage(self.device)
         run["vae_comm_bytes"] = dict(stats.bytes)
         image = gather_batch(image, total, self.parallel)
         if image is None:
@@ -484,3 +491,10 @@ def to_pil(images: Tensor) -> list:
         ) from None
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
+
+
+def _next_stage(device: torch.device) -> int:
+    """The peak memory of the stage that just ended (since the last reset); the next stage counts from here."""
+    peak = peak_memory_bytes(device)
+    reset_peak_memory(device)
+    return peak
