@@ -127,6 +127,9 @@ class _SliceRecorder:
     def __init__(self, part, log):
         self.part, self.log = part, log
 
+    def get_shape(self):
+        return self.part.get_shape()
+
     def __getitem__(self, index):
         out = self.part[index]
         self.log["sliced_bytes"] += out.numel() * out.element_size()
@@ -164,6 +167,44 @@ def test_sharded_loading_reads_only_the_rank_slices(tmp_path, monkeypatch):
     assert expected.keys() == loaded.state_dict().keys()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_diffusers_folder_sharded_loading_reads_only_the_rank_slices(tmp_path, monkeypatch):
+    """A diffusers folder: each fused tensor (qkv, linear1) is cut from its separate parts, none read whole."""
+    from helpers import diffusers_model
+
+    from flux_parallel.flux import checkpoint
+
+    diffusers_model(PARAMS).save_pretrained(tmp_path / "transformer", max_shard_size="300KB")  # several files
+    whole = checkpoint.load_transformer(tmp_path / "transformer", torch.float32)
+    # the loader end to end, at degree 1 (no process group): the whole model, strictly loaded
+    one = checkpoint.load_transformer_tensor_parallel(tmp_path / "transformer", ParallelContext(), torch.float32)
+    assert one.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in one.state_dict().items())
+    log = {"whole": [], "sliced_bytes": 0}
+    opened = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: _OpenedRecording(opened(*a, **k), log))
+    rank, degree = 1, 3
+    plan = tp.shard_plan(PARAMS, rank, degree)
+    state = checkpoint.read_diffusers_shards(tmp_path / "transformer", PARAMS, plan, torch.float32, "cpu")
+    expected = tp.shard_modules(whole, rank, degree, None).state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
+    split_sources = {d for ours, theirs in checkpoint._key_pairs(PARAMS) if ours in plan for d in theirs}
+    assert log["whole"] and not set(log["whole"]) & split_sources  # no part of a split parameter is read whole
+    assert log["sliced_bytes"] == sum(expected[k].numel() * 4 for k in plan)  # exactly this rank's slices
+
+
+class _OpenedRecording:
+    def __init__(self, ctx, log):
+        self.ctx, self.log = ctx, log
+
+    def __enter__(self):
+        return _Recorder(self.ctx.__enter__(), self.log)
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
 
 
 def _heads_refused(rank, world):
