@@ -75,31 +75,35 @@ def _rows(n: int, rank: int, degree: int) -> tuple[tuple[int, int]]:
 def t5_plan(p: T5Params, rank: int, degree: int) -> dict[str, Shard]:
     """Parameter name -> this rank's Shard: "column" and "row" linears, "slice" parameters (the module's
     own forward runs on the slice: the relative bias table's heads, wo's MLP columns)."""
-    heads, mlp = _rows(p.num_heads * p.d_kv, rank, degree), _rows(p.d_ff, rank, degree)
+    inner, d = p.num_heads * p.d_kv, p.d_model
+    heads, mlp = _rows(inner, rank, degree), _rows(p.d_ff, rank, degree)
     plan = {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            Shard("slice", 1, _rows(p.num_heads, rank, degree))}
+            Shard("slice", 1, _rows(p.num_heads, rank, degree), full=(p.relative_attention_num_buckets, p.num_heads))}
     for i in range(p.num_layers):
         attn, ff = f"encoder.block.{i}.layer.0.SelfAttention", f"encoder.block.{i}.layer.1.DenseReluDense"
-        plan |= {f"{attn}.{n}.weight": Shard("column", 0, heads) for n in "qkv"}
-        plan[f"{attn}.o.weight"] = Shard("row", 1, heads)
-        plan |= {f"{ff}.{n}.weight": Shard("column", 0, mlp) for n in ("wi_0", "wi_1")}
-        plan[f"{ff}.wo.weight"] = Shard("slice", 1, mlp)
+        plan |= {f"{attn}.{n}.weight": Shard("column", 0, heads, full=(inner, d)) for n in "qkv"}
+        plan[f"{attn}.o.weight"] = Shard("row", 1, heads, full=(d, inner))
+        plan |= {f"{ff}.{n}.weight": Shard("column", 0, mlp, full=(p.d_ff, d)) for n in ("wi_0", "wi_1")}
+        plan[f"{ff}.wo.weight"] = Shard("slice", 1, mlp, full=(d, p.d_ff))
     return plan
 
 
 def clip_plan(p: ClipParams, rank: int, degree: int) -> dict[str, Shard]:
-    """Parameter name -> this rank's Shard (biases of column-parallel linears sliced like their rows)."""
-    heads, mlp = _rows(p.hidden_size, rank, degree), _rows(p.intermediate_size, rank, degree)
+    """Parameter name -> this rank's Shard (biases of column-parallel linears sliced like their rows);
+    `full` is the whole linear's shape, which a LoRA adapter's factors are for (flux/lora.py)."""
+    h, m = p.hidden_size, p.intermediate_size
+    heads, mlp = _rows(h, rank, degree), _rows(m, rank, degree)
     plan = {}
     for i in range(p.num_hidden_layers):
         attn, mlp_prefix = f"encoder.layers.{i}.self_attn", f"encoder.layers.{i}.mlp"
-        for name, shard in {f"{attn}.q_proj": Shard("column", 0, heads), f"{attn}.k_proj": Shard("column", 0, heads),
-                            f"{attn}.v_proj": Shard("column", 0, heads), f"{attn}.out_proj": Shard("row", 1, heads),
-                            f"{mlp_prefix}.fc1": Shard("column", 0, mlp), f"{mlp_prefix}.fc2": Shard("row", 1, mlp)
-                            }.items():
+        linears = {f"{attn}.{n}": Shard("column", 0, heads, full=(h, h)) for n in ("q_proj", "k_proj", "v_proj")}
+        linears |= {f"{attn}.out_proj": Shard("row", 1, heads, full=(h, h)),
+                    f"{mlp_prefix}.fc1": Shard("column", 0, mlp, full=(m, h)),
+                    f"{mlp_prefix}.fc2": Shard("row", 1, mlp, full=(h, m))}
+        for name, shard in linears.items():
             plan[f"{name}.weight"] = shard
             if shard.kind == "column":
-                plan[f"{name}.bias"] = Shard("column", 0, shard.ranges)
+                plan[f"{name}.bias"] = Shard("column", 0, shard.ranges, full=shard.full[:1])
     return plan
 
 

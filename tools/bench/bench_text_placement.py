@@ -62,8 +62,8 @@ def write_folder(folder: Path, t5_layers: int) -> None:
     (folder / "model_index.json").write_text("{}")
 
 
-def text_stage(placement: str, folder: Path, ctx: ParallelContext):
-    """Load and encode as `placement` does -> (embeddings txt [2, 512, 4096], y [2, 768]; encoders held)."""
+def load(placement: str, folder: Path, ctx: ParallelContext):
+    """(CLIP, T5) as `placement` loads them (None, None on the ranks without them)."""
     rank = dist.get_rank()
     if placement == "sharded":
         clip, t5 = load_text_shards(folder, ctx, torch.bfloat16, "cpu")
@@ -73,6 +73,11 @@ def text_stage(placement: str, folder: Path, ctx: ParallelContext):
         clip, t5 = load_clip(folder, torch.bfloat16), load_t5(folder, torch.bfloat16)
         if placement == "int8":
             quantize_int8_weights(t5)
+    return clip, t5
+
+
+def encode(placement: str, clip, t5, ctx: ParallelContext) -> tuple:
+    """Embeddings (txt [2, 512, 4096], y [2, 768]) on every rank, as `placement` makes them."""
     generator = torch.Generator().manual_seed(1)
     t5_ids = torch.randint(0, 32000, (2, 512), generator=generator)  # T5 at FLUX.1 dev's 512 tokens
     clip_ids = torch.randint(0, 49000, (2, 77), generator=generator)
@@ -83,7 +88,7 @@ def text_stage(placement: str, folder: Path, ctx: ParallelContext):
             txt, y = torch.empty(2, 512, 4096, dtype=torch.bfloat16), torch.empty(2, 768, dtype=torch.bfloat16)
         if placement == "rank0":
             txt, y = comm.broadcast(txt, ctx.group("replica"), 0), comm.broadcast(y, ctx.group("replica"), 0)
-    return (txt, y), (clip, t5)
+    return txt, y
 
 
 def _run(rank, world, placement, folder, out_file):
@@ -94,14 +99,17 @@ def _run(rank, world, placement, folder, out_file):
     reset_peak_memory(device)
     dist.barrier()
     start = time.perf_counter()
-    _, encoders = text_stage(placement, Path(folder), ctx)
+    clip, t5 = load(placement, Path(folder), ctx)
+    load_peak = peak_memory_bytes(device) - before
+    reset_peak_memory(device)
+    encode(placement, clip, t5, ctx)
     dist.barrier()
     seconds = time.perf_counter() - start
-    peak = peak_memory_bytes(device) - before
-    held = sum(p.numel() * p.element_size() for e in encoders if e is not None
+    encode_peak = peak_memory_bytes(device) - before
+    held = sum(p.numel() * p.element_size() for e in (clip, t5) if e is not None
                for p in (*e.parameters(), *e.buffers()))
-    rows = comm.all_gather_object({"rank": rank, "peak_mb": peak / MB, "param_mb": held / MB, "s": seconds},
-                                  ctx.group("replica"))
+    mine = {"rank": rank, "load_mb": load_peak / MB, "peak_mb": encode_peak / MB, "param_mb": held / MB, "s": seconds}
+    rows = comm.all_gather_object(mine, ctx.group("replica"))
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
 
@@ -123,17 +131,17 @@ def main() -> None:
             run_distributed(_run, args.ranks, placement, str(folder), str(out), timeout_s=1800)
             runs[placement].append(json.loads(out.read_text()))
             out.unlink()
-    peaks = {p: [statistics.median(rep[i]["peak_mb"] for rep in reps) for i in range(args.ranks)]
-             for p, reps in runs.items()}
+    def per_rank(placement: str, key: str) -> list[float]:
+        return [statistics.median(rep[i][key] for rep in runs[placement]) for i in range(args.ranks)]
+
     print(f"T5 {args.t5_layers} layers at T5-XXL width + CLIP-L, bf16, {args.ranks} ranks; MB per rank")
-    print(f"{'placement':<11} {'params per rank':<18} {'peak per rank':<18} {'max peak / replicated':<22} "
-          "first encode s")
-    for placement, reps in runs.items():
-        params = " / ".join(f"{r['param_mb']:.0f}" for r in reps[0])
-        seconds = statistics.median(max(r["s"] for r in rep) for rep in reps)
-        ratio = max(peaks[placement]) / max(peaks["replicated"])
-        print(f"{placement:<11} {params:<18} {' / '.join(f'{p:.0f}' for p in peaks[placement]):<18} "
-              f"{ratio:<22.2f} {seconds:.2f}")
+    print(f"{'placement':<11} {'params':<12} {'load peak':<12} {'encode peak':<12} {'max encode peak':<16} "
+          "load + first encode s")
+    for placement in PLACEMENTS:
+        cells = [" / ".join(f"{v:.0f}" for v in per_rank(placement, key)) for key in ("param_mb", "load_mb", "peak_mb")]
+        ratio = max(per_rank(placement, "peak_mb")) / max(per_rank("replicated", "peak_mb"))
+        seconds = statistics.median(max(r["s"] for r in rep) for rep in runs[placement])
+        print(f"{placement:<11} {cells[0]:<12} {cells[1]:<12} {cells[2]:<12} {f'{ratio:.2f}x':<16} {seconds:.2f}")
 
 if __name__ == "__main__":
     main()
