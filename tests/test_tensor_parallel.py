@@ -224,15 +224,16 @@ def test_heads_not_dividing_tensor_degree_are_refused_on_every_rank():
 
 def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
     """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced),
-    the text encoders sharded too (their files: sliced)."""
+    the text encoders sharded too (--text-encoder-placement auto; their files: sliced)."""
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
     report = tmp_path / "report.json"
     one, two = one_and_two_ranks(tmp_path, common, ["--tensor_parallel_degree", "2", "--use-parallel-vae",
-                                                    "--text-encoder-placement", "sharded", "--report", str(report)])
+                                                    "--text-encoder-placement", "auto", "--report", str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
     assert abs(one - two).max() <= 1
     figures = json.loads(report.read_text())
     assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
+    assert figures["text_encoder_placement"] == "sharded"  # auto: 2 ranks divide the tiny encoders' heads
     held = [r["parameter_bytes"] for r in figures["ranks"]]
     assert held[0] == held[1] < 0.7 * (ROOT / "flux_parallel/flux/assets/tiny/flux1-tiny.safetensors").stat().st_size
     text = [r["parameter_bytes_by_stage"]["text"] for r in figures["ranks"]]
@@ -361,10 +362,16 @@ def test_text_encoders_on_rank0_or_sharded_equal_one_process(degrees, tmp_path):
     run_distributed(_placement_matches, 2, degrees, str(tmp_path / "expected.safetensors"))
 
 
-def test_sharded_text_encoders_refuse_sizes_that_do_not_divide():
+def test_text_placement_auto_and_sizes_that_do_not_divide():
+    from types import SimpleNamespace
+
     from flux_parallel.flux.clip import CLIP_CONFIGS
     from flux_parallel.flux.t5 import T5_CONFIGS
-    from flux_parallel.flux.text_parallel import check_text_degree
+    from flux_parallel.flux.text_parallel import check_text_degree, resolve_placement
+
+    t5, clip = T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"]
+    auto = {size: resolve_placement("auto", SimpleNamespace(replica_size=size), t5, clip) for size in (1, 2, 4, 8)}
+    assert auto == {1: "replicated", 2: "sharded", 4: "sharded", 8: "replicated"}  # CLIP's 12 heads on 8 ranks
 
     check_text_degree(T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"], 4)  # 64 and 12 heads, 10240 and 3072 wide
     with pytest.raises(ValueError, match="CLIP num_attention_heads 12 is not divisible by 8: use 'rank0'"):

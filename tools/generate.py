@@ -139,10 +139,11 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
-                   choices=["replicated", "rank0", "sharded"], default="replicated",
+                   choices=["replicated", "rank0", "sharded", "auto"], default="replicated",
                    help="T5 and CLIP whole on every rank; or whole on rank 0 of each replica, which broadcasts the "
                         "embeddings; or sharded: split tensor-parallel over the replica's ranks, each holding "
-                        "1/ranks of them (heads and MLP widths must divide by the replica's rank count)")
+                        "1/ranks of them (heads and MLP widths must divide by the replica's rank count); or auto: "
+                        "sharded where the replica has several ranks and they divide, else replicated")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
                         "(default 1), named NAME (default lora_<index>); give it several times for several adapters")
@@ -446,7 +447,7 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "num_pipeline_patch": ctx.patches if ctx.uses_pipefusion else None,
         "warmup_steps": ctx.warmup_steps if ctx.uses_pipefusion else None,
         "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
-        "text_encoder_placement": args.text_encoder_placement,
+        "text_encoder_placement": run["text_encoder_placement"],  # --text-encoder-placement auto resolved
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},

@@ -317,25 +317,31 @@ def read_diffusers_shards(folder: Path, p: FluxParams, plan: dict[str, Shard], d
                           device) -> dict[str, Tensor]:
     """Our state dict of the diffusers transformer in `folder`, the parameters of `plan` as this rank's
     Shard of them, read slice by slice: a fused tensor (qkv, linear1) is the concatenation of its
-    diffusers parts along dim 0, so each of this rank's row ranges is read from the parts it covers."""
-    with ExitStack() as stack:
-        handles = {}
-        for file in weight_files(folder, DIFFUSERS_STEM):
-            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            handles |= dict.fromkeys(handle.keys(), handle)
-        state, read = {}, set()
-        for ours, theirs in _key_pairs(p):
-            if not all(key in handles for key in theirs):
-                continue  # reported by the strict load
-            shard, read = plan.get(ours), read | set(theirs)
-            if shard is None:
-                tensor = torch.cat([handles[key].get_tensor(key) for key in theirs])
-                tensor = _swap_halves(tensor) if ours.startswith("final_layer.adaLN_modulation") else tensor
-            else:
-                tensor = _slices_of_parts(shard, [handles[key].get_slice(key) for key in theirs])
-            state[ours] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        state |= {key: handles[key].get_tensor(key) for key in handles.keys() - read}  # unexpected: reported
-    return state
+    diffusers parts along dim 0, so each of this rank's row ranges is read from the parts it covers. The
+    files are mapped anew per tensor: the pages a column slice touches (every row's) leave with the mapping."""
+    file_of = {}
+    for file in weight_files(folder, DIFFUSERS_STEM):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            file_of |= dict.fromkeys(handle.keys(), file)
+    state, read = {}, set()
+    for ours, theirs in (*_key_pairs(p), *((key, [key]) for key in file_of)):  # then the unexpected ones
+        if not read.isdisjoint(theirs) or not all(key in file_of for key in theirs):
+            continue  # read already (an unexpected key is one left over), or missing
+        read |= set(theirs)
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(file_of[k]), framework="pt", device="cpu")) for k in theirs]
+            state[ours] = _read_part(ours, plan.get(ours), handles, theirs, dtype, device)
+    return state  # a key missing is reported by the strict load, and so is an unexpected one
+
+
+def _read_part(ours: str, shard: Shard | None, handles: list, theirs: list[str], dtype, device) -> Tensor:
+    """Our tensor `ours` (this rank's Shard of it, when given) from its diffusers parts `theirs`."""
+    if shard is None:
+        tensor = torch.cat([h.get_tensor(k) for h, k in zip(handles, theirs)])
+        tensor = _swap_halves(tensor) if ours.startswith("final_layer.adaLN_modulation") else tensor
+    else:
+        tensor = _slices_of_parts(shard, [h.get_slice(k) for h, k in zip(handles, theirs)])
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 def _slices_of_parts(shard: Shard, parts: list) -> Tensor:

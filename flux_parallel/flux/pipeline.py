@@ -41,7 +41,7 @@ from flux_parallel.flux.sampling import (
     unpack,
 )
 from flux_parallel.flux.text_encoders import TextConditioner
-from flux_parallel.flux.text_parallel import load_text_shards, shard_text_encoders
+from flux_parallel.flux.text_parallel import load_text_shards, resolve_placement, shard_text_encoders, text_params
 from flux_parallel.flux.tokenizers import as_prompt_list
 from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel import (
@@ -79,7 +79,8 @@ class FluxPipeline:
     "rank0" (on rank 0 of each data replica only, which encodes the replica's branches and broadcasts
     the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks) or "sharded" (both
     tensor-parallel over the replica's ranks, each holding 1/replica_size of their layers and encoding
-    every branch of the replica with the others: flux/text_parallel.py)."""
+    every branch of the replica with the others: flux/text_parallel.py) or "auto" ("sharded" where the replica
+    has several ranks and the encoders' heads and widths divide by their count, else "replicated")."""
 
     def __init__(
         self,
@@ -106,6 +107,8 @@ class FluxPipeline:
         self.parallel = parallel or ParallelContext()
         self.parallel_vae = parallel_vae
         self.vae_stripes = vae_stripes
+        if text_encoder_placement == "auto":
+            text_encoder_placement = resolve_placement("auto", self.parallel, text.t5.params, text.clip.params)
         self.text_encoder_placement = text_encoder_placement
         if not holds_text_encoders(self.parallel, text_encoder_placement):
             text.release()  # replica rank 0 encodes and broadcasts (from_pretrained never loads them here)
@@ -154,6 +157,10 @@ class FluxPipeline:
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
         placement = options.get("text_encoder_placement", "replicated")
+        if placement == "auto":  # decided from the encoders' configs, before any weight is read
+            placement = resolve_placement(placement, parallel or ParallelContext(),
+                                          *text_params(root, text_encoder, text_encoder_2))
+            options["text_encoder_placement"] = placement
         if placement == "sharded" and parallel is not None and parallel.replica_size > 1:  # slices only
             text_encoder, text_encoder_2 = load_text_shards(root, parallel, dtype, device, text_encoder, text_encoder_2)
         if holds_text_encoders(parallel or ParallelContext(), placement):
@@ -340,6 +347,7 @@ class FluxPipeline:
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width,
                                "reference_tokens": request.reference_tokens}  # Kontext's, beside the output's
         run["lora"] = self.lora_adapters
+        run["text_encoder_placement"] = self.text_encoder_placement  # "auto" resolved
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
         # this rank's peak memory per stage (reset before each): "before" is the peak up to this call (loading)

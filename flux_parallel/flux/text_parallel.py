@@ -55,6 +55,33 @@ class AllReducedFeedForward(T5GatedFeedForward):
         return comm.all_reduce(super().forward(x), self.group)  # [B, S, d_model] fp32
 
 
+def resolve_placement(placement: str, ctx: ParallelContext, t5: T5Params, clip: ClipParams) -> str:
+    """text_encoder_placement "auto" -> "sharded" where the replica has several ranks and the encoders'
+    heads and MLP widths divide by their count, else "replicated"; any other value as it is. The rule:
+    the least peak memory on the busiest rank without slowing the first step. "sharded" holds 1/D of
+    the layers on every rank (rank0 leaves replica rank 0 holding them whole) and computes 1/D of each
+    layer, for two all-reduces of [B, S, d_model] per layer."""
+    if placement != "auto":
+        return placement
+    try:
+        check_text_degree(t5, clip, ctx.replica_size)
+    except ValueError:
+        return "replicated"
+    return "sharded" if ctx.replica_size > 1 else "replicated"
+
+
+def text_params(root: Path, clip_src=None, t5_src=None) -> tuple[T5Params, ClipParams]:
+    """The encoders' sizes, from a module given or the config.json of their folder (no weights read)."""
+    def params(src, subfolder, patterns, parse):
+        if isinstance(src, nn.Module):
+            return src.params
+        folder = encoder_folder(src or root, subfolder, patterns)
+        return parse(read_json(folder / "config.json"), str(folder / "config.json"))
+
+    return (params(t5_src, "text_encoder_2", T5_FILES, t5_params), params(clip_src, "text_encoder", CLIP_FILES,
+                                                                           clip_params))
+
+
 def check_text_degree(t5: T5Params | None, clip: ClipParams | None, degree: int) -> None:
     """One sentence when the encoders' heads or MLP widths do not split over `degree` ranks."""
     sizes = {"T5 num_heads": t5.num_heads, "T5 d_ff": t5.d_ff} if t5 is not None else {}
@@ -108,20 +135,20 @@ def clip_plan(p: ClipParams, rank: int, degree: int) -> dict[str, Shard]:
 
 
 def _apply_plan(model: nn.Module, plan: dict[str, Shard], group) -> None:
-    """Slice every planned parameter in place (clones: a view would keep the whole tensor alive) and swap
-    each planned linear for its sharded module (parallel/tensor.py)."""
+    """Slice every planned parameter in place (Shard.take copies: a view would keep the whole tensor alive)
+    and swap each planned linear for its sharded module (parallel/tensor.py)."""
     for name, shard in plan.items():
         if not name.endswith(".weight"):
             continue
         path = name.removesuffix(".weight")
         module, (parent, _, child) = model.get_submodule(path), path.rpartition(".")
-        weight = shard.take(module.weight.data).clone()
+        weight = shard.take(module.weight.data)
         if shard.kind == "slice":
             module.weight = nn.Parameter(weight)
             continue
         bias = module.bias
         if bias is not None:
-            bias = (plan[f"{path}.bias"].take(bias.data) if f"{path}.bias" in plan else bias.data).clone()
+            bias = plan[f"{path}.bias"].take(bias.data) if f"{path}.bias" in plan else bias.data.clone()
         setattr(model.get_submodule(parent), child, sharded_linear(shard, weight, bias, group))
 
 
@@ -167,8 +194,10 @@ def _load_sharded(build, plan: dict[str, Shard], files: list[Path], to_ours, dty
     device; strict like every loader. to_ours: a file's state dict -> ours (the key mapping of load_t5 and
     load_clip), applied to each name to find its Shard, then to the state read."""
     def part(key: str, lazy):
+        # every tensor a copy, the whole ones too: a view of the file mapping keeps it, and every page a
+        # column slice touched, resident (what a GPU load does anyway, copying to the device)
         shard = plan.get(next(iter(to_ours({key: None})), key))
-        return None if shard is None else shard.take(lazy)
+        return lazy[:].clone() if shard is None else shard.take(lazy)
 
     state = to_ours(read_safetensors(files, dtype, device, part=part))
     return load_strict(build, state, source)

@@ -60,9 +60,12 @@ class Shard:
     full: tuple[int, ...] = ()  # the whole parameter's shape (a LoRA's factors are for the whole linear)
 
     def take(self, full: Tensor) -> Tensor:
-        """This rank's part of the full tensor (or of a safetensors slice, which supports basic slicing)."""
+        """A copy of this rank's part of the full tensor (or of a safetensors slice, which supports basic
+        slicing). A copy: a slice is a view that keeps the whole tensor's storage alive (a safetensors
+        slice's: the file mapping, whose pages a column slice touches in every row), and holding only a
+        share is the point."""
         parts = [full[a:b] if self.dim == 0 else full[:, a:b] for a, b in self.ranges]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+        return parts[0].clone(memory_format=torch.contiguous_format) if len(parts) == 1 else torch.cat(parts, self.dim)
 
 
 def check_tensor_degree_of(heads: int, degree: int) -> None:
@@ -167,9 +170,8 @@ def shard_modules(model: nn.Module, rank: int, degree: int, group) -> nn.Module:
         shard = plan.get(f"{name}.weight")
         if shard is None:
             continue
-        # clones: a view would keep the whole tensor alive, and holding only a share is the point
-        weight = shard.take(module.weight.data).clone()
-        bias = (plan[f"{name}.bias"].take(module.bias.data) if shard.kind != "row" else module.bias.data).clone()
+        weight = shard.take(module.weight.data)  # copies (take's docstring)
+        bias = plan[f"{name}.bias"].take(module.bias.data) if shard.kind != "row" else module.bias.data.clone()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, sharded_linear(shard, weight, bias, group))
     for block in (*model.double_blocks, *model.single_blocks):
@@ -208,7 +210,9 @@ def load_tensor_shards(model: nn.Module, file: str, rank: int, degree: int, dtyp
     state, read = {}, 0
     with safe_open(str(file), framework="pt", device="cpu") as handle:
         _check_names(file, expected.keys(), set(handle.keys()))
-        for name, param in expected.items():
+    for name, param in expected.items():
+        # mapped anew per tensor: the file pages a column slice touches (every row's) leave with the mapping
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
             shard = plan.get(name)
             tensor = handle.get_tensor(name) if shard is None else shard.take(handle.get_slice(name))
             read += tensor.numel() * tensor.element_size()
