@@ -1,6 +1,7 @@
 """Per-rank memory and first-encode time of the text stage for each text-encoder placement, at 2 ranks.
 
     python tools/bench/bench_text_placement.py [--t5-layers 6] [--repeats 3] [--ranks 2] [--folder DIR]
+                                               [--placements replicated rank0 sharded int8]
 
 Placements (flux/pipeline.py's text_encoder_placement, and tools/generate.py's --t5-int8):
   replicated  T5 and CLIP whole on every rank;
@@ -12,10 +13,12 @@ Weights: seeded random bf16 in transformers' layout (written once to --folder): 
 and T5 at T5-XXL's width (d_model 4096, 64 heads, d_ff 10240) with --t5-layers of its 24 layers (6:
 1.3B parameters, 2.6 GB, a quarter of T5-XXL's 9.5 GB, so that 2 ranks replicated fit a 24 GB machine).
 The text stage of each rank: load both encoders from the files, encode 2 prompts (T5 at 512 tokens,
-CLIP at 77) and, for rank0, broadcast the embeddings. Per rank: the parameter bytes it holds, its peak
-resident memory over the stage above what it held before (Linux VmHWM, reset per stage: it counts the
-safetensors pages mapped while reading as well as the tensors) and the time to the embeddings on
-every rank (median over --repeats, placements alternated, a fresh process group per run).
+CLIP at 77) and, for rank0, broadcast the embeddings. Per rank: the parameter bytes it holds; its peak
+resident memory above what it held before, while loading and over the whole stage (Linux VmHWM: it
+counts the safetensors pages mapped as well as the tensors; a whole tensor stays a view of the file
+mapping, paged in when the encoder first reads it, so a whole load peaks while encoding); and the time
+to the embeddings on every rank (median over --repeats, placements alternated, a fresh process group
+per run).
 """
 
 import argparse
@@ -105,10 +108,10 @@ def _run(rank, world, placement, folder, out_file):
     encode(placement, clip, t5, ctx)
     dist.barrier()
     seconds = time.perf_counter() - start
-    encode_peak = peak_memory_bytes(device) - before
+    stage_peak = max(load_peak, peak_memory_bytes(device) - before)
     held = sum(p.numel() * p.element_size() for e in (clip, t5) if e is not None
                for p in (*e.parameters(), *e.buffers()))
-    mine = {"rank": rank, "load_mb": load_peak / MB, "peak_mb": encode_peak / MB, "param_mb": held / MB, "s": seconds}
+    mine = {"rank": rank, "load_mb": load_peak / MB, "peak_mb": stage_peak / MB, "param_mb": held / MB, "s": seconds}
     rows = comm.all_gather_object(mine, ctx.group("replica"))
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
@@ -120,13 +123,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=None, help="where the random weights are (written if absent)")
+    parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.gettempdir()) / f"bench_text_placement_{args.t5_layers}"
     if not (folder / "text_encoder_2" / "model.safetensors").is_file():
         write_folder(folder, args.t5_layers)
-    runs: dict[str, list] = {p: [] for p in PLACEMENTS}
+    runs: dict[str, list] = {p: [] for p in args.placements}
     for _ in range(args.repeats):
-        for placement in PLACEMENTS:  # alternated
+        for placement in args.placements:  # alternated
             out = Path(tempfile.mkstemp(suffix=".json")[1])
             run_distributed(_run, args.ranks, placement, str(folder), str(out), timeout_s=1800)
             runs[placement].append(json.loads(out.read_text()))
@@ -135,11 +139,11 @@ def main() -> None:
         return [statistics.median(rep[i][key] for rep in runs[placement]) for i in range(args.ranks)]
 
     print(f"T5 {args.t5_layers} layers at T5-XXL width + CLIP-L, bf16, {args.ranks} ranks; MB per rank")
-    print(f"{'placement':<11} {'params':<12} {'load peak':<12} {'encode peak':<12} {'max encode peak':<16} "
+    print(f"{'placement':<11} {'params':<12} {'load peak':<12} {'stage peak':<12} {'max / first row':<16} "
           "load + first encode s")
-    for placement in PLACEMENTS:
+    for placement in args.placements:
         cells = [" / ".join(f"{v:.0f}" for v in per_rank(placement, key)) for key in ("param_mb", "load_mb", "peak_mb")]
-        ratio = max(per_rank(placement, "peak_mb")) / max(per_rank("replicated", "peak_mb"))
+        ratio = max(per_rank(placement, "peak_mb")) / max(per_rank(args.placements[0], "peak_mb"))
         seconds = statistics.median(max(r["s"] for r in rep) for rep in runs[placement])
         print(f"{placement:<11} {cells[0]:<12} {cells[1]:<12} {cells[2]:<12} {f'{ratio:.2f}x':<16} {seconds:.2f}")
 
