@@ -363,6 +363,7 @@ def generate(args) -> int:
 
     if ctx.is_main:
         pipe.progress = Progress()
+    pipe.measure_stages = True  # every rank's peak memory per stage, for the report
     start = time.perf_counter()
     try:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,

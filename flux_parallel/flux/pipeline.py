@@ -119,6 +119,9 @@ class FluxPipeline:
         self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
         self.last_run: dict = {}
         self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar
+        # record each stage's peak memory in last_run["peak_memory_bytes_by_stage"]; it resets the device's
+        # peak at each stage, so a caller's own peak read after the call covers the last stage only
+        self.measure_stages = False
 
     @classmethod
     def from_pretrained(
@@ -350,13 +353,12 @@ class FluxPipeline:
         run["text_encoder_placement"] = self.text_encoder_placement  # "auto" resolved
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
-        # this rank's peak memory per stage (reset before each): "before" is the peak up to this call (loading)
-        run["peak_memory_bytes_by_stage"] = peaks = {"before": peak_memory_bytes(self.device)}
-        reset_peak_memory(self.device)
+        run["peak_memory_bytes_by_stage"] = peaks = {}  # this rank's, with measure_stages
+        self._stage_peak(peaks, "before")  # everything up to this call: loading
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s
-        peaks["text"] = _next_stage(self.device)
+        self._stage_peak(peaks, "text")
 
         noise = latents if latents is not None else get_noise(total, height, width, seed)
         begin = self._start(request, pack(noise[part].to(device=self.device, dtype=torch.float32)), num_steps)
@@ -368,7 +370,7 @@ class FluxPipeline:
         blend = None if begin.inpaint is None else inpaint_blend(*map(generation.local, begin.inpaint),
                                                                  begin.timesteps)
         img = self._denoise(generation, begin.timesteps, blend)[:, : (height // 16) * (width // 16)]
-        peaks["denoise"] = _next_stage(self.device)  # with the VAE encode of image modes
+        self._stage_peak(peaks, "denoise")  # with the VAE encode of the image modes
         run["cache"] = generation.cache_report
         latents = unpack(img, height, width)
         if output_type == "latent":
@@ -378,7 +380,7 @@ class FluxPipeline:
             image = decode(self.vae, latents.to(self.vae_dtype), self.parallel, self.parallel_vae, self.vae_stripes)
         self._sync()
         run["vae_decode_s"] = time.perf_counter() - start_s
-        peaks["vae"] = _next_stage(self.device)
+        self._stage_peak(peaks, "vae")
         run["vae_comm_bytes"] = dict(stats.bytes)
         image = gather_batch(image, total, self.parallel)
         if image is None:
@@ -449,6 +451,12 @@ class FluxPipeline:
         self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}
         return img
 
+    def _stage_peak(self, peaks: dict, stage: str) -> None:
+        """With measure_stages: the peak memory of the stage that just ended; the next one counts from here."""
+        if self.measure_stages:
+            peaks[stage] = peak_memory_bytes(self.device)
+            reset_peak_memory(self.device)
+
     def _sync(self) -> None:
         """Stage timings on a GPU need the queued kernels finished (a step's output is needed next anyway)."""
         if self.device.type == "cuda":
@@ -500,9 +508,3 @@ def to_pil(images: Tensor) -> list:
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
 
-
-def _next_stage(device: torch.device) -> int:
-    """The peak memory of the stage that just ended (since the last reset); the next stage counts from here."""
-    peak = peak_memory_bytes(device)
-    reset_peak_memory(device)
-    return peak
