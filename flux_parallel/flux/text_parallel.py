@@ -189,18 +189,15 @@ def shard_text_encoders(text: TextConditioner, ctx: ParallelContext) -> TextCond
     return text
 
 
-def _load_sharded(build, plan: dict[str, Shard], files: list[Path], to_ours, dtype, device, source: str):
+def _load_sharded(build, plan: dict[str, Shard], files: list[Path], name_of, to_ours, dtype, device, source: str):
     """Read only this rank's slices and assign them to the sharded module `build()` makes on the meta
-    device; strict like every loader. to_ours: a file's state dict -> ours (the key mapping of load_t5 and
-    load_clip), applied to each name to find its Shard, then to the state read."""
+    device; strict like every loader. name_of: a file's tensor name -> ours (to find its Shard); to_ours:
+    a file's state dict -> ours (the key mapping of load_t5 and load_clip)."""
     def part(key: str, lazy):
-        # every tensor a copy, the whole ones too: a view of the file mapping keeps it, and every page a
-        # column slice touched, resident (what a GPU load does anyway, copying to the device)
-        shard = plan.get(next(iter(to_ours({key: None})), key))
-        return lazy[:].clone() if shard is None else shard.take(lazy)
+        shard = plan.get(name_of(key))
+        return None if shard is None else shard.take(lazy)  # None: the whole tensor
 
-    state = to_ours(read_safetensors(files, dtype, device, part=part))
-    return load_strict(build, state, source)
+    return load_strict(build, to_ours(read_safetensors(files, dtype, device, part=part)), source)
 
 
 def load_t5_sharded(src: str | Path, ctx: ParallelContext, dtype: torch.dtype = torch.bfloat16,
@@ -213,7 +210,8 @@ def load_t5_sharded(src: str | Path, ctx: ParallelContext, dtype: torch.dtype = 
     check_text_degree(params, None, degree)  # before the mesh (a collective) is built
     rank, group = ctx.rank("replica"), ctx.group("replica")
     return _load_sharded(lambda: shard_t5(T5Encoder(params), rank, degree, group), t5_plan(params, rank, degree),
-                         weight_files(folder, WEIGHTS_STEM), t5_from_transformers, dtype, device, str(folder))
+                         weight_files(folder, WEIGHTS_STEM), lambda key: key, t5_from_transformers, dtype, device,
+                         str(folder))
 
 
 def load_clip_sharded(src: str | Path, ctx: ParallelContext, dtype: torch.dtype = torch.bfloat16,
@@ -227,7 +225,8 @@ def load_clip_sharded(src: str | Path, ctx: ParallelContext, dtype: torch.dtype 
     rank, group = ctx.rank("replica"), ctx.group("replica")
     return _load_sharded(lambda: shard_clip(ClipTextModel(params), rank, degree, group),
                          clip_plan(params, rank, degree), weight_files(folder, WEIGHTS_STEM),
-                         clip_from_transformers, dtype, device, str(folder))
+                         lambda key: key.removeprefix("text_model."), clip_from_transformers, dtype, device,
+                         str(folder))
 
 
 def load_text_shards(root: Path, ctx: ParallelContext, dtype: torch.dtype, device, clip_src=None, t5_src=None
