@@ -315,6 +315,18 @@ def test_planner_says_which_tensor_layouts_fit_in_24gb(capsys):
     # the whole transformer (22 GiB in bf16) and T5 leave no room on a 24 GB card; half of it does
     assert not rows[1]["fits"] and rows[2]["fits"] and not rows[2]["ulysses_fits"]
     assert "do not fit: one device, Ulysses 2, Ulysses 3, Ulysses 4" in out
+    # sharded text encoders: T5-XXL + CLIP-L (9.5 GiB whole) split over the tensor ranks where 64 and 12
+    # heads divide (2 and 4, not 3); the replicated embeddings (0.3 GiB) stay whole
+    sharded = dataclasses.replace(w, text_placement="sharded")
+    text_gib = {t: cm.weights(sharded, t)[1] / cm.GIB for t in (1, 2, 3, 4)}
+    assert text_gib[3] == text_gib[1]
+    assert 0.5 < text_gib[2] / text_gib[1] < 0.53 and 0.25 < text_gib[4] / text_gib[1] < 0.28
+    shrunk = {r["tensor_degree"]: r for r in planner.tensor_rows(sharded, dataclasses.replace(
+        planner.PRESETS["a100-nvlink"], memory_gib=24.0), 4)}
+    assert shrunk[2]["peak_gib"] < rows[2]["peak_gib"] - 4 and shrunk[3]["peak_gib"] == rows[3]["peak_gib"]
+    assert plan.main(["--model", "dev", "--gpus", "4", "--gpu-memory", "24GB", "--text-encoder-placement",
+                      "sharded"]) == 0
+    assert "text encoders sharded" in capsys.readouterr().out
     with pytest.raises(ValueError, match="is not a size like 24GB"):
         planner.parse_memory("lots")
 
