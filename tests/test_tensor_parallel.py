@@ -26,6 +26,7 @@ from flux_parallel.vae import VAE_CONFIGS, AutoEncoder
 from flux_parallel.weights import seeded_init
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "flux_parallel" / "flux" / "assets" / "tiny"
 CALL = dict(prompt=["a red fox", ""], height=48, width=64, num_steps=2, max_sequence_length=7, output_type="pt")
 
 
@@ -126,6 +127,9 @@ class _SliceRecorder:
     def __init__(self, part, log):
         self.part, self.log = part, log
 
+    def get_shape(self):
+        return self.part.get_shape()
+
     def __getitem__(self, index):
         out = self.part[index]
         self.log["sliced_bytes"] += out.numel() * out.element_size()
@@ -165,6 +169,44 @@ def test_sharded_loading_reads_only_the_rank_slices(tmp_path, monkeypatch):
         assert torch.equal(value, expected[key]), key
 
 
+def test_diffusers_folder_sharded_loading_reads_only_the_rank_slices(tmp_path, monkeypatch):
+    """A diffusers folder: each fused tensor (qkv, linear1) is cut from its separate parts, none read whole."""
+    from helpers import diffusers_model
+
+    from flux_parallel.flux import checkpoint
+
+    diffusers_model(PARAMS).save_pretrained(tmp_path / "transformer", max_shard_size="300KB")  # several files
+    whole = checkpoint.load_transformer(tmp_path / "transformer", torch.float32)
+    # the loader end to end, at degree 1 (no process group): the whole model, strictly loaded
+    one = checkpoint.load_transformer_tensor_parallel(tmp_path / "transformer", ParallelContext(), torch.float32)
+    assert one.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in one.state_dict().items())
+    log = {"whole": [], "sliced_bytes": 0}
+    opened = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: _OpenedRecording(opened(*a, **k), log))
+    rank, degree = 1, 3
+    plan = tp.shard_plan(PARAMS, rank, degree)
+    state = checkpoint.read_diffusers_shards(tmp_path / "transformer", PARAMS, plan, torch.float32, "cpu")
+    expected = tp.shard_modules(whole, rank, degree, None).state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
+    split_sources = {d for ours, theirs in checkpoint._key_pairs(PARAMS) if ours in plan for d in theirs}
+    assert log["whole"] and not set(log["whole"]) & split_sources  # no part of a split parameter is read whole
+    assert log["sliced_bytes"] == sum(expected[k].numel() * 4 for k in plan)  # exactly this rank's slices
+
+
+class _OpenedRecording:
+    def __init__(self, ctx, log):
+        self.ctx, self.log = ctx, log
+
+    def __enter__(self):
+        return _Recorder(self.ctx.__enter__(), self.log)
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
 def _heads_refused(rank, world):
     ctx = ParallelContext(tensor_degree=world)
     odd = Flux(dataclasses.replace(PARAMS, num_heads=4, axes_dim=(8, 8, 8)))  # 4 heads on 3 tensor ranks
@@ -181,17 +223,25 @@ def test_heads_not_dividing_tensor_degree_are_refused_on_every_rank():
 
 
 def test_torchrun_tensor_parallel_writes_the_same_image(tmp_path):
-    """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced)."""
+    """`torchrun --nproc_per_node 2 tools/generate.py --tensor-parallel-degree 2` == one process (BFL file: sliced),
+    the text encoders sharded too (--text-encoder-placement auto; their files: sliced)."""
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
     report = tmp_path / "report.json"
     one, two = one_and_two_ranks(tmp_path, common, ["--tensor_parallel_degree", "2", "--use-parallel-vae",
-                                                    "--report", str(report)])
+                                                    "--text-encoder-placement", "auto", "--report", str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
     assert abs(one - two).max() <= 1
     figures = json.loads(report.read_text())
     assert figures["tensor_degree"] == 2 and figures["comm_bytes_per_step"]["all_reduce"] > 0
+    assert figures["text_encoder_placement"] == "sharded"  # auto: 2 ranks divide the tiny encoders' heads
     held = [r["parameter_bytes"] for r in figures["ranks"]]
     assert held[0] == held[1] < 0.7 * (ROOT / "flux_parallel/flux/assets/tiny/flux1-tiny.safetensors").stat().st_size
+    text = [r["parameter_bytes_by_stage"]["text"] for r in figures["ranks"]]
+    whole = sum((ASSETS / f / "model.safetensors").stat().st_size for f in ("text_encoder", "text_encoder_2"))
+    assert text[0] == text[1] < 0.8 * whole  # the tiny encoders' embeddings (replicated): a quarter
+    for rank in figures["ranks"]:  # each stage's own peak (this process's resident set on a CPU)
+        assert {"before", "text", "denoise", "vae"} <= rank["peak_memory_bytes_by_stage"].keys()
+        assert min(rank["peak_memory_bytes_by_stage"].values()) > 50 * 2**20  # an interpreter with torch
 
 
 CACHE_CALL = dict(prompt=["a red fox"], negative_prompt="blurry", true_cfg_scale=2.5, height=48, width=32,
@@ -265,21 +315,76 @@ def test_planner_says_which_tensor_layouts_fit_in_24gb(capsys):
     # the whole transformer (22 GiB in bf16) and T5 leave no room on a 24 GB card; half of it does
     assert not rows[1]["fits"] and rows[2]["fits"] and not rows[2]["ulysses_fits"]
     assert "do not fit: one device, Ulysses 2, Ulysses 3, Ulysses 4" in out
+    # sharded text encoders: T5-XXL + CLIP-L (9.5 GiB whole) split over the tensor ranks where 64 and 12
+    # heads divide (2 and 4, not 3); the replicated embeddings (0.3 GiB) stay whole
+    sharded = dataclasses.replace(w, text_placement="sharded")
+    text_gib = {t: cm.weights(sharded, t)[1] / cm.GIB for t in (1, 2, 3, 4)}
+    assert text_gib[3] == text_gib[1]
+    assert 0.5 < text_gib[2] / text_gib[1] < 0.53 and 0.25 < text_gib[4] / text_gib[1] < 0.28
+    shrunk = {r["tensor_degree"]: r for r in planner.tensor_rows(sharded, dataclasses.replace(
+        planner.PRESETS["a100-nvlink"], memory_gib=24.0), 4)}
+    assert shrunk[2]["peak_gib"] < rows[2]["peak_gib"] - 4 and shrunk[3]["peak_gib"] == rows[3]["peak_gib"]
+    assert plan.main(["--model", "dev", "--gpus", "4", "--gpu-memory", "24GB", "--text-encoder-placement",
+                      "sharded"]) == 0
+    assert "text encoders sharded" in capsys.readouterr().out
     with pytest.raises(ValueError, match="is not a size like 24GB"):
         planner.parse_memory("lots")
 
 
 def _placement_matches(rank, world, degrees, expected_file):
+    expected = load_file(expected_file)
     pipe = FluxPipeline.tiny_random(seed=0, parallel=ParallelContext(**degrees), text_encoder_placement="rank0")
     assert (pipe.text.t5 is None and pipe.text.clip is None) == (rank != 0)  # only replica rank 0 holds them
     image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
     if rank == 0:  # fp32: the broadcast embeddings are the encoded ones, bit for bit; the rest as above
-        torch.testing.assert_close(image, load_file(expected_file)["image"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(image, expected["image"], rtol=1e-5, atol=1e-5)
+    if degrees == dict(cfg_degree=2):  # in the same processes: a spawn costs seconds
+        _sharded_text_matches(rank, ParallelContext(**degrees), expected)
+
+
+def _sharded_text_matches(rank, ctx, expected):
+    """text_encoder_placement "sharded": both cfg ranks encode both branches, each with half of every layer."""
+    from flux_parallel.flux.text_parallel import load_text_shards
+
+    pipe = FluxPipeline.tiny_random(seed=0, parallel=ctx, text_encoder_placement="sharded")
+    image = pipe(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    if rank == 0:  # fp32: the embeddings differ by rounding (partial sums, then the all-reduce), as the transformer's
+        torch.testing.assert_close(image, expected["image"], rtol=1e-5, atol=1e-5)
+    # the trained tiny encoders, each rank reading only its slices of the files
+    clip, t5 = load_text_shards(ASSETS, ctx, torch.float32, "cpu")
+    q = t5.encoder.block[1].layer[0].SelfAttention.q.weight  # [heads/2 x d_kv, d_model]: this rank's heads
+    whole = load_file(ASSETS / "text_encoder_2" / "model.safetensors")["encoder.block.1.layer.0.SelfAttention.q.weight"]
+    torch.testing.assert_close(q, whole.chunk(2)[rank], rtol=0, atol=0)
+    fc2 = clip.encoder.layers[0].mlp.fc2.weight  # [hidden, intermediate/2]: this rank's MLP columns
+    assert fc2.shape[1] * 2 == clip.params.intermediate_size
+    tokenizers = TextConditioner.tokenizers_only(ASSETS)
+    text = TextConditioner(tokenizers.clip_tokenizer, tokenizers.t5_tokenizer, clip, t5)
+    txt, _, y = text(["a red fox", "blurry"], 7)
+    assert_rel_close(txt, expected["txt"], "sharded T5")
+    assert_rel_close(y, expected["y"], "sharded CLIP")
 
 
 @pytest.mark.parametrize("degrees", [dict(tensor_degree=2), dict(cfg_degree=2)], ids=["tp2", "cfg2"])
-def test_text_encoders_on_rank0_broadcast_the_embeddings(degrees, tmp_path):
-    """cfg 2: rank 0 encodes both branches (it runs only the negative one) and rank 1 receives the positive."""
-    expected = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
-    save_file({"image": expected.contiguous()}, tmp_path / "expected.safetensors")
+def test_text_encoders_on_rank0_or_sharded_equal_one_process(degrees, tmp_path):
+    """rank0, cfg 2: rank 0 encodes both branches (it runs only the negative one) and rank 1 receives the
+    positive. sharded (cfg 2): T5 and CLIP split over the replica, loaded slice by slice."""
+    image = FluxPipeline.tiny_random(seed=0)(**CALL, negative_prompt="blurry", true_cfg_scale=3.0)
+    txt, _, y = FluxPipeline.tiny().text(["a red fox", "blurry"], 7)
+    save_file({"image": image.contiguous(), "txt": txt, "y": y}, tmp_path / "expected.safetensors")
     run_distributed(_placement_matches, 2, degrees, str(tmp_path / "expected.safetensors"))
+
+
+def test_text_placement_auto_and_sizes_that_do_not_divide():
+    from types import SimpleNamespace
+
+    from flux_parallel.flux.clip import CLIP_CONFIGS
+    from flux_parallel.flux.t5 import T5_CONFIGS
+    from flux_parallel.flux.text_parallel import check_text_degree, resolve_placement
+
+    t5, clip = T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"]
+    auto = {size: resolve_placement("auto", SimpleNamespace(replica_size=size), t5, clip) for size in (1, 2, 4, 8)}
+    assert auto == {1: "replicated", 2: "sharded", 4: "sharded", 8: "replicated"}  # CLIP's 12 heads on 8 ranks
+
+    check_text_degree(T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"], 4)  # 64 and 12 heads, 10240 and 3072 wide
+    with pytest.raises(ValueError, match="CLIP num_attention_heads 12 is not divisible by 8: use 'rank0'"):
+        check_text_degree(T5_CONFIGS["xxl"], CLIP_CONFIGS["l14"], 8)

@@ -139,8 +139,11 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
-                   choices=["replicated", "rank0"], default="replicated",
-                   help="T5 and CLIP on every rank, or on rank 0 of each replica, which broadcasts the embeddings")
+                   choices=["replicated", "rank0", "sharded", "auto"], default="replicated",
+                   help="T5 and CLIP whole on every rank; or whole on rank 0 of each replica, which broadcasts the "
+                        "embeddings; or sharded: split tensor-parallel over the replica's ranks, each holding "
+                        "1/ranks of them (heads and MLP widths must divide by the replica's rank count); or auto: "
+                        "sharded where the replica has several ranks and they divide, else replicated")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
                         "(default 1), named NAME (default lora_<index>); give it several times for several adapters")
@@ -360,6 +363,7 @@ def generate(args) -> int:
 
     if ctx.is_main:
         pipe.progress = Progress()
+    pipe.measure_stages = True  # every rank's peak memory per stage, for the report
     start = time.perf_counter()
     try:
         images = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
@@ -393,14 +397,28 @@ def generate(args) -> int:
     return 0
 
 
+def tensor_bytes(modules) -> int:
+    """Bytes of the parameters and buffers (int8 T5 keeps its weights as buffers) the modules hold."""
+    return sum(t.numel() * t.element_size() for m in modules if m is not None
+               for t in (*m.parameters(), *m.buffers()) if not t.is_meta)
+
+
+def overall_peak(run: dict, device) -> int:
+    """The peak over the whole process: the pipeline resets the peak at each stage (peak_memory_bytes_by_stage)."""
+    return max([peak_memory_bytes(device), *run.get("peak_memory_bytes_by_stage", {}).values()])
+
+
 def rank_figures(pipe: FluxPipeline, ctx: ParallelContext, device) -> list[dict]:
-    """Every rank's parameter bytes (held, and used by its PipeFusion stage), peak memory and bytes sent
-    per step, in global rank order (a collective: every rank calls it)."""
-    held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
-    encoders = [e for e in (pipe.text.t5, pipe.text.clip) if e is not None]
+    """Every rank's parameter bytes (held, and used by its PipeFusion stage; and per stage: the text
+    encoders', the transformer's, the VAE's), peak memory (overall, and per stage: "before" is loading)
+    and bytes sent per step, in global rank order (a collective: every rank calls it)."""
+    held = tensor_bytes([pipe.transformer])
+    text_bytes = tensor_bytes([pipe.text.t5, pipe.text.clip])
     mine = {"parameter_bytes": held, "stage_parameter_bytes": pipe.denoiser.parameter_bytes(),
-            "text_encoder_bytes": sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()),
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "text_encoder_bytes": text_bytes,
+            "parameter_bytes_by_stage": {"text": text_bytes, "denoise": held, "vae": tensor_bytes([pipe.vae])},
+            "peak_memory_bytes": overall_peak(pipe.last_run, device),
+            "peak_memory_bytes_by_stage": pipe.last_run.get("peak_memory_bytes_by_stage", {}),
             "comm_bytes_per_step": pipe.last_run.get("comm_bytes_per_step", {})}
     if not ctx.is_distributed:
         return [mine]
@@ -430,11 +448,12 @@ def make_report(args, run: dict, ctx: ParallelContext, device, paths: list[str],
         "num_pipeline_patch": ctx.patches if ctx.uses_pipefusion else None,
         "warmup_steps": ctx.warmup_steps if ctx.uses_pipefusion else None,
         "use_parallel_vae": args.use_parallel_vae, "vae_stripes": args.vae_stripes,
-        "text_encoder_placement": args.text_encoder_placement,
+        "text_encoder_placement": run["text_encoder_placement"],  # --text-encoder-placement auto resolved
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "stages": {"load_s": load_s, "text_encoding_s": run["text_encoding_s"], "steps_s": run["steps_s"],
                    "denoise_s": sum(run["steps_s"]), "vae_decode_s": run.get("vae_decode_s"), "total_s": total_s},
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": overall_peak(run, device),
+        "peak_memory_bytes_by_stage": run.get("peak_memory_bytes_by_stage", {}),  # this rank's; "ranks": each's
         "comm_dtype": ctx.comm_dtype,  # what the sp exchanges carried (None: the activations, exact)
         "comm_bytes_per_step": run.get("comm_bytes_per_step", {}),
         "comm_bytes_per_step_by_axis": run.get("comm_bytes_per_step_by_axis", {}),

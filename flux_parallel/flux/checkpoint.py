@@ -5,16 +5,18 @@ checkpoints go through `diffusers_to_bfl` (split q/k/v fused back, norm_out's ha
 """
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from flux_parallel.flux.configs import FluxParams, flux_rope_axes
 from flux_parallel.flux.model import Flux
 from flux_parallel.parallel.apply import check_heads
 from flux_parallel.parallel.context import ParallelContext
-from flux_parallel.parallel.tensor import load_tensor_shards, parallelize_tensor, shard_modules
+from flux_parallel.parallel.tensor import Shard, load_tensor_shards, shard_modules, shard_plan
 from flux_parallel.weights import (
     DIFFUSERS_STEM,
     CheckpointError,
@@ -26,6 +28,7 @@ from flux_parallel.weights import (
     read_json,
     resolve,
     safetensors_keys,
+    weight_files,
 )
 from flux_parallel.weights.loader import single_file_fields
 from flux_parallel.weights.modules import check_device, check_dtype
@@ -290,16 +293,80 @@ def _bfl_prefix(diffusers_key: str) -> str | None:
 def load_transformer_tensor_parallel(src: str | Path, ctx: ParallelContext, dtype: torch.dtype = torch.bfloat16,
                                      device: torch.device | str = "cpu") -> Flux:
     """This tensor rank's share of the transformer at `src` (parallel/tensor.py). From a BFL single file
-    each rank reads only its slices, so its peak memory while loading is its share. A diffusers folder
-    stores q, k and v as separate tensors that the loader fuses: it is loaded whole, then sharded."""
+    or a diffusers folder each rank reads only its slices (of q, k, v and the MLP input separately, in
+    the diffusers layout), so its peak memory while loading is its share."""
     dtype, device = check_dtype(dtype), check_device(device)
     kind, path = locate_transformer(src)
-    if kind != "bfl":
-        return parallelize_tensor(load_transformer(src, dtype, device), ctx)
-    params = build_params(params_with_rope_axes, single_file_fields(path, TRANSFORMER), str(path), ROPE_HINT)
+    if kind == "bfl":
+        params = build_params(params_with_rope_axes, single_file_fields(path, TRANSFORMER), str(path), ROPE_HINT)
+    else:
+        fields = fields_from_config(read_json(path / "config.json"), str(path / "config.json"))
+        params = build_params(params_with_rope_axes, fields, str(path / "config.json"))
     check_heads(params.num_heads, ctx)  # before the mesh (a collective) is built
     with torch.device("meta"):
         model = Flux(params)
     rank, degree = ctx.rank("tensor"), ctx.tensor_degree
     shard_modules(model, rank, degree, ctx.group("tensor"))
-    return load_tensor_shards(model, path, rank, degree, dtype, device)[0]
+    if kind == "bfl":
+        return load_tensor_shards(model, path, rank, degree, dtype, device)[0]
+    state = read_diffusers_shards(path, params, shard_plan(params, rank, degree), dtype, device)
+    return load_strict_into(model, state, str(path))
+
+
+def read_diffusers_shards(folder: Path, p: FluxParams, plan: dict[str, Shard], dtype: torch.dtype,
+                          device) -> dict[str, Tensor]:
+    """Our state dict of the diffusers transformer in `folder`, the parameters of `plan` as this rank's
+    Shard of them, read slice by slice: a fused tensor (qkv, linear1) is the concatenation of its
+    diffusers parts along dim 0, so each of this rank's row ranges is read from the parts it covers. The
+    files are mapped anew per tensor: the pages a column slice touches (every row's) leave with the mapping."""
+    file_of = {}
+    for file in weight_files(folder, DIFFUSERS_STEM):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            file_of |= dict.fromkeys(handle.keys(), file)
+    state, read = {}, set()
+    for ours, theirs in (*_key_pairs(p), *((key, [key]) for key in file_of)):  # then the unexpected ones
+        if not read.isdisjoint(theirs) or not all(key in file_of for key in theirs):
+            continue  # read already (an unexpected key is one left over), or missing
+        read |= set(theirs)
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(file_of[k]), framework="pt", device="cpu")) for k in theirs]
+            state[ours] = _read_part(ours, plan.get(ours), handles, theirs, dtype, device)
+    return state  # a key missing is reported by the strict load, and so is an unexpected one
+
+
+def _read_part(ours: str, shard: Shard | None, handles: list, theirs: list[str], dtype, device) -> Tensor:
+    """Our tensor `ours` (this rank's Shard of it, when given) from its diffusers parts `theirs`."""
+    if shard is None:
+        tensor = torch.cat([h.get_tensor(k) for h, k in zip(handles, theirs)])
+        tensor = _swap_halves(tensor) if ours.startswith("final_layer.adaLN_modulation") else tensor
+    else:
+        tensor = _slices_of_parts(shard, [h.get_slice(k) for h, k in zip(handles, theirs)])
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def _slices_of_parts(shard: Shard, parts: list) -> Tensor:
+    """shard.take of the dim-0 concatenation of `parts` (safetensors lazy slices), without concatenating:
+    each row range is cut from the parts it overlaps."""
+    if len(parts) == 1:
+        return shard.take(parts[0])
+    starts = [0]
+    for part in parts:
+        starts.append(starts[-1] + part.get_shape()[0])
+    pieces = [part[max(a, lo) - lo : min(b, hi) - lo] for a, b in shard.ranges
+              for part, lo, hi in zip(parts, starts, starts[1:]) if max(a, lo) < min(b, hi)]
+    return torch.cat(pieces, dim=0)
+
+
+def load_strict_into(model: Flux, state: dict[str, Tensor], source: str) -> Flux:
+    """Assign `state` to `model` (built on the meta device and sharded): names and shapes must match."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the transformer: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    for key, param in expected.items():
+        if param.shape != state[key].shape:
+            raise CheckpointError(f"{source}: {key} gives a {list(state[key].shape)} slice, the sharded model "
+                                  f"holds {list(param.shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

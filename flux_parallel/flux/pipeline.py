@@ -41,7 +41,9 @@ from flux_parallel.flux.sampling import (
     unpack,
 )
 from flux_parallel.flux.text_encoders import TextConditioner
+from flux_parallel.flux.text_parallel import load_text_shards, resolve_placement, shard_text_encoders, text_params
 from flux_parallel.flux.tokenizers import as_prompt_list
+from flux_parallel.memory import peak_memory_bytes, reset_peak_memory
 from flux_parallel.parallel import (
     Conditioning,
     ParallelContext,
@@ -75,7 +77,10 @@ class FluxPipeline:
     kernels.default_backend); fp8: FP8 block linears (GPUs with FP8 tensor cores); see flux/compile.py.
     text_encoder_placement: "replicated" (T5 and CLIP on every rank, each encoding its own branches) or
     "rank0" (on rank 0 of each data replica only, which encodes the replica's branches and broadcasts
-    the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks)."""
+    the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks) or "sharded" (both
+    tensor-parallel over the replica's ranks, each holding 1/replica_size of their layers and encoding
+    every branch of the replica with the others: flux/text_parallel.py) or "auto" ("sharded" where the replica
+    has several ranks and the encoders' heads and widths divide by their count, else "replicated")."""
 
     def __init__(
         self,
@@ -102,14 +107,21 @@ class FluxPipeline:
         self.parallel = parallel or ParallelContext()
         self.parallel_vae = parallel_vae
         self.vae_stripes = vae_stripes
+        if text_encoder_placement == "auto":
+            text_encoder_placement = resolve_placement("auto", self.parallel, text.t5.params, text.clip.params)
         self.text_encoder_placement = text_encoder_placement
         if not holds_text_encoders(self.parallel, text_encoder_placement):
             text.release()  # replica rank 0 encodes and broadcasts (from_pretrained never loads them here)
+        elif text_encoder_placement == "sharded" and text.t5 is not None:
+            shard_text_encoders(text, self.parallel)  # whole encoders split here; loaded shards kept as they are
         prepare_transformer(transformer, attention_backend, fp8, compile)  # before any parallel view of it
         # the parallel strategies leave the transformer as it is, except tensor parallelism, which shards it in place
         self.denoiser = parallelize(transformer, self.parallel, attention_backend or "auto")
         self.last_run: dict = {}
         self.progress = None  # optional callable(steps_done, steps_total), e.g. a progress bar
+        # record each stage's peak memory in last_run["peak_memory_bytes_by_stage"]; it resets the device's
+        # peak at each stage, so a caller's own peak read after the call covers the last stage only
+        self.measure_stages = False
 
     @classmethod
     def from_pretrained(
@@ -147,7 +159,14 @@ class FluxPipeline:
             load = partial(load_transformer_tensor_parallel, ctx=parallel, dtype=dtype, device=device)  # slices only
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
-        if holds_text_encoders(parallel or ParallelContext(), options.get("text_encoder_placement", "replicated")):
+        placement = options.get("text_encoder_placement", "replicated")
+        if placement == "auto":  # decided from the encoders' configs, before any weight is read
+            placement = resolve_placement(placement, parallel or ParallelContext(),
+                                          *text_params(root, text_encoder, text_encoder_2))
+            options["text_encoder_placement"] = placement
+        if placement == "sharded" and parallel is not None and parallel.replica_size > 1:  # slices only
+            text_encoder, text_encoder_2 = load_text_shards(root, parallel, dtype, device, text_encoder, text_encoder_2)
+        if holds_text_encoders(parallel or ParallelContext(), placement):
             text = TextConditioner.from_pretrained(
                 root, dtype=dtype, device=device, text_encoder=text_encoder, text_encoder_2=text_encoder_2
             )
@@ -331,11 +350,15 @@ class FluxPipeline:
                                "mode": request.mode, "strength": request.strength, "height": height, "width": width,
                                "reference_tokens": request.reference_tokens}  # Kontext's, beside the output's
         run["lora"] = self.lora_adapters
+        run["text_encoder_placement"] = self.text_encoder_placement  # "auto" resolved
         run["lora_memory"] = self.lora.memory() if self.lora_adapters else None
         run["transformer_parameter_bytes"] = self.denoiser.parameter_bytes()  # this rank's: its TP slices, its stage
+        run["peak_memory_bytes_by_stage"] = peaks = {}  # this rank's, with measure_stages
+        self._stage_peak(peaks, "before")  # everything up to this call: loading
         start_s = time.perf_counter()
         conds = self._encode(prompts[part], negatives[part] if negatives else None, max_sequence_length)
         run["text_encoding_s"] = time.perf_counter() - start_s
+        self._stage_peak(peaks, "text")
 
         noise = latents if latents is not None else get_noise(total, height, width, seed)
         begin = self._start(request, pack(noise[part].to(device=self.device, dtype=torch.float32)), num_steps)
@@ -347,6 +370,7 @@ class FluxPipeline:
         blend = None if begin.inpaint is None else inpaint_blend(*map(generation.local, begin.inpaint),
                                                                  begin.timesteps)
         img = self._denoise(generation, begin.timesteps, blend)[:, : (height // 16) * (width // 16)]
+        self._stage_peak(peaks, "denoise")  # with the VAE encode of the image modes
         run["cache"] = generation.cache_report
         latents = unpack(img, height, width)
         if output_type == "latent":
@@ -356,6 +380,7 @@ class FluxPipeline:
             image = decode(self.vae, latents.to(self.vae_dtype), self.parallel, self.parallel_vae, self.vae_stripes)
         self._sync()
         run["vae_decode_s"] = time.perf_counter() - start_s
+        self._stage_peak(peaks, "vae")
         run["vae_comm_bytes"] = dict(stats.bytes)
         image = gather_batch(image, total, self.parallel)
         if image is None:
@@ -386,11 +411,13 @@ class FluxPipeline:
 
     def _encode(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> dict:
         """The conditioning of each CFG branch this rank computes (cfg-parallel ranks encode only theirs); with
-        text_encoder_placement "rank0", replica rank 0 encodes every branch of the replica and broadcasts them."""
+        text_encoder_placement "rank0", replica rank 0 encodes every branch of the replica and broadcasts them;
+        with "sharded", every rank of the replica encodes every branch together with the others."""
         dtype, device = self.transformer.img_in.weight.dtype, self.device
         mine = self.denoiser.branches(negatives is not None)
         shared = self.text_encoder_placement == "rank0"
-        branches = (("negative", "positive") if negatives else ("positive",)) if shared else mine
+        every = shared or self.text_encoder_placement == "sharded"
+        branches = (("negative", "positive") if negatives else ("positive",)) if every else mine
         conds = {}
         for branch in branches if self.text.t5 is not None else ():
             txt, txt_ids, y = self.text(negatives if branch == "negative" else prompts, max_sequence_length)
@@ -423,6 +450,12 @@ class FluxPipeline:
         self.last_run["comm_bytes_per_step"] = {k: v / steps for k, v in stats.bytes.items()}
         self.last_run["comm_bytes_per_step_by_axis"] = {k: v / steps for k, v in stats.axis_bytes.items()}
         return img
+
+    def _stage_peak(self, peaks: dict, stage: str) -> None:
+        """With measure_stages: the peak memory of the stage that just ended; the next one counts from here."""
+        if self.measure_stages:
+            peaks[stage] = peak_memory_bytes(self.device)
+            reset_peak_memory(self.device)
 
     def _sync(self) -> None:
         """Stage timings on a GPU need the queued kernels finished (a step's output is needed next anyway)."""
@@ -474,3 +507,4 @@ def to_pil(images: Tensor) -> list:
         ) from None
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
+

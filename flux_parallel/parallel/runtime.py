@@ -220,16 +220,17 @@ class Generation:
         return self.sp.gather(self.layout, img_local)
 
 
-PLACEMENTS = ("replicated", "rank0")  # where the text encoders live: every rank, or rank 0 of each replica
+# where the text encoders live: whole on every rank, whole on rank 0 of each replica, or split over the replica
+PLACEMENTS = ("replicated", "rank0", "sharded")
 
 
 def holds_text_encoders(ctx: ParallelContext, placement: str) -> bool:
-    """Whether this rank holds T5 and CLIP: every rank ("replicated"), or rank 0 of each data replica
-    ("rank0"). Found from the mesh order (data outermost: a replica's ranks are contiguous) without
-    building the mesh, so that a loader can decide before any collective."""
+    """Whether this rank holds T5 and CLIP, whole or its share: every rank ("replicated", "sharded"), or
+    rank 0 of each data replica ("rank0"). Found from the mesh order (data outermost: a replica's ranks
+    are contiguous) without building the mesh, so that a loader can decide before any collective."""
     if placement not in PLACEMENTS:
         raise ValueError(f"text_encoder_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    return placement == "replicated" or not dist.is_initialized() or dist.get_rank() % ctx.replica_size == 0
+    return placement != "rank0" or not dist.is_initialized() or dist.get_rank() % ctx.replica_size == 0
 
 
 def share_conditioning(conds: dict[str, Conditioning], branches: tuple[str, ...], shapes: dict[str, tuple],

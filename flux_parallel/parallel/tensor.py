@@ -60,9 +60,12 @@ class Shard:
     full: tuple[int, ...] = ()  # the whole parameter's shape (a LoRA's factors are for the whole linear)
 
     def take(self, full: Tensor) -> Tensor:
-        """This rank's part of the full tensor (or of a safetensors slice, which supports basic slicing)."""
+        """A copy of this rank's part of the full tensor (or of a safetensors slice, which supports basic
+        slicing). A copy: a slice is a view that keeps the whole tensor's storage alive (a safetensors
+        slice's: the file mapping, whose pages a column slice touches in every row), and holding only a
+        share is the point."""
         parts = [full[a:b] if self.dim == 0 else full[:, a:b] for a, b in self.ranges]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+        return parts[0].clone(memory_format=torch.contiguous_format) if len(parts) == 1 else torch.cat(parts, self.dim)
 
 
 def check_tensor_degree_of(heads: int, degree: int) -> None:
@@ -112,15 +115,18 @@ def shard_plan(params, rank: int, degree: int) -> dict[str, Shard]:
 
 class RowParallelLinear(nn.Module):
     """x [.., in_local] (this rank's input columns) -> x W^T summed over the group, plus the bias:
-    [.., out], identical on every rank. weight [out, in_local] (this rank's columns), bias [out] whole."""
+    [.., out], identical on every rank. weight [out, in_local] (this rank's columns), bias [out] whole
+    or None (T5's linears have none)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor, group):
+    def __init__(self, weight: Tensor, bias: Tensor | None, group):
         super().__init__()
-        self.weight, self.bias, self.group = nn.Parameter(weight), nn.Parameter(bias), group
+        self.weight, self.group = nn.Parameter(weight), group
+        self.bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, x: Tensor) -> Tensor:
         partial_sum = F.linear(x, self.weight)  # [.., out]: this rank's heads' / columns' share
-        return comm.all_reduce(partial_sum, self.group) + self.bias
+        summed = comm.all_reduce(partial_sum, self.group)
+        return summed if self.bias is None else summed + self.bias
 
 
 class GatheredLinear(nn.Module):
@@ -136,7 +142,7 @@ class GatheredLinear(nn.Module):
         return comm.all_gather(F.linear(x, self.weight, self.bias), self.group, dim=-1, sizes=self.sizes)
 
 
-def _sharded_linear(shard: Shard, weight: Tensor, bias: Tensor, group) -> nn.Module:
+def sharded_linear(shard: Shard, weight: Tensor, bias: Tensor | None, group) -> nn.Module:
     """The module holding `weight` and `bias` (already this rank's parts) that computes like `shard` says;
     it keeps `shard` as `tensor_shard` (a LoRA adapter splits its factors by it: flux/lora.py)."""
     if shard.kind == "row":
@@ -145,7 +151,7 @@ def _sharded_linear(shard: Shard, weight: Tensor, bias: Tensor, group) -> nn.Mod
         module = GatheredLinear(weight, bias, group, shard.sizes)
     else:
         module = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-        module.weight, module.bias = nn.Parameter(weight), nn.Parameter(bias)
+        module.weight, module.bias = nn.Parameter(weight), None if bias is None else nn.Parameter(bias)
     module.tensor_shard = shard
     return module
 
@@ -164,11 +170,10 @@ def shard_modules(model: nn.Module, rank: int, degree: int, group) -> nn.Module:
         shard = plan.get(f"{name}.weight")
         if shard is None:
             continue
-        # clones: a view would keep the whole tensor alive, and holding only a share is the point
-        weight = shard.take(module.weight.data).clone()
-        bias = (plan[f"{name}.bias"].take(module.bias.data) if shard.kind != "row" else module.bias.data).clone()
+        weight = shard.take(module.weight.data)  # copies (take's docstring)
+        bias = plan[f"{name}.bias"].take(module.bias.data) if shard.kind != "row" else module.bias.data.clone()
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _sharded_linear(shard, weight, bias, group))
+        setattr(model.get_submodule(parent), child, sharded_linear(shard, weight, bias, group))
     for block in (*model.double_blocks, *model.single_blocks):
         block.num_heads = params.num_heads // degree  # the blocks' rearranges cut the local heads
     for block in model.single_blocks:
@@ -205,7 +210,9 @@ def load_tensor_shards(model: nn.Module, file: str, rank: int, degree: int, dtyp
     state, read = {}, 0
     with safe_open(str(file), framework="pt", device="cpu") as handle:
         _check_names(file, expected.keys(), set(handle.keys()))
-        for name, param in expected.items():
+    for name, param in expected.items():
+        # mapped anew per tensor: the file pages a column slice touches (every row's) leave with the mapping
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
             shard = plan.get(name)
             tensor = handle.get_tensor(name) if shard is None else shard.take(handle.get_slice(name))
             read += tensor.numel() * tensor.element_size()

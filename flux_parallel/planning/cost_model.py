@@ -116,6 +116,13 @@ class Workload:
     vae_dtype: str = "bf16"
     vae_attention: str = "fused"  # "fused" (flash / memory-efficient) or "math" (materialises the scores)
     release_encoders: bool = False  # drop T5 and CLIP from the device once the prompt is encoded
+    # FluxPipeline's text_encoder_placement. "rank0" leaves the other ranks without the encoders, but the
+    # busiest device (replica rank 0) holds them whole: for the peak it is "replicated". "sharded" splits
+    # them over the world's ranks where the world size divides text_split_gcd (heads and MLP widths);
+    # text_replicated_params (embeddings, norms) stay whole on every rank.
+    text_placement: str = "replicated"
+    text_replicated_params: float = 0.0
+    text_split_gcd: int = 1
     encoder_ops: int = 840  # host ops of T5 and CLIP (24 x 25 + 12 x 20 for the real ones)
 
     def __post_init__(self):
@@ -126,6 +133,8 @@ class Workload:
                 raise ValueError(
                     f"resolution {side} px is not a positive multiple of {step} (nearest: {low} or {low + step})"
                 )
+        if self.text_placement not in ("replicated", "rank0", "sharded"):
+            raise ValueError(f"text_placement must be replicated, rank0 or sharded, got {self.text_placement!r}")
         if self.vae_attention not in ("fused", "math"):
             raise ValueError(f"vae_attention must be 'fused' or 'math', got {self.vae_attention!r}")
         for dtype in (self.dtype, self.vae_dtype):
@@ -337,12 +346,15 @@ def param_count(module_cls, params) -> int:
         return sum(t.numel() for t in module_cls(params).parameters())
 
 
-def weights(w: Workload) -> tuple[float, float]:
-    """Bytes of the weights on every device: (transformer + VAE, text encoders)."""
+def weights(w: Workload, ranks: int = 1) -> tuple[float, float]:
+    """Bytes of the weights on the busiest of `ranks` devices: (transformer + VAE, text encoders)."""
 
     b = DTYPE_BYTES[w.dtype]
     model = param_count(Flux, w.flux) * b + param_count(AutoEncoder, w.vae) * DTYPE_BYTES[w.vae_dtype]
-    return model, (w.t5_params + w.clip_params) * b
+    encoders = w.t5_params + w.clip_params
+    if w.text_placement == "sharded" and ranks > 1 and w.text_split_gcd % ranks == 0:
+        encoders = w.text_replicated_params + (encoders - w.text_replicated_params) / ranks
+    return model, encoders * b
 
 
 def transformer_activations(w: Workload, cfg: Config) -> float:
@@ -361,7 +373,7 @@ def predict(w: Workload, hw: Hardware, cfg: Config) -> dict:
     step = denoise_step(w, hw, cfg)
     text = text_encode(w, hw)
     vae_s, walk = vae_decode(w, hw, cfg)
-    model_b, encoders_b = weights(w)
+    model_b, encoders_b = weights(w, cfg.world_size)
     resident = model_b + (0 if w.release_encoders else encoders_b)
     phases = {  # peak bytes of each phase; the encoders are on the device while they encode
         "encode": model_b + encoders_b,
@@ -543,7 +555,10 @@ def predict_tensor(w: Workload, hw: Hardware, degree: int) -> dict:
     one = predict(w, hw, Config(1, 1, False))
     weights_b = tensor_weight_bytes(w, degree)
     full = param_count(Flux, w.flux) * DTYPE_BYTES[w.dtype]
-    peak = (one["memory_gib"]["denoise"] * GIB - full + weights_b) / GIB + hw.reserved_gib
+    text_saved = weights(w)[1] - weights(w, degree)[1]  # text_placement "sharded" over the tensor ranks
+    phases = {"encode": one["memory_gib"]["encode"] * GIB - full + weights_b - text_saved,
+              "denoise": one["memory_gib"]["denoise"] * GIB - full + weights_b - text_saved * (not w.release_encoders)}
+    peak = max(phases.values()) / GIB + hw.reserved_gib
     step = tensor_step(w, hw, degree)
     need = peak * (degree if hw.shared_memory else 1)
     return {"tensor_degree": degree, "denoise_s": w.steps * step["step_s"], "step_comm_s": step["comm_s"],

@@ -7,6 +7,7 @@ a hardware JSON holds the fields of `cost_model.Hardware`."""
 import dataclasses
 import datetime
 import json
+import math
 import os
 import tempfile
 import time
@@ -18,11 +19,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from flux_parallel.flux.clip import CLIP_CONFIGS, ClipTextModel
+from flux_parallel.flux.clip import CLIP_CONFIGS, ClipParams, ClipTextModel
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.model import Flux
 from flux_parallel.flux.sampling import flux_inputs
-from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder
+from flux_parallel.flux.t5 import T5_CONFIGS, T5Encoder, T5Params
+from flux_parallel.flux.text_parallel import shard_clip, shard_t5
 from flux_parallel.parallel import comm
 from flux_parallel.parallel.launch import free_port
 from flux_parallel.planning import cost_model as cm
@@ -93,7 +95,8 @@ def detect_vae_attention(attention_module=None) -> str:
 
 
 def make_workload(model: str, resolution: int, dtype: str, steps: int | None = None, vae_dtype: str | None = None,
-                  vae_attention: str = "auto", release_encoders: bool = False) -> cm.Workload:
+                  vae_attention: str = "auto", release_encoders: bool = False,
+                  text_placement: str = "replicated") -> cm.Workload:
     """The workload of `model` (schnell, dev, tiny) at resolution x resolution px. vae_dtype
     defaults to dtype; vae_attention 'auto' probes the code (detect_vae_attention)."""
 
@@ -102,13 +105,25 @@ def make_workload(model: str, resolution: int, dtype: str, steps: int | None = N
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     spec = dict(MODELS[model])
+    t5, clip = T5_CONFIGS[spec.pop("t5")], CLIP_CONFIGS[spec.pop("clip")]
     spec.update(flux=CONFIGS[spec["flux"]], vae=VAE_CONFIGS[spec["vae"]], steps=steps or spec["steps"],
-                t5_params=cm.param_count(T5Encoder, T5_CONFIGS[spec.pop("t5")]),
-                clip_params=cm.param_count(ClipTextModel, CLIP_CONFIGS[spec.pop("clip")]))
+                t5_params=cm.param_count(T5Encoder, t5), clip_params=cm.param_count(ClipTextModel, clip),
+                text_replicated_params=text_replicated_params(t5, clip),
+                text_split_gcd=math.gcd(t5.num_heads, t5.d_ff, clip.num_attention_heads, clip.intermediate_size))
     if vae_attention == "auto":
         vae_attention = detect_vae_attention()
     return cm.Workload(height=resolution, width=resolution, dtype=dtype, vae_dtype=vae_dtype or dtype,
-                       vae_attention=vae_attention, release_encoders=release_encoders, **spec)
+                       vae_attention=vae_attention, release_encoders=release_encoders,
+                       text_placement=text_placement, **spec)
+
+
+def text_replicated_params(t5: T5Params, clip: ClipParams) -> int:
+    """The parameters text_encoder_placement "sharded" keeps whole on every rank (embeddings, norms),
+    counted from flux/text_parallel.py's own split of meta-device encoders over 2 ranks."""
+    with torch.device("meta"):
+        halves = [shard_t5(T5Encoder(t5), 0, 2, None), shard_clip(ClipTextModel(clip), 0, 2, None)]
+    half = sum(p.numel() for m in halves for p in m.parameters())
+    return 2 * half - cm.param_count(T5Encoder, t5) - cm.param_count(ClipTextModel, clip)
 
 
 def hardware_from_json(path: str) -> cm.Hardware:
@@ -382,4 +397,5 @@ def describe(model: str, w: cm.Workload, hw: cm.Hardware, gpus: int) -> str:
     """The assumptions behind a table, in one line."""
     encoders = "released after encoding" if w.release_encoders else "kept on the device"
     return (f"{model}, {w.steps} steps, {w.height}x{w.width} px, up to {gpus} x {hw.name}: transformer {w.dtype}, "
-            f"VAE {w.vae_dtype} with {w.vae_attention} mid-block attention, text encoders {encoders}")
+            f"VAE {w.vae_dtype} with {w.vae_attention} mid-block attention, text encoders {w.text_placement}, "
+            f"{encoders}")

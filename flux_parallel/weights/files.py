@@ -70,10 +70,15 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{folder} has no {stem}.safetensors nor {stem}.safetensors.index.json")
 
 
-def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device, keep=None) -> dict[str, Tensor]:
+def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device, keep=None,
+                     part=None) -> dict[str, Tensor]:
     """All tensors of `files` (those whose name `keep` accepts, when given: the others are never read), each
     cast to `dtype` (floating point only) and moved to `device` one by one, so that peak memory is the
-    converted state dict, not an fp32 copy of it."""
+    converted state dict, not an fp32 copy of it. part(name, lazy_slice) -> the piece of that tensor to
+    keep, read by slicing lazy_slice (safetensors' get_slice), or None for the whole tensor: a tensor-
+    parallel rank reads only its slices. With `part`, the file is mapped anew for each tensor: the pages a
+    slice touched (a column slice: every row's) then leave the process with the mapping, so that the
+    resident peak while loading is the rank's share, not the file (`part` must return copies)."""
     state = {}
     for file in files:
         if file.suffix in PICKLE_SUFFIXES:
@@ -82,13 +87,21 @@ def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device
             )
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in (k for k in handle.keys() if keep is None or keep(k)):
-                    tensor = handle.get_tensor(key)
-                    cast = dtype if tensor.is_floating_point() else tensor.dtype
-                    state[key] = tensor.to(device=device, dtype=cast)
+                keys = [k for k in handle.keys() if keep is None or keep(k)]
+                if part is None:
+                    state |= {key: _cast(handle.get_tensor(key), dtype, device) for key in keys}
+            for key in keys if part is not None else ():
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    piece = part(key, handle.get_slice(key))
+                    state[key] = _cast(handle.get_tensor(key) if piece is None else piece, dtype, device)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     return state
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """tensor in dtype (floating point only) on device."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 def safetensors_keys(file: Path) -> dict[str, list[int]]:
