@@ -139,11 +139,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 transformer linears (GPUs with FP8 tensor cores)")
     p.add_argument("--t5-int8", action="store_true", help="T5 weights in int8 (half of bf16's memory)")
     p.add_argument("--text-encoder-placement", "--text_encoder_placement", dest="text_encoder_placement",
-                   choices=["replicated", "rank0", "sharded", "auto"], default="replicated",
+                   choices=["replicated", "rank0", "sharded", "auto"], default="auto",
                    help="T5 and CLIP whole on every rank; or whole on rank 0 of each replica, which broadcasts the "
                         "embeddings; or sharded: split tensor-parallel over the replica's ranks, each holding "
                         "1/ranks of them (heads and MLP widths must divide by the replica's rank count); or auto: "
-                        "sharded where the replica has several ranks and they divide, else replicated")
+                        "(the default) sharded where the replica has several ranks and they divide, else replicated "
+                        "(with --t5-int8: replicated)")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH_OR_ID[:SCALE]",
                    help="a LoRA file, folder or hub repo id (any layout of flux/lora_formats.py) at SCALE "
                         "(default 1), named NAME (default lora_<index>); give it several times for several adapters")
@@ -297,10 +298,17 @@ class Progress:
               end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
+def text_placement(args) -> str:
+    """--text-encoder-placement; auto keeps an int8 T5 whole (int8 rows are quantized over the whole row)."""
+    if args.text_encoder_placement == "auto" and args.t5_int8:
+        return "replicated"
+    return args.text_encoder_placement
+
+
 def load_pipeline(args, device: torch.device, ctx: ParallelContext) -> FluxPipeline:
     options = dict(parallel=ctx, parallel_vae=args.use_parallel_vae, vae_stripes=args.vae_stripes,
                    compile=args.compile, attention_backend=args.attention_backend, fp8=args.fp8,
-                   text_encoder_placement=args.text_encoder_placement)
+                   text_encoder_placement=text_placement(args))
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
         pipe = FluxPipeline.tiny(dtype=dtype, device=device, variant=getattr(args, "variant", None), **options)

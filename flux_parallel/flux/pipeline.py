@@ -80,7 +80,8 @@ class FluxPipeline:
     the embeddings over the replica: T5-XXL's 9.5 GB in bf16 leave the other ranks) or "sharded" (both
     tensor-parallel over the replica's ranks, each holding 1/replica_size of their layers and encoding
     every branch of the replica with the others: flux/text_parallel.py) or "auto" ("sharded" where the replica
-    has several ranks and the encoders' heads and widths divide by their count, else "replicated")."""
+    has several ranks and the encoders' heads and widths divide by their count, else "replicated"; the
+    default: the least peak memory per rank, docs/tensor-parallel.md)."""
 
     def __init__(
         self,
@@ -95,7 +96,7 @@ class FluxPipeline:
         attention_backend: str | None = None,
         fp8: bool = False,
         variant: str | None = None,
-        text_encoder_placement: str = "replicated",
+        text_encoder_placement: str = "auto",
     ):
         check_variant(variant)
         self.kind = transformer_kind(transformer.params.in_channels, "the transformer given",
@@ -159,7 +160,7 @@ class FluxPipeline:
             load = partial(load_transformer_tensor_parallel, ctx=parallel, dtype=dtype, device=device)  # slices only
         model = module_or_load(transformer, Flux, "transformer", load, root)  # a PipeFusion rank: its stage only
         ae = module_or_load(vae, AutoEncoder, "vae", partial(load_autoencoder, dtype=dtype, device=device), root)
-        placement = options.get("text_encoder_placement", "replicated")
+        placement = options.get("text_encoder_placement", "auto")
         if placement == "auto":  # decided from the encoders' configs, before any weight is read
             placement = resolve_placement(placement, parallel or ParallelContext(),
                                           *text_params(root, text_encoder, text_encoder_2))
