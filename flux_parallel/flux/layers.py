@@ -201,10 +201,10 @@ def linear_of_cat(linear: nn.Module, left: Tensor, right: Tensor) -> Tensor:
     if not isinstance(linear, nn.Linear):
         return linear(torch.cat((left, right), dim=-1))
     width = left.shape[-1]
-    out = F.linear(left, linear.weight[:, :width], linear.bias)  # [B, L, out]; the column slices are
-    # strided views that BLAS reads in place (leading dimension a + b), not copies
-    out.view(-1, out.shape[-1]).addmm_(right.reshape(-1, right.shape[-1]), linear.weight[:, width:].t())
-    return out
+    # the column blocks are strided views that BLAS reads in place (leading dimension a + b), not copies
+    out = F.linear(left, linear.weight[:, :width], linear.bias).flatten(0, -2)  # [B L, out]
+    out = torch.addmm(out, right.flatten(0, -2), linear.weight[:, width:].t())  # out + right @ W_right^T
+    return out.unflatten(0, left.shape[:-1])
 
 
 class LastLayer(nn.Module):
