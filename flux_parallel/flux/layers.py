@@ -194,11 +194,11 @@ def linear_rows(linear: nn.Module, x: Tensor, rows: slice) -> Tensor:
 
 
 def linear_of_cat(linear: nn.Module, left: Tensor, right: Tensor) -> Tensor:
-    """linear(cat((left, right), -1)) for left [B, L, a], right [B, L, b]. For an nn.Linear, as two GEMMs
-    over the matching column blocks of its weight, the second accumulating into the first's output:
-    no [B, L, a + b] copy (in a single block, a pass over 5h values per token). Anything else (a
-    row-parallel or LoRA linear) gets the concatenation."""
-    if not isinstance(linear, nn.Linear):
+    """linear(cat((left, right), -1)) for left [B, L, a], right [B, L, b]. For a plain nn.Linear, as two
+    GEMMs over the matching column blocks of its weight, the second added onto the first's output: no
+    [B, L, a + b] copy (in a single block, a pass over 5h values per token; the addition reads h).
+    Anything else (a row-parallel, LoRA or quantized linear) gets the concatenation and its own forward."""
+    if type(linear) is not nn.Linear:
         return linear(torch.cat((left, right), dim=-1))
     width = left.shape[-1]
     # the column blocks are strided views that BLAS reads in place (leading dimension a + b), not copies
