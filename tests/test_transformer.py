@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from flux_parallel import flux
 from flux_parallel.flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, params_from_bfl_keys
+from flux_parallel.flux.layers import linear_of_cat
 from flux_parallel.weights import CheckpointError
 
 TINY = flux.CONFIGS["tiny"]
@@ -216,3 +217,11 @@ def test_forward_shape_errors(field, shape, message):
     x[field] = torch.zeros(shape)
     with pytest.raises(ValueError, match=message):
         flux.Flux(TINY)(**x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_of_cat_is_the_linear_of_the_concatenation(bias):
+    """The single block's linear2 without the concatenation: two GEMMs over the weight's column blocks."""
+    linear = torch.nn.Linear(5 + 7, 3, bias=bias)
+    left, right = torch.randn(2, 4, 5), torch.randn(2, 4, 7)
+    torch.testing.assert_close(linear_of_cat(linear, left, right), linear(torch.cat((left, right), dim=-1)))

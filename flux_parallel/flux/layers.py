@@ -77,6 +77,10 @@ class ModulationOut:
     def modulate(self, x_normed: Tensor) -> Tensor:
         return torch.addcmul(self.shift, x_normed, 1 + self.scale)
 
+    def add_gated(self, x: Tensor, update: Tensor) -> Tensor:
+        """x + gate * update as one pass over [B, L, hidden] (x + self.gate * update takes two)."""
+        return torch.addcmul(x, self.gate, update)
+
 
 class Modulation(nn.Module):
     """adaLN: shift, scale and gate (twice for a double block) from the conditioning vector."""
@@ -144,10 +148,10 @@ class DoubleStreamBlock(nn.Module):
         out = rearrange(attend(self.attention_fn, q, k, v), "B H L D -> B L (H D)")
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_out)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(layer_norm(img)))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_out)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(layer_norm(txt)))
+        img = img_mod1.add_gated(img, self.img_attn.proj(img_out))
+        img = img_mod2.add_gated(img, self.img_mlp(img_mod2.modulate(layer_norm(img))))
+        txt = txt_mod1.add_gated(txt, self.txt_attn.proj(txt_out))
+        txt = txt_mod2.add_gated(txt, self.txt_mlp(txt_mod2.modulate(layer_norm(txt))))
         return img, txt
 
 
@@ -178,7 +182,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k)
         attn = attend(self.attention_fn, apply_rope(q, *pe), apply_rope(k, *pe), v)
         attn = rearrange(attn, "B H L D -> B L (H D)")
-        return x + mod.gate * self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        return mod.add_gated(x, linear_of_cat(self.linear2, attn, F.gelu(mlp_in, approximate="tanh")))
 
 
 def linear_rows(linear: nn.Module, x: Tensor, rows: slice) -> Tensor:
@@ -187,6 +191,20 @@ def linear_rows(linear: nn.Module, x: Tensor, rows: slice) -> Tensor:
     if isinstance(linear, nn.Linear):
         return F.linear(x, linear.weight[rows], linear.bias[rows])
     return linear.forward_rows(x, rows)
+
+
+def linear_of_cat(linear: nn.Module, left: Tensor, right: Tensor) -> Tensor:
+    """linear(cat((left, right), -1)) for left [B, L, a], right [B, L, b]. For a plain nn.Linear, as two
+    GEMMs over the matching column blocks of its weight, the second added onto the first's output: no
+    [B, L, a + b] copy (in a single block, a pass over 5h values per token; the addition reads h).
+    Anything else (a row-parallel, LoRA or quantized linear) gets the concatenation and its own forward."""
+    if type(linear) is not nn.Linear:
+        return linear(torch.cat((left, right), dim=-1))
+    width = left.shape[-1]
+    # the column blocks are strided views that BLAS reads in place (leading dimension a + b), not copies
+    out = F.linear(left, linear.weight[:, :width], linear.bias).flatten(0, -2)  # [B L, out]
+    out = torch.addmm(out, right.flatten(0, -2), linear.weight[:, width:].t())  # out + right @ W_right^T
+    return out.unflatten(0, left.shape[:-1])
 
 
 class LastLayer(nn.Module):

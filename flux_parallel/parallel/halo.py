@@ -4,7 +4,8 @@ statistics, and the uneven row split they share.
 A stripe's 3x3 convolution needs one row from each neighbour. Rather than building a padded copy
 of the stripe, the convolution runs on the stripe with its usual zero padding and the two edge
 rows then get the neighbours' contribution through the kernel's outer rows: the same sum,
-without a second full-size activation.
+without a second full-size activation, and the rows are in flight while the whole stripe is convolved
+(tools/bench/bench_halo.py measures what that hides).
 
 GroupNorm needs the biased variance about the *global* mean. Combining per-stripe variances about
 per-stripe means (an older DistVAE) drops the spread of the stripe means, which is large exactly
@@ -42,6 +43,15 @@ class HaloConv2d(nn.Module):
         self.conv, self.group = conv, group
 
     def forward(self, x: Tensor) -> Tensor:
+        # the halo rows travel while the whole stripe is convolved: only the two edge corrections wait
+        p2p, above, below = self.post_halo(x)
+        out = self.conv(x)  # the edge rows saw zeros where the neighbours' rows belong
+        p2p.wait()
+        return self.add_halo(out, above, below)
+
+    def post_halo(self, x: Tensor) -> tuple[comm.P2P, Tensor | None, Tensor | None]:
+        """Start sending this stripe's edge rows to the neighbours and receiving theirs, [B, C, 1, W] each
+        (None where the stripe is the map's top or bottom); they are filled once the P2P's wait() returns."""
         rank, world = group_rank_size(self.group)
         edge = (x.shape[0], x.shape[1], 1, x.shape[3])  # one row: the halo of a 3x3 kernel
         p2p = comm.P2P(self.group)
@@ -52,8 +62,10 @@ class HaloConv2d(nn.Module):
         if rank < world - 1:
             p2p.send(x[:, :, -1:], dst=rank + 1)
         p2p.commit()
-        out = self.conv(x)  # the edge rows saw zeros where the neighbours' rows belong
-        p2p.wait()
+        return p2p, above, below
+
+    def add_halo(self, out: Tensor, above: Tensor | None, below: Tensor | None) -> Tensor:
+        """Add the neighbours' rows' contribution to the edge rows of the zero-padded convolution `out`."""
         weight = self.conv.weight  # [O, C, 3, 3]
         if above is not None:  # the row above meets output row 0 through kernel row 0
             out[:, :, :1] += F.conv2d(above, weight[:, :, :1], padding=(0, 1))

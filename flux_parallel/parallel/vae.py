@@ -114,15 +114,29 @@ class HaloDownsample(nn.Module):
         self.conv, self.group = down.conv, group
 
     def forward(self, x: Tensor) -> Tensor:
+        # the halo row travels while the stripe is convolved over a zero row: only the last row's correction waits
+        p2p, below = self.post_halo(x)
+        out = self.conv(F.pad(x, (0, 1, 0, 1)))  # [B, C, rows / 2, W / 2], as Downsample pads
+        p2p.wait()
+        return self.add_halo(out, below)
+
+    def post_halo(self, x: Tensor) -> tuple[comm.P2P, Tensor | None]:
+        """Start sending this stripe's first row up and receiving the next stripe's first row [B, C, 1, W]
+        (None on the last stripe, whose zero row below is Downsample's own padding)."""
         rank, world = group_rank_size(self.group)
-        edge = (x.shape[0], x.shape[1], 1, x.shape[3])
-        p2p = comm.P2P(self.group)
-        below = p2p.recv(edge, x.dtype, x.device, src=rank + 1) if rank < world - 1 else x.new_zeros(edge)
+        p2p, below = comm.P2P(self.group), None
+        if rank < world - 1:
+            below = p2p.recv((x.shape[0], x.shape[1], 1, x.shape[3]), x.dtype, x.device, src=rank + 1)
         if rank > 0:
             p2p.send(x[:, :, :1], dst=rank - 1)
         p2p.commit()
-        p2p.wait()
-        return self.conv(F.pad(torch.cat((x, below), dim=2), (0, 1, 0, 0)))
+        return p2p, below
+
+    def add_halo(self, out: Tensor, below: Tensor | None) -> Tensor:
+        """The row below meets the last output row through kernel row 2 (columns padded as Downsample pads)."""
+        if below is not None:
+            out[:, :, -1:] += F.conv2d(F.pad(below, (0, 1)), self.conv.weight[:, :, 2:], stride=2)
+        return out
 
 
 def stripe_swaps(root: nn.Module, group, rows: list[int], attention: str) -> list:

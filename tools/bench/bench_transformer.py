@@ -121,9 +121,9 @@ def call(model, x):
                  timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
 
 
-def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dict, dict]:
+def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dict, dict, dict]:
     """-> name -> median wall seconds, name -> median CPU seconds of this process, name -> first-call wall
-    seconds, name -> output; every repeat runs each column once, in turn."""
+    seconds, name -> output, name -> every repeat's wall seconds; every repeat runs each column once, in turn."""
     first, outputs = {}, {}
     wall, cpu = {name: [] for name in columns}, {name: [] for name in columns}
     with torch.inference_mode():
@@ -142,7 +142,7 @@ def measure(columns: dict, x: dict, repeats: int, sync) -> tuple[dict, dict, dic
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
     median = statistics.median
-    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, first, outputs
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, first, outputs, wall
 
 
 def parse_args():
@@ -188,7 +188,7 @@ def main():
     names = args.columns or (["eager", "diffusers"] if args.no_compile else default_columns(device, dtype))
     columns, skipped = build_columns(ours, ref, names, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    med, med_cpu, first, outputs = measure(columns, x, args.repeats, sync)
+    med, med_cpu, first, outputs, walls = measure(columns, x, args.repeats, sync)
 
     print(f"{args.config} config ({params.depth}+{params.depth_single_blocks} blocks), {x['img'].shape[1]} image + "
           f"{args.txt_tokens} text tokens, {args.dtype} on {device}, {args.threads} threads, {args.repeats} "
@@ -209,6 +209,10 @@ def main():
         mfu = f" {flops / med[name] / (args.peak_tflops * 1e12):6.1%}" if args.peak_tflops else ""
         print(f"{name:22} {med[name] * 1e3:10.1f} {speedup} {med_cpu[name] * 1e3:9.1f} {speedup_cpu} "
               f"{max(first[name] - med[name], 0):10.1f} {err:8.1e}{mfu}")
+    if "eager" in walls and "diffusers" in walls:  # within a repeat both ran back to back: the steadier figure
+        ratios = sorted(a / b for a, b in zip(walls["eager"], walls["diffusers"]))
+        print(f"eager / diffusers, per repeat: median {statistics.median(ratios):.3f}, "
+              f"range {ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)} repeats")
 
 
 
