@@ -113,8 +113,18 @@ def all_to_all(
 
 def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
                 gather_sizes: list[int], wire: str | None = None) -> Tensor:
+    return all_to_all_start(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire).wait()
+
+
+def all_to_all_start(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None = None,
+                     gather_sizes: list[int] | None = None, wire: str | None = None,
+                     out: Tensor | None = None) -> "PendingAllToAll":
+    """all_to_all posted asynchronously (no grad): the data leaves while the caller computes, and
+    `.wait()` returns the result (written into `out` when given, a view of the right shape, e.g. a
+    head slice of a larger tensor). The seconds recorded are those blocked in `wait`."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
         raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout "
                          f"{gather_sizes} says {gather_sizes[rank] if rank < len(gather_sizes) else 'none'} "
@@ -131,42 +141,49 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
     in_splits = [p.numel() for p in pieces]
     out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel()
                   for n in gather_sizes]
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if wire is not None:
-        return _all_to_all_wire(pieces, out, group, in_splits, out_splits, gather_sizes, gather_dim, wire)
-    # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
-    # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards).
-    send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
-    for piece, dst in zip(pieces, send.split(in_splits)):
-        dst.view(piece.shape).copy_(piece)
-    received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
-    start = time.perf_counter()
-    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
-    for arrived, dst in zip(received.split(out_splits), out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(arrived.view(dst.shape))
-    return out
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    elif list(out.shape) != out_shape:
+        raise ValueError(f"all_to_all: out has shape {list(out.shape)}, the exchange gives {out_shape}")
+    # One copy in, one copy out: each piece straight into a flat send buffer (cast to the wire dtype
+    # first, fp8 scaled on its own), each arrival straight into its rows of the output.
+    encoded = [(piece, None) for piece in pieces] if wire is None else [to_wire(piece, wire) for piece in pieces]
+    send = torch.empty(sum(in_splits), dtype=encoded[0][0].dtype, device=x.device)
+    for (payload, _), dst in zip(encoded, send.split(in_splits)):
+        dst.view(payload.shape).copy_(payload)
+    received = torch.empty(sum(out_splits), dtype=send.dtype, device=x.device)
+    works = [dist.all_to_all_single(received, send, out_splits, in_splits, group=group, async_op=True)]
+    scales = None
+    if wire == "fp8":  # the scales, one per piece, follow in a second all-to-all of world floats
+        scales = torch.empty(world, dtype=torch.float32, device=x.device)
+        works.append(dist.all_to_all_single(scales, torch.cat([scale for _, scale in encoded]), group=group,
+                                            async_op=True))
+    sent_bytes = (send.numel() - in_splits[rank]) * send.element_size()
+    return PendingAllToAll(works, (send, received), scales, out, out_splits, gather_sizes, gather_dim, group,
+                           sent_bytes)
 
 
-def _all_to_all_wire(pieces, out: Tensor, group, in_splits: list[int], out_splits: list[int],
-                     gather_sizes: list[int], gather_dim: int, wire: str) -> Tensor:
-    """_all_to_all with each piece cast to the wire dtype (fp8: scaled on its own; the scales, one per
-    piece, follow in a second all-to-all of world floats) and back on arrival, into `out`."""
-    rank = dist.get_rank(group)
-    encoded = [to_wire(piece, wire) for piece in pieces]
-    send = torch.cat([payload.flatten() for payload, _ in encoded])
-    received = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
-    start = time.perf_counter()
-    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    scales = [None] * len(pieces)
-    if wire == "fp8":
-        scales_in = torch.empty(len(pieces), dtype=torch.float32, device=send.device)
-        dist.all_to_all_single(scales_in, torch.cat([scale for _, scale in encoded]), group=group)
-        scales = scales_in.split(1)
-    _record("all_to_all", group, (send.numel() - in_splits[rank]) * send.element_size(), start)
-    for arrived, scale, dst in zip(received.split(out_splits), scales, out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(from_wire(arrived.view(dst.shape), scale, out.dtype))
-    return out
+class PendingAllToAll:
+    """An all-to-all in flight (all_to_all_start): `wait()` blocks until it is done, then copies what
+    arrived into its rows of the output (from the wire dtype back) and returns the output."""
+
+    def __init__(self, works, buffers, scales, out, out_splits, gather_sizes, gather_dim, group, sent_bytes):
+        self._works, self._buffers, self._scales = works, buffers, scales  # buffers live until the wait
+        self._out, self._out_splits = out, out_splits
+        self._gather_sizes, self._gather_dim = gather_sizes, gather_dim
+        self._group, self._sent_bytes = group, sent_bytes
+
+    def wait(self) -> Tensor:
+        start = time.perf_counter()
+        for work in self._works:
+            work.wait()
+        _record("all_to_all", self._group, self._sent_bytes, start)
+        out, received = self._out, self._buffers[1]
+        scales = [None] * len(self._out_splits) if self._scales is None else self._scales.split(1)
+        for arrived, scale, dst in zip(received.split(self._out_splits), scales,
+                                       out.split(self._gather_sizes, dim=self._gather_dim)):
+            dst.copy_(from_wire(arrived.view(dst.shape), scale, out.dtype))  # no cast when nothing was cast
+        return out
 
 
 class _AllToAll(torch.autograd.Function):

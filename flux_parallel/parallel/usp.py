@@ -19,17 +19,20 @@ from flux_parallel.parallel.ulysses import ulysses_attention
 
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, layout: SequenceLayout, ring_rank: int,
-                  ring_overlap: bool = True, backend: str = "auto", wire: str | None = None) -> Tensor:
+                  ring_overlap: bool = True, backend: str = "auto", wire: str | None = None,
+                  ulysses_chunks: int | None = None) -> Tensor:
     """q, k, v [B, H, J_r, D]: sp rank r's local joint sequence (J_r = layout.joint_lens[r]), all heads
     -> [B, H, J_r, D], attention over the keys of every sp rank with kernels backend `backend`.
-    A degree of 1 skips its collectives. wire: what every exchange carries (comm.WIRE_DTYPES; None exact)."""
+    A degree of 1 skips its collectives. wire: what every exchange carries (comm.WIRE_DTYPES; None exact).
+    ulysses_chunks: head chunks whose all-to-alls overlap the other chunks' (ring) attention (None: automatic)."""
     inner = partial(attention, backend=backend)
     if layout.ring_degree > 1:
         inner = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap,
                         backend=backend, wire=wire)
     if layout.ulysses_degree == 1:
         return inner(q, k, v)
-    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner, wire=wire)
+    return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner, wire=wire,
+                             chunks=ulysses_chunks)
 
 
 def _ring_attention_output(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool,
@@ -46,14 +49,15 @@ class USPAttention:
     """
 
     def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int, layout: SequenceLayout,
-                 backend: str = "auto", wire: str | None = None):
+                 backend: str = "auto", wire: str | None = None, ulysses_chunks: int | None = None):
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.ring_rank, self.sp_rank = ring_rank, sp_rank
         self.layout, self.backend, self.wire = layout, backend, wire
+        self.ulysses_chunks = ulysses_chunks
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         expected = self.layout.joint_lens[self.sp_rank]
         if q.shape[2] != expected:
             raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, its layout gives it {expected}")
         return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
-                             backend=self.backend, wire=self.wire)
+                             backend=self.backend, wire=self.wire, ulysses_chunks=self.ulysses_chunks)
