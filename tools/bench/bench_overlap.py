@@ -44,6 +44,7 @@ import torch.distributed as dist
 from bench_parallel import count_diffusers_bytes, diffusers_call
 from bench_transformer import MEDIUM, make_inputs, make_models
 
+from flux_parallel.flux.sampling import flux_inputs
 from flux_parallel.parallel import comm
 from flux_parallel.parallel.apply import parallelize_flux
 from flux_parallel.parallel.context import ParallelContext, bind_to_cores
@@ -61,27 +62,30 @@ EXCHANGE_KIND = {ULYSSES: "all_to_all", ULYSSES_OVERLAP: "all_to_all", RING: "p2
                  DIFFUSERS: None}
 
 
-def timed(rank: int, ranks: int, fn) -> tuple[float, float, object]:
-    """(seconds barrier to barrier, seconds rank 0 was blocked in our exchanges, output); ranks >= `ranks` wait."""
+def timed(rank: int, ranks: int, fn) -> tuple[float, float, dict, object]:
+    """(seconds barrier to barrier, CPU seconds of this process's threads in fn, seconds blocked in our
+    exchanges per kind, output); ranks >= `ranks` only wait."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with comm.count_comm() as counted:
         out = fn() if rank < ranks else None
+    cpu = time.process_time() - cpu_start
     dist.barrier()
-    return time.perf_counter() - start, counted.seconds, out
+    return time.perf_counter() - start, cpu, counted.seconds, out
 
 
 def run_rows(rank: int, rows: dict, repeats: int) -> dict:
     """name -> (ranks, fn): one warm-up each (also the outputs), then `repeats` alternated rounds.
-    -> name -> {"times", "blocked", "out"} on this rank."""
+    -> name -> {"times", "cpu", "blocked", "out"} on this rank."""
     stats = {}
     for name, (ranks, fn) in rows.items():
-        _, _, out = timed(rank, ranks, fn)
-        stats[name] = {"times": [], "blocked": {}, "out": out}
+        *_, out = timed(rank, ranks, fn)
+        stats[name] = {"times": [], "cpu": [], "blocked": {}, "out": out}
     for _ in range(repeats):
         for name, (ranks, fn) in rows.items():
-            seconds, blocked, _ = timed(rank, ranks, fn)
+            seconds, cpu, blocked, _ = timed(rank, ranks, fn)
             stats[name]["times"].append(seconds)
+            stats[name]["cpu"].append(cpu)
             for kind, s in blocked.items():
                 stats[name]["blocked"].setdefault(kind, []).append(s)
     return stats
@@ -123,15 +127,24 @@ def make_rows(model, ref_cp, x: dict, chunks: int | None) -> dict:
             out = model(*local, x["timesteps"], x["y"], x.get("guidance"))
         return ring.gather(layout, out)
 
-    return {
+    rows = {
         ONE_RANK: (1, lambda: model(**x)),
         CEILING: (WORLD, lambda: model(**x)),
         ULYSSES: (WORLD, lambda: ulysses.forward_full(**x)),
         ULYSSES_OVERLAP: (WORLD, lambda: ulysses_overlap.forward_full(**x)),
         RING: (WORLD, ring_not_overlapped),
         RING_OVERLAP: (WORLD, lambda: ring.forward_full(**x)),
-        DIFFUSERS: (WORLD, lambda: diffusers_call(ref_cp, x)),
     }
+    if x["img"].shape[1] % WORLD == 0 and x["txt"].shape[1] % WORLD == 0:  # its equipartition sharder asserts it
+        rows[DIFFUSERS] = (WORLD, lambda: diffusers_call(ref_cp, x))
+    return rows
+
+
+def grid_inputs(params, img_tokens: int, txt_tokens: int) -> dict:
+    """One image of exactly img_tokens tokens on the most nearly square grid (2048: 32 x 64)."""
+    rows = max(r for r in range(1, int(img_tokens**0.5) + 1) if img_tokens % r == 0)
+    inputs = flux_inputs(params, (rows, img_tokens // rows), txt_tokens)
+    return {k: v for k, v in inputs.items() if v is not None}  # no guidance entry for a schnell-like config
 
 
 def chunks_used(params, x: dict, chunks: int | None) -> int:
@@ -152,11 +165,14 @@ def report(params, x: dict, args, stats: dict) -> None:
           f"{params.depth_single_blocks} single blocks; median of {args.repeats}; overlapped Ulysses in "
           f"{chunks_used(params, x, args.chunks)} chunks; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")
-    print("| row | ms per step | speed-up over 1 rank | of ceiling | ms blocked in exchanges (rank 0) | hidden | "
-          "rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| row | ms per step | speed-up over 1 rank | of ceiling | CPU ms (rank 0) | ms blocked in exchanges "
+          "(rank 0) | hidden | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     blocked = {name: statistics.median(stats[name]["blocked"].get(kind, [0.0]))
                for name, kind in EXCHANGE_KIND.items() if kind}
+    if DIFFUSERS not in stats:
+        print(f"{DIFFUSERS}: not run, its equipartition sharding needs image and text token counts divisible by "
+              f"{WORLD}")
     hidden = {ULYSSES_OVERLAP: 1 - blocked[ULYSSES_OVERLAP] / max(blocked[ULYSSES], 1e-9),
               RING_OVERLAP: 1 - blocked[RING_OVERLAP] / max(blocked[RING], 1e-9)}
     for name, s in stats.items():
@@ -165,6 +181,7 @@ def report(params, x: dict, args, stats: dict) -> None:
             f"{med[name] * 1e3:.0f}",
             f"{ceiling:.2f}x" if name == CEILING else f"{speedup:.2f}x",
             "1.000" if name == CEILING else ("–" if name == ONE_RANK else f"{speedup / ceiling:.3f}"),
+            f"{statistics.median(s['cpu']) * 1e3:.0f}",
             f"{blocked[name] * 1e3:.0f}" if name in blocked else "–",
             f"{hidden[name]:.0%}" if name in hidden else "–",
             "–" if name == CEILING else f"{rel_err(s['out'], reference):.1e}",
@@ -192,7 +209,7 @@ def worker(rank: int, port: int, args) -> None:
     ref_cp.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
     with torch.inference_mode():
         for tokens in args.img_tokens:
-            x = make_inputs(params, tokens, args.txt_tokens)
+            x = grid_inputs(params, tokens, args.txt_tokens)
             stats = run_rows(rank, make_rows(model, ref_cp, x, args.chunks), args.repeats)
             if rank == 0:
                 report(params, x, args, stats)
