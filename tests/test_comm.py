@@ -26,6 +26,23 @@ def _all_to_all_uneven(rank, world):
     assert stats.bytes["all_to_all"] == sent
     back = comm.all_to_all(head_sharded, None, scatter_dim=2, gather_dim=1, scatter_sizes=lengths)
     torch.testing.assert_close(back, local, rtol=0, atol=0)
+    _payload_rides_along(rank, world, local, lengths)
+
+
+def _payload_rides_along(rank, world, local, lengths):
+    """A payload (a step cache's float64 sums) reaches every rank bit for bit, in rank order, whatever the wire
+    dtype rounds, before the exchange's own data is unpacked; the exchange's data is what it is without it."""
+    sums = torch.tensor([[rank + 1 / 3, 1e-300], [2.0**-40, -rank / 7]], dtype=torch.float64)  # bf16 would round
+    every = torch.stack([torch.tensor([[r + 1 / 3, 1e-300], [2.0**-40, -r / 7]], dtype=torch.float64)
+                         for r in range(world)])
+    for wire in (None, "bf16", "fp8"):
+        arrived = []
+        payload = comm.Payload(sums, arrived.append)
+        with_payload = comm.all_to_all(local, None, scatter_dim=1, gather_dim=2, gather_sizes=lengths, wire=wire,
+                                       payload=payload)
+        assert len(arrived) == 1 and torch.equal(arrived[0], every), wire
+        plain = comm.all_to_all(local, None, scatter_dim=1, gather_dim=2, gather_sizes=lengths, wire=wire)
+        assert torch.equal(with_payload, plain), wire
 
 
 def _all_gather_uneven(rank, world):

@@ -36,8 +36,15 @@ def _check_rank(rank, world, layouts, call, expected_file, records):
     expected = load_file(expected_file)
     for degrees in layouts:
         pipe = tiny_pipeline(parallel=ParallelContext(**degrees))
+        pipe(**call)
+        uncached_bytes = pipe.last_run["comm_bytes_per_step"]
         for i, cache in enumerate(CACHES):
             image = pipe(**call, cache=cache)
+            # the decision makes no collective of its own: its sums ride on the attention's exchanges
+            # (parallel/cache.py), so the denoising loop's other collectives are the uncached loop's
+            others = {k: v for k, v in pipe.last_run["comm_bytes_per_step"].items() if k not in ("all_to_all", "p2p")}
+            assert others == {k: v for k, v in uncached_bytes.items() if k not in ("all_to_all", "p2p")}, \
+                (degrees, cache, others)
             report = pipe.last_run["cache"]
             # the decisions of one device, on every rank (under cfg_degree 2 each half made its branch's)
             branches = {b: {k: r[k] for k in ("computed", "reused")} for b, r in report["branches"].items()}
@@ -75,8 +82,8 @@ def _spawn_with_both(world, layouts, call, tmp_path):
 
 
 @pytest.mark.parametrize("world, layouts, width", [
-    (2, [dict(ulysses_degree=2), dict(cfg_degree=2)], 48),  # 9 image tokens: 5 and 4 (the all-reduce path)
-    (3, [dict(ring_degree=3), dict(ulysses_degree=3)], 32),  # 6 image tokens: the all-gather path
+    (2, [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_degree=2)], 48),  # 9 image tokens: 5 and 4
+    (3, [dict(ring_degree=3), dict(ulysses_degree=3)], 32),  # 6 image tokens: the payload over 2 ring hops
     (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2)], 32),  # 2, 2, 1, 1
 ])
 def test_cached_decisions_and_image_equal_one_device(world, layouts, width, tmp_path):

@@ -134,9 +134,13 @@ def test_one_device_pipefusion_is_exact_without_stale_activations_and_approximat
     for patches, warmup in [(4, 3), (5, 9), (1, 0)]:  # whole-image steps only, or one patch: nothing stale
         out = tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=patches, warmup_steps=warmup))(**CALL)
         torch.testing.assert_close(out, exact, rtol=0, atol=0)  # the same operations in the same order
-    stale = tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=3, warmup_steps=1))(**CALL)
+    pipe = tiny_pipeline(parallel=ParallelContext(num_pipeline_patch=3, warmup_steps=1))
+    stale = pipe(**CALL)
     error = (stale - exact).abs().max().item()
     assert 0 < error < float("inf")  # stale K/V change the result, by a finite amount
+    # a step cache at threshold 0 computes every step: the uncached PipeFusion result bit for bit
+    for kind in ("fbcache", "teacache", "dbcache"):
+        assert torch.equal(pipe(**CALL, cache=CacheConfig(kind, 0)), stale), kind
 
 
 def _check_rank(rank, world, degrees, cases, expected_file):
@@ -151,6 +155,8 @@ def _check_rank(rank, world, degrees, cases, expected_file):
         # block sees the same patches as on one device. Bitwise in practice; 1e-5 is the project's bar.
         torch.testing.assert_close(out, expected[name], rtol=1e-5, atol=1e-5, msg=name)
         assert pipe.last_run["comm_bytes_per_step_by_axis"]["pipefusion"] > 0
+        if "cache" in call:  # the same steps skipped as the reference's (the first stage decided, the last reports)
+            assert _computed(pipe) == expected[f"{name}/computed"].tolist(), name
     # each rank holds only its stage's parameters; together the stages hold the model once
     held = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if not p.is_meta)
     assert held == pipe.denoiser.parameter_bytes()
@@ -168,9 +174,26 @@ def _expected(cases, tmp_path) -> str:
         reference = {k: v for k, v in options.items() if k in ("num_pipeline_patch", "warmup_steps")}
         stale = reference.get("warmup_steps", 99) < call["num_steps"]
         parallel = ParallelContext(**reference) if stale else None  # the one-device PipeFusion, or the plain one
-        tensors[name] = tiny_pipeline(parallel=parallel, parallel_vae=vae)(**call).contiguous()
+        pipe = tiny_pipeline(parallel=parallel, parallel_vae=vae)
+        tensors[name] = pipe(**call).contiguous()
+        if "cache" in call:
+            computed = _computed(pipe)
+            assert 0 < len(computed) < call["num_steps"], (name, computed)  # some steps skipped, not all
+            tensors[f"{name}/computed"] = torch.tensor(computed)
     save_file(tensors, tmp_path / "expected.safetensors")
     return str(tmp_path / "expected.safetensors")
+
+
+def _computed(pipe) -> list[int]:
+    return pipe.last_run["cache"]["branches"]["positive"]["computed"]
+
+
+# a step cache under PipeFusion: Fn = 1 on the first stage, Bn = 1 on the last, the middle on the stages
+# between (split over two of them on 3 stages); 8 steps, so that the indicator has steps to skip
+CACHED = dict(CALL, num_steps=8, cache=CacheConfig("dbcache", 0.8, compute_first=1, compute_last=1,
+                                                   taylorseer_order=2))
+# every step one whole-image message: the single-device cached image, the same skipped steps
+CACHED_EXACT = {"cache-exact-M3": (dict(num_pipeline_patch=3, warmup_steps=8), CACHED)}
 
 
 def _cases(exact_patches, stale):
@@ -185,7 +208,12 @@ def _cases(exact_patches, stale):
     (4, [4], [(6, 1)]),
 ])
 def test_pipefusion_equals_one_device(stages, exact_patches, stale, tmp_path):
+    """With a step cache too: exact with whole-image steps, and after warm-up the one-device PipeFusion's."""
     cases = _cases(exact_patches, stale)
+    if stages == 2:
+        cases |= CACHED_EXACT | {"cache-stale-M2-W1": (dict(num_pipeline_patch=2, warmup_steps=1), CACHED)}
+    if stages == 3:
+        cases |= {"cache-stale-M3-W2": (dict(num_pipeline_patch=3, warmup_steps=2), CACHED)}
     run_distributed(_check_rank, stages, dict(pipefusion_degree=stages), cases, _expected(cases, tmp_path))
 
 
@@ -197,7 +225,10 @@ CFG = dict(negative_prompt="blurry", true_cfg_scale=2.5)
     (dict(cfg_degree=2, pipefusion_degree=2), {"cfg-exact": (dict(warmup_steps=3),
                                                              dict(CALL, **CFG, output_type="pt", vae=True)),
                                                "cfg-stale": (dict(num_pipeline_patch=3, warmup_steps=1),
-                                                             dict(CALL, **CFG))}),
+                                                             dict(CALL, **CFG)),
+                                               # one branch per half, each stage keeping its K/V as one device
+                                               "cfg-cache-stale": (dict(num_pipeline_patch=2, warmup_steps=1),
+                                                                   dict(CACHED, **CFG))}),
     # two replicas (3 images), each 2 stages running both CFG branches as one batch
     (dict(data_degree=2, pipefusion_degree=2), {"data-stale": (dict(num_pipeline_patch=2, warmup_steps=1),
                                                                dict(CALL, **CFG, prompt=["a fox", "snow", "a cat"]))}),
@@ -214,6 +245,9 @@ def _check_sp_rank(rank, world, degrees, cases, expected_file):
     with comm.count_comm() as stats, pytest.raises(ValueError) as error:
         pipe(**CALL)  # 4 patches x 2 sp ranks need 8 rows; the image has 6
     assert not stats.calls and "every sp rank needs a row of every patch" in str(error.value)
+    with comm.count_comm() as stats, pytest.raises(ValueError) as error:
+        last(**CACHED)
+    assert not stats.calls and "needs sp degree 1 inside each stage" in str(error.value)
 
 
 @pytest.mark.parametrize("degrees, cases", [
@@ -240,8 +274,8 @@ def _refused(rank, world, options, message, call=CALL):
 def test_pipefusion_refusals_are_identical_on_every_rank():
     run_distributed(_refused, 2, dict(num_pipeline_patch=7), "more than the 6 rows of image tokens")
     run_distributed(_refused, 2, dict(pipefusion_stage_sizes=(1, 2)), "must be 2 positive block counts adding up")
-    run_distributed(_refused, 2, {}, "step caching cannot be combined with PipeFusion",
-                    dict(CALL, cache=CacheConfig("fbcache", 0.1)))
+    run_distributed(_refused, 2, {}, "compute_first 2 is more than the first PipeFusion stage's 1 blocks",
+                    dict(CALL, cache=CacheConfig("dbcache", 0.1, compute_first=2, compute_last=0)))
 
 
 @pytest.mark.parametrize("argv, message", [

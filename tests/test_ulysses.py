@@ -45,6 +45,10 @@ def _ulysses_chunked(rank, world):
         with comm.count_comm() as stats:
             chunked = ulysses_attention(*local, None, LENGTHS, wire=wire, chunks=3)  # uneven: 2 + 1 + 1 heads
         assert stats.calls["all_to_all"] == 2 * 3
+        arrived = []  # a step cache's payload rides on chunk 0's q/k/v exchange, once, bit for bit
+        sums = torch.tensor([rank + 0.1, -rank], dtype=torch.float64)
+        ulysses_attention(*local, None, LENGTHS, wire=wire, chunks=3, payload=comm.Payload(sums, arrived.append))
+        assert len(arrived) == 1 and torch.equal(arrived[0][:, 0], torch.arange(world, dtype=torch.float64) + 0.1)
         if wire != "fp8":
             assert torch.equal(chunked, whole), wire
         else:  # fp8 scales each piece by its own amax: other pieces, another rounding of the same size

@@ -30,7 +30,9 @@ branch: the forward's batch holds one contiguous chunk of rows per branch ([nega
 both run together), each decided from its own rows, so two branches run as one batched forward decide
 as they would run apart. This module is single-device code; `StepCache.run_blocks` replaces the model's
 `run_blocks` seam during a call, and the caller hands in `reduce_sums`, which turns this process's sums
-into the sums over the whole image (parallel/cache.py does it over the sequence-parallel group).
+into the sums over the whole image, or sets `fold`, which carries them on the cached range's first
+exchange instead (parallel/cache.py, over the sequence-parallel group: no collective of its own).
+PipeFusion's stages use `decide_message`, `record` and `run_message` (parallel/pipefusion.py).
 
 The decision is kept cheap: TeaCache's watched tensor is the first block's own modulated input, handed to
 the block rather than computed again (DoubleStreamBlock.modulate_img), and the sums of every branch take
@@ -197,6 +199,10 @@ class StepCache:
             raise ValueError(f"a step cache needs the generation's number of steps (>= 1), got {num_steps}")
         self.config, self.branches, self.num_steps = config, branches, num_steps
         self.reduce_sums = reduce_sums or local_sums
+        # fold(local sums, on_sums, run_range) -> run_range()'s result, or None where on_sums(the image's sums)
+        # said False: the image's sums ride on the cached range's first exchange instead of reduce_sums' own
+        # collective (parallel/cache.py). Set by the runtime on several sp ranks; None: reduce_sums.
+        self.fold = None
         self.state = [BranchState() for _ in branches]
         # the whole batch's watched tensor that each branch compares with, [N, L, hidden] (fbcache: the
         # first-block residual at its last computed step; teacache: the modulated input of the last step)
@@ -213,35 +219,65 @@ class StepCache:
         """The model's block stack, its cached range skipped for the branches whose indicator stays below the
         threshold: blocks [0, Fn) always, then [Fn, L - Bn) or the forecast residual, then [L - Bn, L)."""
         first, end = self.config.blocks_first, block_count(model) - self.config.blocks_last
+        img_modulated = None
         if self.config.kind == "teacache":
             img_modulated = model.double_blocks[0].modulate_img(img, vec)
-            compute = self.timed_decide(img_modulated[2])  # the first block's modulated input [N, L, hidden]
-            img, txt = self._run_cached_range(model, img, txt, vec, pe, range(0, end), compute, img_modulated)
+            signal = img_modulated[2]  # the first block's modulated input [N, L, hidden]
+            first = 0
         else:
-            img_first, txt_first = run_block_range(model, range(0, first), img, txt, vec, pe)
-            compute = self.timed_decide(img_first - img)  # the first Fn blocks' image residual [N, L, hidden]
-            img, txt = self._run_cached_range(model, img_first, txt_first, vec, pe, range(first, end), compute)
+            img_in = img
+            img, txt = run_block_range(model, range(0, first), img, txt, vec, pe)
+            signal = img - img_in  # the first Fn blocks' image residual [N, L, hidden]
+        cached_range = range(first, end)
+        ran, compute = None, None
+        if self.fold is not None and self._compares():
+            ran, compute = self._folded(signal, lambda: run_block_range(model, cached_range, img, txt, vec, pe,
+                                                                        img_modulated))
+        if compute is None:
+            compute = self.timed_decide(signal)
+        img, txt = self._run_cached_range(model, img, txt, vec, pe, cached_range, compute, img_modulated, ran)
         self.step += 1
         return run_block_range(model, range(end, block_count(model)), img, txt, vec, pe)
 
-    def timed_decide(self, signal: Tensor) -> list[bool]:
+    def _compares(self) -> bool:
+        """Whether this step compares the watched tensor with the reference (needs the image's sums)."""
+        return self.step > 0 and not (self.config.kind == "teacache" and self.step == self.num_steps - 1)
+
+    def _folded(self, signal: Tensor, run_range: Callable[[], tuple[Tensor, Tensor]]):
+        """The decision folded into the cached range's first exchange (self.fold): -> (the range's output for
+        the whole batch, or None where some branch skips it; every branch's decision)."""
         start = time.perf_counter()
-        compute = self.decide(signal)
+        local = change_sums(signal, self.reference, len(self.state))
+        self.decision_s += time.perf_counter() - start
+        decided = []
+
+        def on_sums(sums: Tensor) -> bool:  # -> whether the whole batch runs the range, speculation kept
+            decided.append(self.timed_decide(signal, sums))
+            return all(decided[0])
+
+        ran = self.fold(local, on_sums, run_range)
+        return ran, decided[0]
+
+    def timed_decide(self, signal: Tensor, sums: Tensor | None = None) -> list[bool]:
+        start = time.perf_counter()
+        compute = self.decide(signal, sums)
         self.decision_s += time.perf_counter() - start
         return compute
 
-    def decide(self, signal: Tensor) -> list[bool]:
+    def decide(self, signal: Tensor, sums: Tensor | None = None) -> list[bool]:
         """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
-        first block's image residual; teacache: its modulated input). Updates the reference; calls
-        reduce_sums once at most (and waits for it at once: parallel/cache.py says why)."""
+        first block's image residual; teacache: its modulated input). sums: the image's [2, n] change_sums,
+        where already reduced (folded); else reduce_sums is called once at most (and waited for at once:
+        parallel/cache.py says why). Updates the reference."""
         n = len(self.state)
-        edge = self.config.kind == "teacache" and self.step in (0, self.num_steps - 1)
         changes = [None] * n
-        if self.step > 0 and not edge:
-            local = change_sums(signal, self.reference, n)
-            start = time.perf_counter()
-            differences, magnitudes = self.reduce_sums(local).tolist()
-            self.reduction_s += time.perf_counter() - start
+        if self._compares():
+            if sums is None:
+                local = change_sums(signal, self.reference, n)
+                start = time.perf_counter()
+                sums = self.reduce_sums(local)
+                self.reduction_s += time.perf_counter() - start
+            differences, magnitudes = sums.tolist()
             changes = [d / p if p > 0 else math.inf for d, p in zip(differences, magnitudes)]
         compute = [self._decide_branch(s, change) for s, change in zip(self.state, changes)]
         if self.config.kind == "teacache" or all(compute):  # teacache compares neighbouring steps
@@ -277,11 +313,14 @@ class StepCache:
                 and (c.max_continuous_cached_steps is None or state.cached_in_a_row < c.max_continuous_cached_steps))
 
     def _run_cached_range(self, model: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, pe, blocks: range,
-                          compute: list[bool], img_modulated=None) -> tuple[Tensor, Tensor]:
+                          compute: list[bool], img_modulated=None, ran=None) -> tuple[Tensor, Tensor]:
         """Blocks `blocks` on the computing branches' rows; the stored (or forecast) residuals for the others.
-        img_modulated: block 0's modulate_img(img, vec) for the whole batch (teacache), where computed already."""
+        img_modulated: block 0's modulate_img(img, vec) for the whole batch (teacache), where computed already.
+        ran: the blocks' (img, txt) output for the whole batch, where run already (a folded decision)."""
         n, todo = len(compute), [i for i, c in enumerate(compute) if c]
-        if len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
+        if ran is not None:
+            img_out, txt_out = ran
+        elif len(todo) == n:  # the whole batch at once: bit for bit the uncached forward
             img_out, txt_out = run_block_range(model, blocks, img, txt, vec, pe, img_modulated)
         elif todo:  # (the first block recomputes its modulated input on these rows: rare, only under true CFG)
             def pick(x: Tensor) -> Tensor:  # the rows of the computing branches
@@ -292,15 +331,74 @@ class StepCache:
         outputs = []
         for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
             if i in ran:
-                state.residuals = [*state.residuals, (self.step, ran[i][0] - img_in, ran[i][1] - txt_in)]
+                state.residuals = [*state.residuals, (self.step, *self.stored(img_in, txt_in, *ran[i]))]
                 state.residuals = state.residuals[-(self.config.order + 1):]
                 state.computed.append(self.step)
                 outputs.append(ran[i])
             else:
                 state.reused.append(self.step)
-                img_residual, txt_residual = forecast(state.residuals, self.step)
-                outputs.append((img_in + img_residual, txt_in + txt_residual))
+                outputs.append(self.applied(img_in, txt_in, *forecast(state.residuals, self.step)))
         if len(todo) == n:
+            return img_out, txt_out
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+    def stored(self, img_in: Tensor, txt_in: Tensor, img_out: Tensor, txt_out: Tensor) -> tuple[Tensor, Tensor]:
+        """What a computed step keeps of the cached blocks, per stream: their residual, the forecast target.
+        Forecasting their output instead (tools/bench/cache_forecast_target.py) lost 0.6-8.6 dB at order 1,
+        the default, and at order 2 between 0.2 dB gained and 3.0 dB lost, on the trained tiny model (docs/cache.md)."""
+        return img_out - img_in, txt_out - txt_in
+
+    def applied(self, img_in: Tensor, txt_in: Tensor, img_kept: Tensor, txt_kept: Tensor) -> tuple[Tensor, Tensor]:
+        """A cached step's output of the cached blocks from their input and the forecast of what `stored` kept."""
+        return img_in + img_kept, txt_in + txt_kept
+
+    # PipeFusion (parallel/pipefusion.py) runs the stack in stages, one message (the whole image, or a row-band
+    # patch) at a time, and every stage holds a StepCache of its own. The step's decision is made once, on the
+    # first stage, from the step's first message (`decide_message`: the whole image in warm-up steps, its first
+    # band after), and travels along the pipeline with it; every stage records it (`record`) and runs or
+    # forecasts its own blocks of the cached range on each message of the step (`run_message`). The range's
+    # residual is the sum of the stages' parts, and a forecast is linear in the stored points, so the stages'
+    # forecasts add up to the whole range's, up to rounding. Residuals and the reference are kept for the whole
+    # image, [N, L, hidden] by token, each message writing and reading its own rows.
+
+    def decide_message(self, step: int, signal: Tensor, rows: slice, img_len: int) -> list[bool]:
+        """The first stage: per branch, does `step` run the cached range? signal [N, l, hidden]: the watched
+        tensor on this rank's tokens `rows` of the step's first message."""
+        self.step, full = step, getattr(self, "reference_rows", None)
+        self.reference = None if full is None else full[:, rows]
+        compute = self.timed_decide(signal)
+        if full is None:
+            full = self.reference_rows = signal.new_zeros(signal.shape[0], img_len, signal.shape[2])
+        full[:, rows] = self.reference
+        return compute
+
+    def record(self, step: int, compute: list[bool]) -> None:
+        """Every stage, once per step: which branches computed it (the report; the first stage's limits)."""
+        for state, c in zip(self.state, compute):
+            (state.computed if c else state.reused).append(step)
+
+    def run_message(self, run_range: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], img: Tensor, txt: Tensor,
+                    step: int, rows: slice, img_len: int, first: bool, compute: list[bool]) -> tuple[Tensor, Tensor]:
+        """This stage's blocks of the cached range on one message: run_range(img, txt) where some branch
+        computes `step` (the whole batch runs, the skipping branches' rows are then replaced: a batch row never
+        meets another), the forecast of this stage's stored residual for the others. img [N, l, hidden] holds
+        this rank's tokens `rows`; txt is the text stream, kept only from the step's first message."""
+        n = len(compute)
+        img_out, txt_out = run_range(img, txt) if any(compute) else (img, txt)
+        outputs = []
+        for i, (state, img_in, txt_in) in enumerate(zip(self.state, img.chunk(n), txt.chunk(n))):
+            img_i, txt_i = img_out.chunk(n)[i], txt_out.chunk(n)[i]
+            if compute[i]:
+                if first:  # a new point of this stage's residual, filled message by message
+                    state.residuals = [*state.residuals, (step, img_i.new_zeros(img_i.shape[0], img_len,
+                                                                                img_i.shape[2]), txt_i - txt_in)]
+                    state.residuals = state.residuals[-(self.config.order + 1):]
+                state.residuals[-1][1][:, rows] = img_i - img_in
+            else:
+                img_residual, txt_residual = forecast([(s, r[:, rows], t) for s, r, t in state.residuals], step)
+                img_i, txt_i = img_in + img_residual, (txt_in + txt_residual if first else txt_i)
+            outputs.append((img_i, txt_i))
+        if all(compute):
             return img_out, txt_out
         return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 

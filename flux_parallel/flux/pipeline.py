@@ -246,7 +246,7 @@ class FluxPipeline:
         return next(p.device for p in self.transformer.parameters() if not p.is_meta)
 
     def check_call(self, prompts: list[str], negatives: list[str] | None, height: int, width: int, num_steps: int,
-                   max_sequence_length: int, latents: Tensor | None, cache: bool = False,
+                   max_sequence_length: int, latents: Tensor | None, cache: CacheConfig | None = None,
                    request: ImageRequest | None = None) -> None:
         """One sentence per bad argument, raised identically on every rank before any collective and
         before the text encoders run. request: the call's images (image_modes.image_request)."""
@@ -317,7 +317,7 @@ class FluxPipeline:
         request = image_request(self.kind, image, mask_image, control_image, strength, height, width, auto_resize)
         height, width = request.height, request.width
         check_cache(cache, self.transformer)
-        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache is not None,
+        self.check_call(prompts, negatives, height, width, num_steps, max_sequence_length, latents, cache,
                         request)
         total, part = len(prompts), batch_slice(len(prompts), self.parallel)  # this data replica's images
         request = request.for_images(len(prompts) // num_images_per_prompt, num_images_per_prompt, part)

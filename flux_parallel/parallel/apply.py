@@ -80,7 +80,7 @@ class SequenceParallelFlux(nn.Module):
         self._check_local(layout, img.shape[1], txt.shape[1])
         if self.ctx.sp_degree == 1:
             return self.model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        with swapped(attention_swaps(self.model, self._attention_for(layout))):
+        with swapped(attention_swaps(self.model, self.attention_for(layout))):
             return self.model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 
     def gather(self, layout: SequenceLayout, img_local: Tensor) -> Tensor:
@@ -98,7 +98,8 @@ class SequenceParallelFlux(nn.Module):
         local = self(layout, *self.shard(layout, img, img_ids, txt, txt_ids), timesteps, y, guidance)
         return self.gather(layout, local)
 
-    def _attention_for(self, layout: SequenceLayout) -> USPAttention:
+    def attention_for(self, layout: SequenceLayout) -> USPAttention:
+        """The attention_fn the blocks call during a forward with `layout`: one object per layout."""
         if layout not in self._attention:
             ctx = self.ctx
             self._attention[layout] = USPAttention(ctx.group("ulysses"), ctx.group("ring"), ctx.rank("ring"),

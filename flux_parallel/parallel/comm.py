@@ -7,6 +7,7 @@ per kind of call; when it is off (the default) the accounting costs one `is None
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,7 @@ def all_to_all(
     scatter_sizes: list[int] | None = None,
     gather_sizes: list[int] | None = None,
     wire: str | None = None,
+    payload: "Payload | None" = None,
 ) -> Tensor:
     """Split x along scatter_dim, send piece j to rank j, concatenate what arrives along gather_dim.
 
@@ -102,22 +104,25 @@ def all_to_all(
     passes the same lists. Shapes: [.., S, .., G_r, ..] -> [.., S_r, .., sum(G), ..].
     Differentiable: the gradient goes back by the inverse all-to-all (its adjoint). `wire` ("bf16",
     "fp8", None: x's dtype) is what travels, each piece scaled on its own for fp8 (WIRE_DTYPES); in grad
-    mode x travels as it is.
+    mode x travels as it is. `payload` (Payload) rides along to every rank and arrives before x's pieces
+    are unpacked.
     """
     world = dist.get_world_size(group)
     gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if torch.is_grad_enabled() and x.requires_grad:
+        if payload is not None:
+            raise ValueError("all_to_all: a payload rides only on a no-grad exchange")
         return _AllToAll.apply(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
-    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire)
+    return _all_to_all(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire, payload)
 
 
 def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
-                gather_sizes: list[int], wire: str | None = None) -> Tensor:
-    return all_to_all_start(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire).wait()
+                gather_sizes: list[int], wire: str | None = None, payload: "Payload | None" = None) -> Tensor:
+    return all_to_all_start(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire, payload).wait()
 
 
 def all_to_all_start(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None = None,
-                     gather_sizes: list[int] | None = None, wire: str | None = None,
+                     gather_sizes: list[int] | None = None, wire: str | None = None, payload: "Payload | None" = None,
                      out: Tensor | None = None) -> "PendingAllToAll":
     """all_to_all posted asynchronously (no grad): the data leaves while the caller computes, and
     `.wait()` returns the result (written into `out` when given, a view of the right shape, e.g. a
@@ -138,19 +143,24 @@ def all_to_all_start(x: Tensor, group, scatter_dim: int, gather_dim: int, scatte
     pieces = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
     piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
     out_shape = piece_shape[:gather_dim] + [sum(gather_sizes)] + piece_shape[gather_dim + 1 :]
-    in_splits = [p.numel() for p in pieces]
-    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel()
-                  for n in gather_sizes]
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     elif list(out.shape) != out_shape:
         raise ValueError(f"all_to_all: out has shape {list(out.shape)}, the exchange gives {out_shape}")
     # One copy in, one copy out: each piece straight into a flat send buffer (cast to the wire dtype
-    # first, fp8 scaled on its own), each arrival straight into its rows of the output.
+    # first, fp8 scaled on its own), each arrival straight into its rows of the output (no .contiguous()
+    # followed by a cat, no cat afterwards). A payload's words follow each piece in its segment, unrounded.
     encoded = [(piece, None) for piece in pieces] if wire is None else [to_wire(piece, wire) for piece in pieces]
+    words = None if payload is None else payload.words(encoded[0][0].dtype)
+    extra = 0 if words is None else words.numel()
+    in_splits = [p.numel() + extra for p in pieces]
+    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel() + extra
+                  for n in gather_sizes]
     send = torch.empty(sum(in_splits), dtype=encoded[0][0].dtype, device=x.device)
-    for (payload, _), dst in zip(encoded, send.split(in_splits)):
-        dst.view(payload.shape).copy_(payload)
+    for (on_wire, _), dst in zip(encoded, send.split(in_splits)):
+        dst[: on_wire.numel()].view(on_wire.shape).copy_(on_wire)
+        if extra:
+            dst[on_wire.numel() :].copy_(words)
     received = torch.empty(sum(out_splits), dtype=send.dtype, device=x.device)
     works = [dist.all_to_all_single(received, send, out_splits, in_splits, group=group, async_op=True)]
     scales = None
@@ -160,29 +170,34 @@ def all_to_all_start(x: Tensor, group, scatter_dim: int, gather_dim: int, scatte
                                             async_op=True))
     sent_bytes = (send.numel() - in_splits[rank]) * send.element_size()
     return PendingAllToAll(works, (send, received), scales, out, out_splits, gather_sizes, gather_dim, group,
-                           sent_bytes)
+                           sent_bytes, payload, extra)
 
 
 class PendingAllToAll:
-    """An all-to-all in flight (all_to_all_start): `wait()` blocks until it is done, then copies what
-    arrived into its rows of the output (from the wire dtype back) and returns the output."""
+    """An all-to-all in flight (all_to_all_start): `wait()` blocks until it is done, hands the payload its
+    words, then copies what arrived into its rows of the output (from the wire dtype back) and returns it."""
 
-    def __init__(self, works, buffers, scales, out, out_splits, gather_sizes, gather_dim, group, sent_bytes):
+    def __init__(self, works, buffers, scales, out, out_splits, gather_sizes, gather_dim, group, sent_bytes,
+                 payload, extra):
         self._works, self._buffers, self._scales = works, buffers, scales  # buffers live until the wait
         self._out, self._out_splits = out, out_splits
         self._gather_sizes, self._gather_dim = gather_sizes, gather_dim
         self._group, self._sent_bytes = group, sent_bytes
+        self._payload, self._extra = payload, extra  # the payload's words at the end of each segment
 
     def wait(self) -> Tensor:
         start = time.perf_counter()
         for work in self._works:
             work.wait()
         _record("all_to_all", self._group, self._sent_bytes, start)
-        out, received = self._out, self._buffers[1]
-        scales = [None] * len(self._out_splits) if self._scales is None else self._scales.split(1)
-        for arrived, scale, dst in zip(received.split(self._out_splits), scales,
-                                       out.split(self._gather_sizes, dim=self._gather_dim)):
-            dst.copy_(from_wire(arrived.view(dst.shape), scale, out.dtype))  # no cast when nothing was cast
+        out, extra = self._out, self._extra
+        segments = self._buffers[1].split(self._out_splits)
+        if self._payload is not None:  # may raise: the caller's speculative work ends here, on every rank alike
+            self._payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
+        scales = [None] * len(segments) if self._scales is None else self._scales.split(1)
+        for arrived, scale, dst in zip(segments, scales, out.split(self._gather_sizes, dim=self._gather_dim)):
+            # no cast when nothing was cast
+            dst.copy_(from_wire(arrived[: dst.numel()].view(dst.shape), scale, out.dtype))
         return out
 
 
@@ -274,6 +289,49 @@ def all_gather_object(obj, group) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+class Payload:
+    """A few numbers that ride on an exchange the step makes anyway (a step cache's indicator sums, parallel/
+    cache.py): every rank hands in `local`; the exchange hands every rank's copy, bit for bit and in group
+    rank order, to `on_arrival` [P, *local.shape] as soon as it is in, before the exchange's own data is
+    unpacked. on_arrival may raise: every rank then raises at the same point, so no collective is left
+    half-entered. The numbers travel as raw bytes in the exchange's own buffer (no wire dtype rounds them),
+    or, along a ring, as one more message of the same hop."""
+
+    def __init__(self, local: Tensor | None, on_arrival: Callable[[Tensor], None]):
+        self.local = local  # None until known (USP: the ring carries what the Ulysses exchange brought)
+        self.on_arrival = on_arrival
+
+    def words(self, dtype: torch.dtype) -> Tensor:
+        """local's bytes seen as `dtype` elements (its byte count is a multiple of their size)."""
+        return self.local.contiguous().flatten().view(torch.uint8).view(dtype)
+
+    def arrive(self, words: Tensor) -> None:
+        """words [P, m]: each rank's `words`, in group rank order."""
+        self.on_arrival(words.contiguous().view(torch.uint8).view(self.local.dtype).reshape(-1, *self.local.shape))
+
+    def ring_start(self, group) -> None:
+        """Along a ring (ring.py), the entries travel as the K/V shards do: at hop s rank r sends the entry of
+        rank r - s to rank r + 1, in a message of its own posted with the K/V hop; after P - 1 hops every
+        rank holds every entry, and ring_arrive hands them on."""
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.entries = [None] * self.world
+        self.entries[self.rank] = self.held = self.local.contiguous()
+
+    def ring_post(self, step: int) -> None:
+        self.hop, held = P2P(self.group), self.held
+        self.arriving = self.hop.recv(held.shape, held.dtype, held.device, src=(self.rank - 1) % self.world)
+        self.hop.send(self.held, dst=(self.rank + 1) % self.world)
+        self.hop.commit()
+        self.step = step
+
+    def ring_wait(self) -> None:
+        self.hop.wait()
+        self.entries[(self.rank - self.step - 1) % self.world] = self.held = self.arriving
+
+    def ring_arrive(self) -> None:
+        self.on_arrival(torch.stack(self.entries))
 
 
 class P2P:

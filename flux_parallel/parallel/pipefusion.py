@@ -33,6 +33,17 @@ attends to the image tokens written so far. With sp ranks inside a stage, each h
 text and of every patch, and the fresh K/V shards are all-gathered into every rank's whole buffer.
 With warmup_steps >= the number of steps every step is one whole-image message: the buffer holds only
 fresh values, and the result is exactly the single-device one.
+
+Step cache (flux/cache.py, StepCache's PipeFusion part): the first compute_first blocks must lie on the
+first stage and the last compute_last on the last (ParallelDenoiser.check). The first stage decides each
+step from the step's first message and sends the decision (one byte per branch) with that message's
+hidden states; every stage runs or forecasts its own blocks of the cached range on each message of the
+step. What the cached image equals: threshold 0 is the uncached PipeFusion image bit for bit; with every
+step one whole-image message (warmup_steps >= steps) it is the single-device cached image with the same
+skipped steps (up to fp32 rounding of the stages' summed forecasts); after warm-up the decision watches
+the first row band only (its sums against that band's at the last computed step) and a skipped step's
+middle blocks leave their stale K/V as they were, an approximation on top of PipeFusion's own, whose
+error tools/bench/pipefusion_error.py does not yet report for caches.
 """
 
 from dataclasses import dataclass
@@ -42,6 +53,7 @@ from torch import Tensor, nn
 
 from flux_parallel.kernels import attention
 from flux_parallel.parallel import comm, stages
+from flux_parallel.parallel.cache import cache_report
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.sequence import shard_sizes
 from flux_parallel.parallel.swap import swapped
@@ -127,16 +139,15 @@ class StaleKV:
 class PipeFusionGeneration:
     """One call's denoising on one stage; the same interface as runtime.Generation (denoise)."""
 
-    cache_report = None  # step caching is refused with PipeFusion (ParallelDenoiser.start)
-
     def __init__(self, model: nn.Module, ctx: ParallelContext, blocks: range, img: Tensor, img_ids: Tensor,
                  cond, branches: int, guidance: float | None, true_cfg_scale: float | None,
-                 channels: Tensor | None = None, out_len: int | None = None):
+                 channels: Tensor | None = None, out_len: int | None = None, cache=None):
         """img [B, L, 64], img_ids [B, L, 3] full on every rank; cond: the branches' conditioning
         stacked along the batch ([negative; positive] when both are on this rank). Image conditioning
         (runtime.ImageCond): `channels` [B, L, C] join each patch's tokens at the first stage (Fill,
         Canny/Depth); tokens from `out_len` on (Kontext's reference) are one more patch of every step,
-        after the output's row bands, whose latents the last stage leaves unchanged."""
+        after the output's row bands, whose latents the last stage leaves unchanged. cache: this stage's
+        flux.cache.StepCache, or None (see the module docstring)."""
         self.model, self.ctx, self.blocks, self.scale = model, ctx, blocks, true_cfg_scale
         self.stage, self.num_stages, self.branches = ctx.rank("pipefusion"), ctx.pipefusion_degree, branches
         self.sp_rank, self.sp_group = ctx.rank("sp"), ctx.group("sp") if ctx.sp_degree > 1 else None
@@ -159,6 +170,8 @@ class PipeFusionGeneration:
         self.swaps = [(b, "attention_fn", kv) for b, kv in zip(stages.stage_blocks(model, blocks), self.kv)]
         self.txt_h = self.vec = None  # this step's text input and conditioning vector at this stage
         self.block_txt = [None] * len(blocks)  # each block's text input in this step's first patch
+        self.cache, self.cache_report = cache, None
+        self.compute = self.compute_inbox = None  # the step's decision per branch; the one arriving with a message
 
     def denoise(self, timesteps: list[float], on_step=None) -> Tensor:
         """Run every step; returns the final latents [B, L, 64] on every rank of the pipefusion group."""
@@ -179,6 +192,7 @@ class PipeFusionGeneration:
                 on_step(message.step)
         if self.num_stages > 1:
             comm.broadcast(self.img, self.ctx.group("pipefusion"), src=self.num_stages - 1)
+        self.cache_report = cache_report(self.cache, self.ctx)
         return self.img
 
     def _shard(self, message: Message) -> tuple[list[int], int, int]:
@@ -207,13 +221,11 @@ class PipeFusionGeneration:
         for kv in self.kv:
             kv.set_patch(self.txt_sizes, patch_sizes, message.start, message.end)
         pe = stages.rope(model, self.txt_ids, self.img_ids[:, start:end])
-        txt_h = self.txt_h
         with swapped(self.swaps):
-            for i, block in enumerate(self.blocks):
-                if message.patch == 0:
-                    self.block_txt[i] = txt_h  # the text input of block i in this step's text pass
-                img_h, txt_h = stages.run_blocks(model, range(block, block + 1), img_h, self.block_txt[i],
-                                                 self.vec, pe)
+            if self.cache is None:
+                img_h, txt_h = self._run_blocks(self.blocks, message, img_h, self.txt_h, pe)
+            else:
+                img_h, txt_h = self._run_cached(message, img_h, self.txt_h, pe, slice(start, end))
         if self.stage < self.num_stages - 1:
             return torch.cat((txt_h, self.vec[:, None], img_h), dim=1) if message.patch == 0 else img_h
         velocity = self._guided(stages.final(model, img_h, self.vec).float())
@@ -227,6 +239,52 @@ class PipeFusionGeneration:
         if self.blend is not None:  # inpainting: the kept region back to the image, noised to the next time
             self.img[:, rows] = self.blend(message.step, self.img[:, rows], rows)
         return None
+
+    def _run_blocks(self, blocks: range, message: Message, img_h: Tensor, txt_h: Tensor, pe) -> tuple[Tensor, Tensor]:
+        """This stage's `blocks` on one message: each on [its text input of the step's first patch; the patch]."""
+        for block in blocks:
+            i = block - self.blocks.start
+            if message.patch == 0:
+                self.block_txt[i] = txt_h  # the text input of block i in this step's text pass
+            img_h, txt_h = stages.run_blocks(self.model, range(block, block + 1), img_h, self.block_txt[i], self.vec,
+                                             pe)
+        return img_h, txt_h
+
+    def _run_cached(self, message: Message, img_h: Tensor, txt_h: Tensor, pe, rows: slice) -> tuple[Tensor, Tensor]:
+        """_run_blocks with a step cache: this stage's blocks before the cached range, the range (run or
+        forecast as the step's decision says; the first stage makes it at the step's first message), after it."""
+        config, total = self.cache.config, len(self.model.double_blocks) + len(self.model.single_blocks)
+        edges = (config.blocks_first, total - config.blocks_last)
+        head, middle, tail = (range(max(self.blocks.start, a), min(self.blocks.stop, b))
+                              for a, b in ((0, edges[0]), edges, (edges[1], total)))
+        first = message.patch == 0
+        img_in = img_h
+        img_h, txt_h = self._run_blocks(head, message, img_h, txt_h, pe)
+        if first and self.stage == 0:
+            signal = (self.model.double_blocks[0].modulate_img(img_h, self.vec)[2] if config.kind == "teacache"
+                      else img_h - img_in)  # as StepCache.run_blocks watches it
+            self.compute = self.cache.decide_message(message.step, signal, rows, self.img.shape[1])
+        elif first:
+            self.compute = self.compute_inbox
+        if first:
+            self.cache.record(message.step, self.compute)
+        return self._run_blocks(tail, message, *self.cache.run_message(
+            lambda img, txt: self._run_middle(middle, message, img, txt, pe), img_h, txt_h, message.step, rows,
+            self.img.shape[1], first, self.compute), pe)
+
+    def _run_middle(self, middle: range, message: Message, img_h: Tensor, txt_h: Tensor, pe) -> tuple[Tensor, Tensor]:
+        """The cached range's blocks on the whole batch; where some branch skips the step, its rows of their
+        stale K/V buffers are put back as they were, as if it had not run (as under cfg_degree 2, where it
+        does not): the image does not depend on how the branches are laid out."""
+        n, buffers = len(self.compute), [self.kv[block - self.blocks.start] for block in middle]
+        skipping = [i for i, c in enumerate(self.compute) if not c]
+        kept = [(kv, i, kv.keys.chunk(n)[i].clone(), kv.values.chunk(n)[i].clone())
+                for kv in buffers if kv.keys is not None for i in skipping]
+        img_h, txt_h = self._run_blocks(middle, message, img_h, txt_h, pe)
+        for kv, i, keys, values in kept:
+            kv.keys.chunk(n)[i].copy_(keys)
+            kv.values.chunk(n)[i].copy_(values)
+        return img_h, txt_h
 
     def local(self, x: Tensor) -> Tensor:
         """A full per-token tensor as this generation holds the state: whole, on every stage."""
@@ -251,6 +309,8 @@ class PipeFusionGeneration:
         p2p = comm.P2P(self.ctx.group("pipefusion"))
         if message is not None and stage < last:
             p2p.send(out, dst=stage + 1)
+            if self.cache is not None and message.patch == 0:  # the step's decision, with its first message
+                p2p.send(torch.tensor(self.compute, dtype=torch.uint8, device=out.device), dst=stage + 1)
         if message is not None and stage == last and message.step < final_step:
             p2p.send(self.img[:, message.start : message.end], dst=0)
         arriving = by_slot.get(slot - (stage - 1)) if stage > 0 else None  # what the previous stage just ran
@@ -258,6 +318,8 @@ class PipeFusionGeneration:
             rows = self._shard(arriving)[0][self.sp_rank] + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
             shape = (self.txt.shape[0], rows, self.model.params.hidden_size)
             inbox = p2p.recv(shape, self.model.img_in.weight.dtype, self.img.device, src=stage - 1)
+            if self.cache is not None and arriving.patch == 0:
+                decision = p2p.recv((len(self.cache.state),), torch.uint8, self.img.device, src=stage - 1)
         returned = by_slot.get(slot - last) if stage == 0 else None  # what the last stage just updated
         if returned is not None and returned.step < final_step:
             latents = p2p.recv(self.img[:, returned.start : returned.end].shape, torch.float32, self.img.device,
@@ -266,4 +328,6 @@ class PipeFusionGeneration:
         p2p.wait()
         if returned is not None and returned.step < final_step:
             self.img[:, returned.start : returned.end] = latents
+        if self.cache is not None and arriving is not None and arriving.patch == 0:
+            self.compute_inbox = [bool(c) for c in decision.tolist()]
         return inbox if arriving is not None else None

@@ -39,6 +39,7 @@ def ring_attention(
     overlap: bool = True,
     backend: str = "auto",  # kernels.attention_with_lse's backend for each block
     wire: str | None = None,  # what the K/V sends carry: comm.WIRE_DTYPES, None for k's own dtype
+    payload: comm.Payload | None = None,  # travels the ring with the K/V shards, arrives after the last hop
 ) -> tuple[Tensor, Tensor]:
     """Attention of this rank's queries over every rank's keys -> (out [B, H, L_r, D] in q's dtype,
     lse [B, H, L_r] fp32). Shards may differ in length: every rank knows them all from seq_lens.
@@ -54,10 +55,14 @@ def ring_attention(
     q = q.contiguous()  # attended P times: one copy here, not one per step in the kernel
     kv = torch.stack((k, v))  # [2, B, H, L_j, D]: the shard now here, one message per hop
     out = lse = None
+    if payload is not None:
+        payload.ring_start(group)
     for step in range(world):
         last = step == world - 1
         if not last:  # post the next hop before computing on the current shard
             kv_next, hop = _post_next(kv, group, seq_lens[(rank - step - 1) % world], wire)
+            if payload is not None:
+                payload.ring_post(step)
             if not overlap:
                 hop.wait()
         out_block, lse_block = attention_with_lse(q, kv[0], kv[1], backend)
@@ -66,6 +71,10 @@ def ring_attention(
             if overlap:
                 hop.wait()
             kv = kv_next[0] if wire is None else comm.from_wire(*kv_next, kv.dtype)
+            if payload is not None:
+                payload.ring_wait()
+    if payload is not None:
+        payload.ring_arrive()
     return out.to(q.dtype), lse
 
 

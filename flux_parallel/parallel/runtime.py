@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from flux_parallel.parallel import comm
 from flux_parallel.parallel.apply import check_heads, parallelize_flux
-from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_sums
+from flux_parallel.parallel.cache import cache_report, cache_swaps, sp_fold, sp_sums
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.halo import split_rows
 from flux_parallel.parallel.pipefusion import PipeFusionGeneration, patch_bounds
@@ -104,13 +104,13 @@ class ParallelDenoiser:
         return (BRANCHES[self.ctx.rank("cfg")],) if self.ctx.cfg_degree == 2 else BRANCHES
 
     def check(self, batch: int, txt_len: int, img_len: int, true_cfg: bool, rows: int | None = None,
-              cache: bool = False) -> None:
+              cache=None) -> None:
         """One sentence per impossible request, raised identically on every rank before any collective.
-        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: a step cache asked for."""
+        rows: the image's rows of tokens (height / 16), for PipeFusion's patches; cache: the call's
+        flux.cache.CacheConfig, or None."""
         ctx = self.ctx
-        if ctx.uses_pipefusion and cache:  # each stage sees only its own blocks: no rank sees what the decision needs
-            raise ValueError("step caching cannot be combined with PipeFusion: the first block and the rest of "
-                             "the stack live on different stages, so no rank sees what the decision needs")
+        if ctx.uses_pipefusion and cache is not None:  # the decision is made on the first stage (pipefusion.py)
+            check_stage_cache(cache, self.stages, ctx.sp_degree)
         if ctx.uses_pipefusion and rows is not None:
             if ctx.sp_degree > 1 and ctx.patches * ctx.sp_degree > rows:
                 raise ValueError(f"num_pipeline_patch {ctx.patches} x sp degree {ctx.sp_degree} is more than the "
@@ -130,19 +130,35 @@ class ParallelDenoiser:
         the conditioning of each branch in self.branches(true_cfg_scale is not None). cache: a fresh
         flux.cache.StepCache for this generation's branches, summing over `cache_sums()`, or None.
         image_cond: what an image-conditioned model adds to img (Kontext, Fill, Canny/Depth)."""
-        if self.ctx.uses_pipefusion:  # a cache was refused by check()
+        if self.ctx.uses_pipefusion:
             branches = tuple(b for b in BRANCHES if b in conds)
             stacked = Conditioning(*(torch.cat([getattr(conds[b], f) for b in branches])
                                      for f in ("txt", "txt_ids", "y")))
             blocks = self.stages[self.ctx.rank("pipefusion")]
             image_cond = image_cond or ImageCond()
             return PipeFusionGeneration(self.model, self.ctx, blocks, img, img_ids, stacked, len(branches), guidance,
-                                        true_cfg_scale, image_cond.channels, image_cond.out_len)
+                                        true_cfg_scale, image_cond.channels, image_cond.out_len, cache)
         return Generation(self, img, img_ids, conds, guidance, true_cfg_scale, cache, image_cond)
 
     def cache_sums(self):
         """For a step cache: this rank's indicator sums -> the image's (parallel/cache.py); None on one device."""
         return sp_sums(self.ctx)
+
+
+def check_stage_cache(cache, stages: list[range], sp_degree: int) -> None:
+    """One sentence when a step cache cannot run on these PipeFusion stages: the first compute_first blocks
+    must lie on the first stage (which decides), the last compute_last on the last; no sp inside a stage."""
+    total = stages[-1].stop
+    if sp_degree > 1:  # an sp rank's tokens of a whole-image message are not its tokens of a patch
+        raise ValueError(f"a step cache under PipeFusion needs sp degree 1 inside each stage, got {sp_degree}: "
+                         "each rank keeps the cache of its own tokens, and those change between the whole-image "
+                         "warm-up messages and the patches")
+    if cache.blocks_first > len(stages[0]):
+        raise ValueError(f"compute_first {cache.blocks_first} is more than the first PipeFusion stage's "
+                         f"{len(stages[0])} blocks: the blocks the cache watches must run on the first stage")
+    if cache.blocks_last > len(stages[-1]):
+        raise ValueError(f"compute_last {cache.blocks_last} is more than the last PipeFusion stage's "
+                         f"{len(stages[-1])} blocks (of {total}): the correcting blocks must run on the last stage")
 
 
 class Generation:
@@ -162,6 +178,8 @@ class Generation:
         txt_ids = torch.cat([conds[b].txt_ids for b in self.branches])
         self.y = torch.cat([conds[b].y for b in self.branches])
         self.layout = self.sp.layout(txt.shape[1], img.shape[1])
+        if cache is not None and self.ctx.sp_degree > 1:  # the decision's sums ride on the sp attention's exchanges
+            cache.fold = sp_fold(self.ctx, self.sp.attention_for(self.layout))
         self.img, img_ids_l, self.txt, self.txt_ids = self.sp.shard(self.layout, img, img_ids, txt, txt_ids)
         self.img_ids = img_ids_l.repeat(len(self.branches), 1, 1)
         rows = len(self.branches) * batch

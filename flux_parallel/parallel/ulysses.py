@@ -46,6 +46,7 @@ def ulysses_attention(
     attn: Callable[[Tensor, Tensor, Tensor], Tensor] = attention,
     wire: str | None = None,  # what the all-to-alls carry: comm.WIRE_DTYPES, None for q's own dtype
     chunks: int | None = None,  # head chunks pipelined (module docstring); None: auto_chunks; 1: no overlap
+    payload: comm.Payload | None = None,  # rides on the (first chunk's) q/k/v exchange
 ) -> Tensor:
     """Attention of this rank's queries over every rank's keys -> [B, H, L_r, D] (the rows of q).
 
@@ -60,7 +61,7 @@ def ulysses_attention(
     if chunks > heads_per_rank:
         raise ValueError(f"ulysses chunks {chunks} exceeds the {heads_per_rank} heads each Ulysses rank receives")
     if chunks == 1 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return _ulysses_attention_whole(q, k, v, group, seq_lens, attn, wire)
+        return _ulysses_attention_whole(q, k, v, group, seq_lens, attn, wire, payload)
     # chunk c: heads [start, start + n) of every rank's share, i.e. [start * P, (start + n) * P) of all H
     sizes = [heads_per_rank // chunks + (c < heads_per_rank % chunks) for c in range(chunks)]
     starts = [sum(sizes[:c]) * world for c in range(chunks)]
@@ -68,12 +69,14 @@ def ulysses_attention(
 
     def post_input(c: int) -> "comm.PendingAllToAll":
         qkv = torch.stack((q[:, heads_of[c]], k[:, heads_of[c]], v[:, heads_of[c]]))  # [3, B, n P, L_r, D]
-        return comm.all_to_all_start(qkv, group, scatter_dim=2, gather_dim=3, gather_sizes=seq_lens, wire=wire)
+        return comm.all_to_all_start(qkv, group, scatter_dim=2, gather_dim=3, gather_sizes=seq_lens, wire=wire,
+                                     payload=payload if c == 0 else None)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, L_r, D]: chunk c writes its heads
     inputs, outputs = post_input(0), []
     for c in range(chunks):
-        q_heads, k_heads, v_heads = inputs.wait()  # [B, n, sum(L), D] each
+        q_heads, k_heads, v_heads = inputs.wait()  # [B, n, sum(L), D] each; chunk 0's payload may raise here,
+        # on every rank alike, before anything else is posted
         if c + 1 < chunks:
             inputs = post_input(c + 1)  # in flight while chunk c's attention runs
         out_heads = attn(q_heads, k_heads, v_heads)
@@ -85,12 +88,13 @@ def ulysses_attention(
 
 
 def _ulysses_attention_whole(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int],
-                             attn: Callable[[Tensor, Tensor, Tensor], Tensor], wire: str | None) -> Tensor:
+                             attn: Callable[[Tensor, Tensor, Tensor], Tensor], wire: str | None,
+                             payload: comm.Payload | None) -> Tensor:
     """One exchange each way for all heads (differentiable): ulysses_attention with one chunk."""
     qkv = torch.stack((q, k, v))  # [3, B, H, L_r, D]: one all-to-all instead of three
     # scatter heads (dim 2), gather the sequence (dim 3): [3, B, H/P, sum(L), D]
     q_heads, k_heads, v_heads = comm.all_to_all(qkv, group, scatter_dim=2, gather_dim=3, gather_sizes=seq_lens,
-                                                wire=wire)
+                                                wire=wire, payload=payload)
     out_heads = attn(q_heads, k_heads, v_heads)  # [B, H/P, sum(L), D]
     # scatter the sequence back to its owners, gather the heads: [B, H, L_r, D]
     return comm.all_to_all(out_heads, group, scatter_dim=2, gather_dim=1, scatter_sizes=seq_lens, wire=wire)

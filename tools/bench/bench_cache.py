@@ -14,15 +14,20 @@ Per setting: the steps computed (per CFG branch), the median denoising time and 
 uncached one in the same layout, PSNR and max abs error of the decoded image ([0, 1]) against the
 uncached one, the decision's share of an uncached step (the sums, their reduction and the comparison;
 (a) timed inside the generation, the time it holds up the step, and of that the reduction, which on
-several ranks includes waiting for the slower rank; (b) alone, on the same shapes, after a barrier), and,
-on 2 ranks, whether the steps and the image are those of 1 rank. On 2 ranks also the latency of one bare
-reduction of the decision's size after a barrier, the floor under (b), and after 20 ms of compute, as
-collectives come inside a step. fp32, 1 thread per process,
-64x64 px for tiny (the 60 held-out captions of eval_tiny.py as one batch by default) and 128x128 px for
-medium. Figures drift 10-20% between runs on a shared CPU.
+several ranks includes waiting for the slower rank; (b) alone, on the same shapes, after a barrier, its
+sums in a separate all-reduce), and, on 2 ranks, whether the steps and the image are those of 1 rank.
+On 2 ranks also the latency of one bare reduction of the decision's size after a barrier, the floor
+under (b), and after 20 ms of compute, as collectives come inside a step. On 2 ranks the decision's
+sums ride on the cached range's first all-to-all (parallel/cache.py); each threshold-0 dbcache setting
+also runs with them in a separate all-reduce instead ("... all-reduce" rows), alternated with the rest:
+at threshold 0 every block runs, so the median step against the uncached one is what the decision adds
+to a 2-rank step either way (`floors` prints both). fp32, 1 thread per process, 64x64 px for tiny (the
+60 held-out captions of eval_tiny.py as one batch by default) and 128x128 px for medium. Figures drift
+10-20% between runs on a shared CPU.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +36,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -70,6 +76,23 @@ def settings(args) -> list[CacheConfig | None]:
     return [None] + classic + [dbcache(spec) for spec in args.dbcache]
 
 
+def variants(args, world: int) -> list[tuple[str, CacheConfig | None, bool]]:
+    """(label, config, folded) per run: every setting with the decision folded, and on several ranks each
+    threshold-0 dbcache setting again with its sums in a separate all-reduce (the path before the fold)."""
+    out = [(label(c), c, True) for c in settings(args)]
+    if world > 1:
+        out += [(f"{label(c)} all-reduce", c, False) for c in settings(args)
+                if c is not None and c.kind == "dbcache" and c.threshold == 0]
+    return out
+
+
+def decision_path(folded: bool):
+    """Folded: as the runtime does. Not: the runtime installs no fold, so StepCache calls reduce_sums
+    (parallel/cache.sp_sums: one all-reduce on 2 ranks) as before the fold."""
+    return contextlib.nullcontext() if folded else mock.patch("flux_parallel.parallel.runtime.sp_fold",
+                                                              lambda ctx, attention: None)
+
+
 def dbcache(spec: str) -> CacheConfig:
     """"THRESHOLD:FIRST:LAST:ORDER" -> DBCache with Fn = FIRST, Bn = LAST and TaylorSeer order ORDER."""
     try:
@@ -96,24 +119,27 @@ def measure(pipe: FluxPipeline, args, size: int, captions: list[str] | None = No
     if pipe.transformer.params.guidance_embed:
         call["guidance"] = 3.5
     results = {}
-    for config in settings(args):
-        image = pipe(**call, cache=config)
+    runs = variants(args, pipe.parallel.world_size)
+    for key, config, folded in runs:
+        with decision_path(folded):
+            image = pipe(**call, cache=config)
         cache = pipe.last_run["cache"]
-        results[label(config)] = {
+        results[key] = {
             "image": image, "times": [], "step_times": [], "decision_times": [], "reduction_times": [],
             "computed": {b: r["computed"] for b, r in cache["branches"].items()} if cache else None,
             "caption": caption_accuracy(image, captions) if captions and image is not None else None}
     for _ in range(args.repeats):
-        for config in settings(args):
-            pipe(**call, cache=config)
-            results[label(config)]["times"].append(sum(pipe.last_run["steps_s"]))
-            results[label(config)]["step_times"] += pipe.last_run["steps_s"]
+        for key, config, folded in runs:
+            with decision_path(folded):
+                pipe(**call, cache=config)
+            results[key]["times"].append(sum(pipe.last_run["steps_s"]))
+            results[key]["step_times"] += pipe.last_run["steps_s"]
             cache = pipe.last_run["cache"]
-            results[label(config)]["decision_times"].append(cache["decision_s"] if cache else 0.0)
-            results[label(config)]["reduction_times"].append(cache["reduction_s"] if cache else 0.0)
+            results[key]["decision_times"].append(cache["decision_s"] if cache else 0.0)
+            results[key]["reduction_times"].append(cache["reduction_s"] if cache else 0.0)
     batch = len(prompts)
-    for config in settings(args)[1:]:
-        results[label(config)]["decision_alone_s"] = decision_cost(pipe, config, batch, size, args.steps)
+    for key, config, _ in runs[1:]:
+        results[key]["decision_alone_s"] = decision_cost(pipe, config, batch, size, args.steps)
     results["none"]["collective_s"] = collective_floor(pipe)
     return results
 
@@ -220,7 +246,7 @@ def rows(name: str, layout: str, results: dict, one_rank: dict | None, steps: in
                "median_step_vs_uncached_pct": 100 * (statistics.median(r["step_times"]) /
                                                      statistics.median(base["step_times"]) - 1)}
         if one_rank is not None:
-            ref = one_rank[key]
+            ref = one_rank[key.removesuffix(" all-reduce")]
             row["same_steps_as_1_rank"] = r["computed"] == ref["computed"]
             row["rel_err_vs_1_rank"] = ((r["image"] - ref["image"]).norm() / ref["image"].norm()).item()
         out.append(row)
@@ -259,7 +285,8 @@ def floors(table: list[dict]) -> str:
                 f"{100 * row['collective_s']['after_compute'] / row['step_s']:.2f}% (all-gather + sum: " \
                 f"{1e6 * row['collective_s']['all_gather']:.0f} us)"
             zero = [f"{r['cache']} {r['median_step_vs_uncached_pct']:+.1f}%" for r in table
-                    if (r["model"], r["layout"]) == (row["model"], row["layout"]) and r["cache"].endswith(" 0")]
+                    if (r["model"], r["layout"]) == (row["model"], row["layout"])
+                    and (r["cache"].endswith(" 0") or " 0 F" in r["cache"])]
             lines.append(f"- {row['model']}, {row['layout']}: uncached step {1e3 * row['step_s']:.1f} ms; "
                          f"{floor}; median step at threshold 0 vs uncached: {', '.join(zero) or 'not run'}")
     return "\n".join(lines)
