@@ -26,14 +26,14 @@ from flux_parallel.parallel import comm
 # chunk (the exchanges wait on the critical path) unless a caller asks for more.
 OVERLAP_BY_DEFAULT = True
 MAX_CHUNKS = 4  # beyond this each chunk's attention is too short to hide a message behind
-MIN_CHUNK_BYTES = 1 << 20  # a chunk's q/k/v message under 1 MiB: the per-message cost outweighs what it hides
+# A chunk's q/k/v message under 4 MiB: the per-message cost (on a CPU rank, gloo's thread takes turns with
+# the compute on the rank's core) outweighs what it hides. docs/overlap.md has the measurements.
+MIN_CHUNK_BYTES = 4 << 20
 
 
 def auto_chunks(heads_per_rank: int, qkv_bytes: int) -> int:
-    """The automatic chunk count: min(MAX_CHUNKS, heads_per_rank, qkv_bytes // MIN_CHUNK_BYTES), at least 1
-    (qkv_bytes: this rank's whole q/k/v message). 1 when OVERLAP_BY_DEFAULT is off."""
-    if not OVERLAP_BY_DEFAULT:
-        return 1
+    """The automatic rule: min(MAX_CHUNKS, heads_per_rank, qkv_bytes // MIN_CHUNK_BYTES), at least 1
+    (qkv_bytes: this rank's whole q/k/v message)."""
     return max(1, min(MAX_CHUNKS, heads_per_rank, qkv_bytes // MIN_CHUNK_BYTES))
 
 
@@ -57,7 +57,7 @@ def ulysses_attention(
     world = len(seq_lens)
     heads_per_rank = q.shape[1] // world
     if chunks is None:
-        chunks = auto_chunks(heads_per_rank, 3 * q.numel() * q.element_size())
+        chunks = auto_chunks(heads_per_rank, 3 * q.numel() * q.element_size()) if OVERLAP_BY_DEFAULT else 1
     if chunks > heads_per_rank:
         raise ValueError(f"ulysses chunks {chunks} exceeds the {heads_per_rank} heads each Ulysses rank receives")
     if chunks == 1 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):

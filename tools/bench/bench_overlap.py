@@ -13,7 +13,8 @@ a block does not depend on how many there are, and the whole suite has to fit in
     one rank alone                        rank 0, the whole forward, rank 1 waits
     both ranks, whole forward (ceiling)   each rank the whole forward at the same time
     ulysses 2, no overlap                 ParallelContext(ulysses_chunks=1): each all-to-all on the critical path
-    ulysses 2, overlapped                 the automatic chunk count (parallel/ulysses.auto_chunks) or --chunks
+    ulysses 2, overlapped                 the automatic rule's chunk count (parallel/ulysses.auto_chunks; 1,
+                                          the same as the row above, where the messages are too small) or --chunks
     ring 2, no overlap / overlapped       ring_attention(overlap=False / True)
     diffusers ulysses 2                   ContextParallelConfig(ulysses_degree=2) on the same gloo group
 Every row is a step on full inputs (shard, forward, gather), timed from a barrier to a barrier; within a
@@ -115,7 +116,8 @@ def transformer_row(rank: int, repeats: int) -> None:
 def make_rows(model, ref_cp, x: dict, chunks: int | None) -> dict:
     """name -> (ranks that run it, fn) for one input `x`."""
     ulysses = parallelize_flux(model, ParallelContext(ulysses_degree=WORLD, ulysses_chunks=1))
-    ulysses_overlap = parallelize_flux(model, ParallelContext(ulysses_degree=WORLD, ulysses_chunks=chunks))
+    overlapped = ParallelContext(ulysses_degree=WORLD, ulysses_chunks=chunks_used(model.params, x, chunks))
+    ulysses_overlap = parallelize_flux(model, overlapped)
     ring = parallelize_flux(model, ParallelContext(ring_degree=WORLD))
 
     def ring_not_overlapped():
@@ -149,7 +151,7 @@ def grid_inputs(params, img_tokens: int, txt_tokens: int) -> dict:
 
 def chunks_used(params, x: dict, chunks: int | None) -> int:
     """The chunk count the overlapped Ulysses row runs with: --chunks, or the automatic rule on a rank's
-    q/k/v (its joint sequence, all heads, fp32)."""
+    q/k/v (its joint sequence, all heads, fp32), whether or not ulysses.OVERLAP_BY_DEFAULT is on."""
     if chunks is not None:
         return chunks
     local_tokens = -(-(x["img"].shape[1] + x["txt"].shape[1]) // WORLD)
