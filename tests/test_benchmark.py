@@ -122,3 +122,4 @@ def test_the_scaling_suite_needs_an_output_dir(capsys):
     assert exit_info.value.code == 2
     assert "--output-dir is required by --suite scaling" in capsys.readouterr().err
     assert benchmark.parse_args(["--suite", "kontext"]).suite == "kontext"
+    assert benchmark.parse_args(["--suite", "overlap"]).suite == "overlap"

@@ -61,6 +61,7 @@ def test_png_matches_pillow(tmp_path):
         (["--data-parallel-degree", "3", "--prompt", "a", "--prompt", "b"],
          "--data-parallel-degree 3 is more than the 2 image(s) asked for"),
         (["--num-images-per-prompt", "0"], "--num-images-per-prompt must be at least 1, got 0"),
+        (["--ulysses-chunks", "0"], "--ulysses-chunks must be at least 1 (1: no overlap), got 0"),
     ],
 )
 def test_usage_errors_exit_2(argv, message, capsys):
@@ -88,11 +89,12 @@ def test_pickle_transformer_exits_1(tmp_path, capsys):
 
 
 def test_torchrun_two_ranks_write_the_same_image(tmp_path):
-    """`torchrun --nproc_per_node 2 tools/generate.py --ulysses-degree 2 --use-parallel-vae` == one process."""
+    """`torchrun --nproc_per_node 2 tools/generate.py --ulysses-degree 2 --use-parallel-vae` == one process
+    (the heads in 3 chunks whose all-to-alls overlap: the tiny model's messages get 1 by the automatic rule)."""
     report = tmp_path / "report.json"
     common = ["--model", "tiny", "--height", "48", "--width", "64", "--steps", "2", "--prompt", "a red fox"]
-    one, two = one_and_two_ranks(tmp_path, common, ["--ulysses_degree", "2", "--use-parallel-vae", "--report",
-                                                    str(report)])
+    one, two = one_and_two_ranks(tmp_path, common, ["--ulysses_degree", "2", "--ulysses-chunks", "3",
+                                                    "--use-parallel-vae", "--report", str(report)])
     # the float images agree to ~1e-6; 8-bit rounding can move a value sitting on a .5 boundary by one
     assert abs(one - two).max() <= 1
     assert json.loads(report.read_text())["comm_bytes_per_step"]["all_to_all"] > 0

@@ -84,7 +84,8 @@ def _spawn_with_both(world, layouts, call, tmp_path):
 @pytest.mark.parametrize("world, layouts, width", [
     (2, [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_degree=2)], 48),  # 9 image tokens: 5 and 4
     (3, [dict(ring_degree=3), dict(ulysses_degree=3)], 32),  # 6 image tokens: the payload over 2 ring hops
-    (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2)], 32),  # 2, 2, 1, 1
+    (4, [dict(ulysses_degree=2, ring_degree=2), dict(cfg_degree=2, ring_degree=2),  # 2, 2, 1, 1
+         dict(ulysses_degree=2, ring_degree=2, ulysses_chunks=3)], 32),  # head chunk 0 and its ring carry the sums
 ])
 def test_cached_decisions_and_image_equal_one_device(world, layouts, width, tmp_path):
     """(On 2 ranks also: a bad cache argument is refused identically before any collective.)"""

@@ -27,10 +27,13 @@ def _flux_matches(rank, world):
     cases = [(txt_len, grid, tiny_flux_inputs(txt_len, grid)) for txt_len, grid in LENGTHS]
     with torch.no_grad():
         refs = [base(**x) for _, _, x in cases]  # the single-process output, before any sharding
-        for ulysses, ring in FACTORISATIONS[world]:
-            sp_model = parallelize_flux(copy.deepcopy(base), ParallelContext(ulysses_degree=ulysses, ring_degree=ring))
+        # 3 Ulysses head chunks (overlapped exchanges, parallel/ulysses.py) beside the automatic count, 1 at this size
+        for ulysses, ring, chunks in [(u, r, c) for u, r in FACTORISATIONS[world] for c in (None, 3)[: 1 + (u > 1)]]:
+            ctx = ParallelContext(ulysses_degree=ulysses, ring_degree=ring, ulysses_chunks=chunks)
+            sp_model = parallelize_flux(copy.deepcopy(base), ctx)
             for (txt_len, grid, x), ref in zip(cases, refs):
-                case = f"ulysses {ulysses} x ring {ring}, {txt_len} text + {grid[0] * grid[1]} image tokens"
+                case = (f"ulysses {ulysses} x ring {ring} ({chunks or 'auto'} chunks), {txt_len} text + "
+                        f"{grid[0] * grid[1]} image tokens")
                 out = sp_model.forward_full(**x)
                 assert_rel_close(out, ref, case)
                 layout = sp_model.layout(txt_len, grid[0] * grid[1])
@@ -65,6 +68,10 @@ def _config_mismatch(rank, world):
     assert ctx._mesh is None  # refused before building the mesh, the first collective
     messages = comm.all_gather_object(str(error.value), dist.group.WORLD)
     assert messages == [messages[0]] * world and "num_heads 3 is not divisible by ulysses_degree 2" in messages[0]
+    chunked = ParallelContext(ulysses_degree=world, ulysses_chunks=7)  # tiny: 6 heads per Ulysses rank
+    with pytest.raises(ValueError, match="ulysses_chunks 7 exceeds the 6 heads each Ulysses rank receives"):
+        parallelize_flux(tiny_flux(), chunked)
+    assert chunked._mesh is None
 
 
 def test_mismatched_config_is_refused_identically_on_every_rank():

@@ -4,6 +4,7 @@
     python tools/benchmark.py --model schnell --device cuda --resolutions 1024 2048 --world-sizes 1 2 4 8 \
         --output-dir bench/ --dtype bfloat16
     python tools/benchmark.py --suite kontext     # Kontext's doubled sequence on 2 CPU ranks, beside the ceiling
+    python tools/benchmark.py --suite overlap     # Ulysses and Ring with and without overlap on 2 CPU ranks (< 3 min)
 
 --model: `tiny` (built in), a preset of flux.CONFIGS (`schnell`, `dev`: full size, random weights)
 or a checkpoint folder / hub repo id. For every world size W, every (ulysses, ring) factorisation
@@ -51,10 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="tiny, a preset (schnell, dev: random weights) or a checkpoint")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="square image sides in pixels")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2], help="processes (devices) per configuration")
-    p.add_argument("--suite", choices=("scaling", "kontext"), default="scaling",
+    p.add_argument("--suite", choices=("scaling", "kontext", "overlap"), default="scaling",
                    help="scaling: every configuration (above); kontext: 1024 output + 1024 reference tokens of the "
                         "medium transformer on 2 CPU ranks, Ulysses and Ring beside the no-exchange ceiling "
-                        "(tools/bench/bench_parallel.py --kontext)")
+                        "(tools/bench/bench_parallel.py --kontext); overlap: ours vs diffusers' forward, then 2-rank "
+                        "Ulysses and Ring at 1024, 2048 and 4096 image tokens with and without overlapped exchanges, "
+                        "beside the ceiling and diffusers' Ulysses (tools/bench/bench_overlap.py; --repeats)")
     p.add_argument("--output-dir", help="folder for results.json, results.md, chart.png and logs/ (--suite scaling)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 4 or 28)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
@@ -386,6 +389,9 @@ def main(argv=None) -> int:
         bench = Path(__file__).resolve().parent / "bench" / "bench_parallel.py"
         return subprocess.call([sys.executable, str(bench), "--kontext", "--img-tokens", "1024",
                                 "--repeats", str(args.repeats)])
+    if args.suite == "overlap":
+        bench = Path(__file__).resolve().parent / "bench" / "bench_overlap.py"
+        return subprocess.call([sys.executable, str(bench), "--repeats", str(args.repeats)])
     out = Path(args.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     warn_costs(args)

@@ -129,6 +129,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm-dtype", choices=["bf16", "fp8"], default=None,
                    help="what sequence parallelism's all-to-alls and ring sends carry (approximate; default: the "
                         "activations as they are, exact)")
+    p.add_argument("--ulysses-chunks", type=int, default=None, metavar="N",
+                   help="Ulysses: heads in N chunks whose all-to-alls overlap the other chunks' attention (exact; "
+                        "1: no overlap; default: parallel/ulysses.py's automatic rule)")
     p.add_argument("--use-parallel-vae", "--use_parallel_vae", dest="use_parallel_vae", action="store_true",
                    help="decode the image across all ranks of a replica (exact halo exchange)")
     p.add_argument("--vae-stripes", "--vae-chunk", "--vae_chunk", dest="vae_stripes", type=int, default=None,
@@ -197,6 +200,8 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         parser.error(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
+    if args.ulysses_chunks is not None and args.ulysses_chunks < 1:
+        parser.error(f"--ulysses-chunks must be at least 1 (1: no overlap), got {args.ulysses_chunks}")
     if args.num_images_per_prompt < 1:
         parser.error(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
     true_cfg = args.negative_prompt is not None and args.true_cfg_scale > 1
@@ -342,7 +347,7 @@ def build_pipeline(args) -> tuple[FluxPipeline, ParallelContext, torch.device, f
                           cfg_degree=args.cfg_degree, data_degree=args.data_degree, tensor_degree=args.tensor_degree,
                           pipefusion_degree=args.pipefusion_degree, num_pipeline_patch=args.num_pipeline_patch,
                           warmup_steps=args.warmup_steps, pipefusion_stage_sizes=stage_sizes,
-                          comm_dtype=args.comm_dtype)
+                          comm_dtype=args.comm_dtype, ulysses_chunks=args.ulysses_chunks)
     start = time.perf_counter()
     pipe = load_pipeline(args, device, ctx)
     return pipe, ctx, device, time.perf_counter() - start

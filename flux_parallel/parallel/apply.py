@@ -40,6 +40,9 @@ def check_heads(heads: int, ctx: ParallelContext) -> None:
     check_tensor_degree_of(heads, ctx.tensor_degree)
     local = heads // ctx.tensor_degree
     if local % ctx.ulysses_degree == 0:
+        if ctx.ulysses_chunks is not None and ctx.ulysses_chunks > local // ctx.ulysses_degree:
+            raise ValueError(f"ulysses_chunks {ctx.ulysses_chunks} exceeds the {local // ctx.ulysses_degree} heads "
+                             f"each Ulysses rank receives ({local} heads over ulysses_degree {ctx.ulysses_degree})")
         return
     if ctx.tensor_degree == 1:
         raise ValueError(f"num_heads {heads} is not divisible by ulysses_degree {ctx.ulysses_degree}: "
@@ -100,7 +103,8 @@ class SequenceParallelFlux(nn.Module):
         if layout not in self._attention:
             ctx = self.ctx
             self._attention[layout] = USPAttention(ctx.group("ulysses"), ctx.group("ring"), ctx.rank("ring"),
-                                                   self.sp_rank, layout, self.attention_backend, ctx.comm_dtype)
+                                                   self.sp_rank, layout, self.attention_backend, ctx.comm_dtype,
+                                                   ctx.ulysses_chunks)
         return self._attention[layout]
 
     def _check_local(self, layout: SequenceLayout, img_len: int, txt_len: int | None) -> None:

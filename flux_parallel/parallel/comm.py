@@ -118,8 +118,18 @@ def all_to_all(
 
 def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None,
                 gather_sizes: list[int], wire: str | None = None, payload: "Payload | None" = None) -> Tensor:
+    return all_to_all_start(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, wire, payload).wait()
+
+
+def all_to_all_start(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_sizes: list[int] | None = None,
+                     gather_sizes: list[int] | None = None, wire: str | None = None, payload: "Payload | None" = None,
+                     out: Tensor | None = None) -> "PendingAllToAll":
+    """all_to_all posted asynchronously (no grad): the data leaves while the caller computes, and
+    `.wait()` returns the result (written into `out` when given, a view of the right shape, e.g. a
+    head slice of a larger tensor). The seconds recorded are those blocked in `wait`."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    gather_sizes = gather_sizes or [x.shape[gather_dim]] * world
     if len(gather_sizes) != world or gather_sizes[rank] != x.shape[gather_dim]:
         raise ValueError(f"all_to_all: this rank holds {x.shape[gather_dim]} rows along dim {gather_dim}, the layout "
                          f"{gather_sizes} says {gather_sizes[rank] if rank < len(gather_sizes) else 'none'} "
@@ -133,62 +143,62 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int, scatter_siz
     pieces = x.split(scatter_sizes, dim=scatter_dim) if scatter_sizes else x.chunk(world, dim=scatter_dim)
     piece_shape = list(pieces[rank].shape)  # what every rank sends me has my piece's scatter length
     out_shape = piece_shape[:gather_dim] + [sum(gather_sizes)] + piece_shape[gather_dim + 1 :]
-    in_splits = [p.numel() for p in pieces]
-    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel()
-                  for n in gather_sizes]
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if wire is not None:
-        return _all_to_all_wire(pieces, out, group, in_splits, out_splits, gather_sizes, gather_dim, wire, payload)
-    # One copy in, one copy out: each piece straight into a flat send buffer, each arrival straight
-    # into its rows of the output (no .contiguous() followed by a cat, no cat afterwards). A payload's
-    # words follow each piece in its segment.
-    words = None if payload is None else payload.words(x.dtype)
-    extra = 0 if words is None else words.numel()
-    in_splits, out_splits = [n + extra for n in in_splits], [n + extra for n in out_splits]
-    send = torch.empty(sum(in_splits), dtype=x.dtype, device=x.device)
-    for piece, dst in zip(pieces, send.split(in_splits)):
-        dst[: piece.numel()].view(piece.shape).copy_(piece)
-        if extra:
-            dst[piece.numel() :].copy_(words)
-    received = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
-    start = time.perf_counter()
-    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    _record("all_to_all", group, (send.numel() - in_splits[rank]) * x.element_size(), start)
-    segments = received.split(out_splits)
-    if payload is not None:  # may raise: the caller's speculative work ends here, on every rank alike
-        payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
-    for arrived, dst in zip(segments, out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(arrived[: dst.numel()].view(dst.shape))
-    return out
-
-
-def _all_to_all_wire(pieces, out: Tensor, group, in_splits: list[int], out_splits: list[int],
-                     gather_sizes: list[int], gather_dim: int, wire: str, payload: "Payload | None" = None) -> Tensor:
-    """_all_to_all with each piece cast to the wire dtype (fp8: scaled on its own; the scales, one per
-    piece, follow in a second all-to-all of world floats) and back on arrival, into `out`. A payload's
-    bytes follow each piece unrounded, seen as wire-dtype words."""
-    rank = dist.get_rank(group)
-    encoded = [to_wire(piece, wire) for piece in pieces]
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    elif list(out.shape) != out_shape:
+        raise ValueError(f"all_to_all: out has shape {list(out.shape)}, the exchange gives {out_shape}")
+    # One copy in, one copy out: each piece straight into a flat send buffer (cast to the wire dtype
+    # first, fp8 scaled on its own), each arrival straight into its rows of the output (no .contiguous()
+    # followed by a cat, no cat afterwards). A payload's words follow each piece in its segment, unrounded.
+    encoded = [(piece, None) for piece in pieces] if wire is None else [to_wire(piece, wire) for piece in pieces]
     words = None if payload is None else payload.words(encoded[0][0].dtype)
     extra = 0 if words is None else words.numel()
-    in_splits, out_splits = [n + extra for n in in_splits], [n + extra for n in out_splits]
-    send = torch.cat([part for encoded_piece, _ in encoded
-                      for part in (encoded_piece.flatten(), words) if part is not None])
-    received = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
-    start = time.perf_counter()
-    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    scales = [None] * len(pieces)
-    if wire == "fp8":
-        scales_in = torch.empty(len(pieces), dtype=torch.float32, device=send.device)
-        dist.all_to_all_single(scales_in, torch.cat([scale for _, scale in encoded]), group=group)
-        scales = scales_in.split(1)
-    _record("all_to_all", group, (send.numel() - in_splits[rank]) * send.element_size(), start)
-    segments = received.split(out_splits)
-    if payload is not None:
-        payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
-    for arrived, scale, dst in zip(segments, scales, out.split(gather_sizes, dim=gather_dim)):
-        dst.copy_(from_wire(arrived[: dst.numel()].view(dst.shape), scale, out.dtype))
-    return out
+    in_splits = [p.numel() + extra for p in pieces]
+    out_splits = [torch.Size(piece_shape[:gather_dim] + [n] + piece_shape[gather_dim + 1 :]).numel() + extra
+                  for n in gather_sizes]
+    send = torch.empty(sum(in_splits), dtype=encoded[0][0].dtype, device=x.device)
+    for (on_wire, _), dst in zip(encoded, send.split(in_splits)):
+        dst[: on_wire.numel()].view(on_wire.shape).copy_(on_wire)
+        if extra:
+            dst[on_wire.numel() :].copy_(words)
+    received = torch.empty(sum(out_splits), dtype=send.dtype, device=x.device)
+    works = [dist.all_to_all_single(received, send, out_splits, in_splits, group=group, async_op=True)]
+    scales = None
+    if wire == "fp8":  # the scales, one per piece, follow in a second all-to-all of world floats
+        scales = torch.empty(world, dtype=torch.float32, device=x.device)
+        works.append(dist.all_to_all_single(scales, torch.cat([scale for _, scale in encoded]), group=group,
+                                            async_op=True))
+    sent_bytes = (send.numel() - in_splits[rank]) * send.element_size()
+    return PendingAllToAll(works, (send, received), scales, out, out_splits, gather_sizes, gather_dim, group,
+                           sent_bytes, payload, extra)
+
+
+class PendingAllToAll:
+    """An all-to-all in flight (all_to_all_start): `wait()` blocks until it is done, hands the payload its
+    words, then copies what arrived into its rows of the output (from the wire dtype back) and returns it."""
+
+    def __init__(self, works, buffers, scales, out, out_splits, gather_sizes, gather_dim, group, sent_bytes,
+                 payload, extra):
+        self._works, self._buffers, self._scales = works, buffers, scales  # buffers live until the wait
+        self._out, self._out_splits = out, out_splits
+        self._gather_sizes, self._gather_dim = gather_sizes, gather_dim
+        self._group, self._sent_bytes = group, sent_bytes
+        self._payload, self._extra = payload, extra  # the payload's words at the end of each segment
+
+    def wait(self) -> Tensor:
+        start = time.perf_counter()
+        for work in self._works:
+            work.wait()
+        _record("all_to_all", self._group, self._sent_bytes, start)
+        out, extra = self._out, self._extra
+        segments = self._buffers[1].split(self._out_splits)
+        if self._payload is not None:  # may raise: the caller's speculative work ends here, on every rank alike
+            self._payload.arrive(torch.stack([segment[segment.numel() - extra :] for segment in segments]))
+        scales = [None] * len(segments) if self._scales is None else self._scales.split(1)
+        for arrived, scale, dst in zip(segments, scales, out.split(self._gather_sizes, dim=self._gather_dim)):
+            # no cast when nothing was cast
+            dst.copy_(from_wire(arrived[: dst.numel()].view(dst.shape), scale, out.dtype))
+        return out
 
 
 class _AllToAll(torch.autograd.Function):

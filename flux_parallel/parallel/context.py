@@ -43,6 +43,9 @@ class ParallelContext:
     # what sequence parallelism's all-to-alls and ring sends carry: None, the activations as they are
     # (exact); "bf16" or "fp8" (scaled per tensor), fewer bytes and an approximation (comm.WIRE_DTYPES)
     comm_dtype: str | None = None
+    # Ulysses head chunks whose all-to-alls overlap the other chunks' attention (parallel/ulysses.py):
+    # None, the automatic rule (ulysses.auto_chunks); 1, no overlap
+    ulysses_chunks: int | None = None
     _mesh: object = field(default=None, init=False, repr=False)
     _flat: dict = field(default_factory=dict, init=False, repr=False)  # name -> flattened sub-mesh
 
@@ -54,6 +57,9 @@ class ParallelContext:
         self._check_pipefusion()
         if self.comm_dtype is not None and self.comm_dtype not in comm.WIRE_DTYPES:
             raise ValueError(f"comm_dtype must be None (exact), 'bf16' or 'fp8', got {self.comm_dtype!r}")
+        chunks = self.ulysses_chunks
+        if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+            raise ValueError(f"ulysses_chunks must be a positive integer or None (automatic), got {chunks!r}")
         if self.cfg_degree > 2:
             raise ValueError(f"cfg_degree must be 1 or 2 (one rank group per CFG branch), got {self.cfg_degree}")
         world = dist.get_world_size() if dist.is_initialized() else 1

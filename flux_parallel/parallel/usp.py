@@ -21,12 +21,13 @@ from flux_parallel.parallel.ulysses import ulysses_attention
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, layout: SequenceLayout, ring_rank: int,
                   ring_overlap: bool = True, backend: str = "auto", wire: str | None = None,
-                  payload: comm.Payload | None = None) -> Tensor:
+                  payload: comm.Payload | None = None, ulysses_chunks: int | None = None) -> Tensor:
     """q, k, v [B, H, J_r, D]: sp rank r's local joint sequence (J_r = layout.joint_lens[r]), all heads
     -> [B, H, J_r, D], attention over the keys of every sp rank with kernels backend `backend`.
     A degree of 1 skips its collectives. wire: what every exchange carries (comm.WIRE_DTYPES; None exact).
     payload: reaches every sp rank, in sp rank order, on the first exchanges that cover the sp group (the
-    Ulysses q/k/v all-to-all, then the ring's K/V hops, which carry the Ulysses group's entries on)."""
+    Ulysses q/k/v all-to-all, then the ring's K/V hops, which carry the Ulysses group's entries on).
+    ulysses_chunks: head chunks whose all-to-alls overlap the other chunks' (ring) attention (None: automatic)."""
     ulysses_payload = ring_payload = None
     if payload is not None and layout.ring_degree == 1:
         ulysses_payload = payload
@@ -37,12 +38,16 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, la
         ulysses_payload = comm.Payload(payload.local, partial(setattr, ring_payload, "local"))
     inner = partial(attention, backend=backend)
     if layout.ring_degree > 1:
-        inner = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap,
-                        backend=backend, wire=wire, payload=ring_payload)
+        ring = partial(_ring_attention_output, group=ring_group, seq_lens=layout.ring_lens, overlap=ring_overlap,
+                       backend=backend, wire=wire)
+        unsent = [ring_payload]  # only the first ring (head chunk 0's, when Ulysses chunks its heads) carries it
+
+        def inner(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return ring(q, k, v, payload=unsent.pop() if unsent else None)
     if layout.ulysses_degree == 1:
         return inner(q, k, v)
     return ulysses_attention(q, k, v, ulysses_group, layout.ulysses_lens(ring_rank), attn=inner, wire=wire,
-                             payload=ulysses_payload)
+                             payload=ulysses_payload, chunks=ulysses_chunks)
 
 
 def _ring_attention_output(q: Tensor, k: Tensor, v: Tensor, group, seq_lens: list[int], overlap: bool,
@@ -59,10 +64,11 @@ class USPAttention:
     """
 
     def __init__(self, ulysses_group, ring_group, ring_rank: int, sp_rank: int, layout: SequenceLayout,
-                 backend: str = "auto", wire: str | None = None):
+                 backend: str = "auto", wire: str | None = None, ulysses_chunks: int | None = None):
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.ring_rank, self.sp_rank = ring_rank, sp_rank
         self.layout, self.backend, self.wire = layout, backend, wire
+        self.ulysses_chunks = ulysses_chunks
         self.payload: comm.Payload | None = None  # what the next call's exchanges carry (carry)
 
     def carry(self, payload: comm.Payload | None) -> None:
@@ -75,4 +81,4 @@ class USPAttention:
             raise ValueError(f"sp rank {self.sp_rank} got {q.shape[2]} local tokens, its layout gives it {expected}")
         payload, self.payload = self.payload, None
         return usp_attention(q, k, v, self.ulysses_group, self.ring_group, self.layout, self.ring_rank,
-                             backend=self.backend, wire=self.wire, payload=payload)
+                             backend=self.backend, wire=self.wire, payload=payload, ulysses_chunks=self.ulysses_chunks)
