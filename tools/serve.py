@@ -16,8 +16,9 @@ While no request waits, a replica's first rank sends a heartbeat every --heartbe
 rank never waits on a collective longer than that, and the death of a rank fails its replica's next
 collective (within --timeout) instead of leaving a hung service: that replica answers its running batch
 503 and takes no more work, /health shows it "down", and the others go on; when the last replica fails,
-rank 0 exits non-zero (torchrun then stops the job; torchrun also stops every worker as soon as any one
-fails, so the survival of the other replicas needs ranks started without torchrun's agent). SIGTERM (or
+rank 0 exits non-zero. Under torchrun a failed replica's surviving ranks idle until the job is stopped
+instead of exiting non-zero, which would make torchrun's agent end every rank; a rank that dies outright
+still ends a torchrun job (its agent's design): isolation from that needs ranks started without it. SIGTERM (or
 Ctrl-C) stops taking requests, finishes the running batches, answers the queued ones 503 and exits 0 on
 every rank.
 
@@ -27,6 +28,7 @@ scales for its call (the ones it leaves out at 0), on every rank, without reload
 
 import argparse
 import datetime
+import os
 import signal
 import sys
 import threading
@@ -271,10 +273,24 @@ def serve_other_rank(args, pipe, group, device: torch.device, leader: FromRankZe
         finish(leader and leader.link, group)
     except RuntimeError as err:  # rank 0 or a peer is gone, or a collective timed out
         problem = str(err).splitlines()[0]
-        print(f"serve.py: error: rank {dist.get_rank()} stops: {problem}", file=sys.stderr)
+        under_torchrun = bool(os.environ.get("TORCHELASTIC_RUN_ID"))  # then see wait_for_the_stop
+        what = "leaves its failed replica and idles until the job stops" if under_torchrun else "stops"
+        print(f"serve.py: error: rank {dist.get_rank()} {what}: {problem}", file=sys.stderr)
         if leader is not None:
             leader.report_down(problem)
-        return 1
+        return wait_for_the_stop() if under_torchrun else 1
+    return 0
+
+
+def wait_for_the_stop() -> int:
+    """A rank of a failed replica under torchrun: exiting non-zero would make torchrun's agent end every rank,
+    the live replicas' too, so it idles until the job is stopped (torchrun forwards SIGTERM and SIGINT to every
+    rank), then exits 0. A rank that dies outright still ends the job: that is the agent's, not ours."""
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    while not stopped.wait(1.0):
+        pass
     return 0
 
 
