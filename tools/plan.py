@@ -53,9 +53,10 @@ def parse_args(argv):
     p.add_argument("--vae-attention", choices=["auto", "fused", "math"], default="auto",
                    help="the mid block's attention kernel; auto probes flux_parallel/vae/autoencoder.py")
     p.add_argument("--release-encoders", action="store_true", help="T5 and CLIP leave the device after encoding")
-    p.add_argument("--text-encoder-placement", choices=["replicated", "rank0", "sharded"], default="replicated",
+    p.add_argument("--text-encoder-placement", choices=["auto", "replicated", "rank0", "sharded"], default="auto",
                    help="generate.py's: T5 and CLIP whole on every rank, whole on rank 0 (the busiest device still "
-                        "holds them), or split over the ranks (where their heads and widths divide)")
+                        "holds them), or split over the ranks where their heads and widths divide (sharded, and "
+                        "auto, the default: whole where they do not)")
     p.add_argument("--gpu-memory", help="one device's memory, e.g. 24GB (overrides the hardware's)")
     p.add_argument("--json", action="store_true", help="print the ranked configurations as JSON")
     p.add_argument("--validate", metavar="BENCH_JSON", help="compare predictions with a tools/benchmark.py JSON")
@@ -71,7 +72,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     options = dict(vae_dtype=args.vae_dtype, vae_attention=args.vae_attention, release_encoders=args.release_encoders,
-                   text_placement=args.text_encoder_placement)
+                   text_placement="sharded" if args.text_encoder_placement == "auto" else args.text_encoder_placement)
     try:
         # the workload's own checks first: cpu-here's calibration takes seconds
         make_workload(args.model, args.resolution, args.dtype or "bf16", args.steps, **options)
