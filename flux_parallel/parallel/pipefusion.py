@@ -11,12 +11,30 @@ slot after the previous one, but never before the last stage has sent back the l
 the first stage is never idle after warm-up; the last stage applies the Euler update to each patch
 as it comes and sends the new latents of that patch to stage 0.
 
-No deadlock, whatever the stages, patches and message sizes: after every slot each rank posts ONE
-batch of point-to-point operations (comm.P2P) holding everything it sends and receives in that
-slot, and waits for it. Every rank derives the same schedule, so the operations of one slot match
-pairwise across ranks and no rank waits for an operation that a peer posts only later. (xDiT posts
-isend/irecv one by one; a large send queued before a receive on the same peer hangs both ranks,
-xDiT#310.) The price: a slot's transfers are not overlapped with its compute.
+No deadlock, whatever the stages, patches and message sizes. Every rank derives the same schedule, so
+each rank knows every operation its peers post in each slot, and the operations are posted as batches
+(comm.P2P) whose counterparts are in the peers' batches of the SAME slot. (xDiT posts isend/irecv one by
+one; a large send queued before a receive on the same peer hangs both ranks, xDiT#310.) Two orderings,
+switched by OVERLAP (one place; the default says which was never slower, docs/pipefusion.md):
+
+- OVERLAP False: after slot t's compute each rank posts ONE batch holding everything it sends and
+  receives in slot t, and waits for it: the slot's transfers are not overlapped with compute.
+- OVERLAP True: in slot t stage s posts two batches, R(t) before its compute (the receive of what stage
+  s-1 runs in slot t, its input of slot t+1, with the step's decision byte when it is the step's first
+  message) and S(t) after it (its output and decision to s+1; from the last stage, the patch's new
+  latents to stage 0; on stage 0 also the receive of those latents). A receive posted ahead lets the
+  data move while the receiver still computes (gloo, like NCCL, moves data only once both sides have
+  posted). A rank waits for a batch only when its data is needed: R(t) before the compute of slot t+1,
+  stage 0's S(t) before it embeds a patch overlapping the latents it brings, a sends-only S(t) after
+  the compute of slot t+1 (the receiver posted its side a slot ahead, so this wait is free; it bounds
+  what the sends hold), everything at the end. Hang-free, even where a rank's batches run one after
+  another in posting order (an NCCL stream): each rank posts R(0), S(0), R(1), S(1), ...; by induction on
+  the slot, once every batch of slot t-1 is done, stage 0's S(t) is posted (stage 0 receives nothing
+  ahead and waits only on earlier slots' latents), which completes stage 1's R(t), so stage 1 computes
+  and posts S(t), which completes stage 2's R(t), and so on to the last stage, whose S(t) completes
+  stage 0's S(t). Receives are posted ahead only along the chain 0 -> 1 -> ... -> N-1, never on the way
+  back to stage 0: two ranks posting receives from each other ahead of their sends would each wait,
+  stream-ordered, for the other's send queued behind its own receive.
 
 Text stream. The text hidden states and the conditioning vector travel with the first patch of
 each step (as in xDiT). The first patch's pass is the text stream's pass: every block keeps the
@@ -57,6 +75,13 @@ from flux_parallel.parallel.cache import cache_report
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.parallel.sequence import shard_sizes
 from flux_parallel.parallel.swap import swapped
+
+# Whether each slot's transfers overlap the compute that does not depend on them (module docstring); False:
+# one batch per slot, waited for at once. Both orders give the same numbers, bit for bit. Off by default: on
+# 2 CPU ranks (gloo, one core each) it hid no measurable time and was up to 4% slower on the wall
+# (docs/pipefusion.md, "Overlap"); where the transfer is done by other hardware than the compute (GPUs) turn
+# it on and measure (tools/bench/bench_pipefusion_overlap.py).
+OVERLAP = False
 
 
 @dataclass(frozen=True)
@@ -183,17 +208,59 @@ class PipeFusionGeneration:
             # every stage starts from the same noise anyway; this collective makes the group's first
             # NCCL call one that all its ranks join, as batch_isend_irecv requires (torch.distributed docs)
             comm.broadcast(self.img, self.ctx.group("pipefusion"), src=0)
-        inbox = None
-        for slot in range(schedule[-1].slot + self.num_stages):
-            message = by_slot.get(slot - self.stage)
-            out = self._run(message, inbox, timesteps) if message is not None else None
-            inbox = self._exchange(slot, by_slot, message, out, len(timesteps) - 2)
-            if message in ends_step and on_step is not None:
-                on_step(message.step)
+        slots = range(schedule[-1].slot + self.num_stages)
+        if self.num_stages > 1 and OVERLAP:
+            self._pipeline_overlapped(slots, by_slot, ends_step, timesteps, on_step)
+        else:
+            inbox = None
+            for slot in slots:
+                message = by_slot.get(slot - self.stage)
+                out = self._run(message, inbox, timesteps) if message is not None else None
+                if self.num_stages > 1:
+                    inbox = self._exchange(slot, by_slot, message, out, len(timesteps) - 2)
+                if message in ends_step and on_step is not None:
+                    on_step(message.step)
         if self.num_stages > 1:
             comm.broadcast(self.img, self.ctx.group("pipefusion"), src=self.num_stages - 1)
         self.cache_report = cache_report(self.cache, self.ctx)
         return self.img
+
+    def _pipeline_overlapped(self, slots: range, by_slot: dict, ends_step: set, timesteps: list[float],
+                             on_step) -> None:
+        """The slots with each transfer in flight while this rank computes what does not depend on it (see the
+        module docstring): the input's receive is posted a slot ahead, a batch is waited for when its data is
+        needed (sends-only batches one slot later, to bound what they hold)."""
+        group, final_step = self.ctx.group("pipefusion"), len(timesteps) - 2
+        incoming, sent, returning = None, None, []  # the input's batch; the last sends-only batch; latents' batches
+        for slot in slots:
+            message = by_slot.get(slot - self.stage)
+            ahead = comm.P2P(group)  # R(slot): what the previous stage runs now, this stage's next input
+            upcoming = self._post_input_receive(ahead, slot, by_slot)
+            ahead.commit()
+            out = None
+            if message is not None:
+                inbox = self._complete(incoming) if self.stage > 0 else None
+                for arrival in [a for a in returning if a.overlaps(message)]:  # stage 0: this patch's latents
+                    self._complete(arrival)
+                    returning.remove(arrival)
+                out = self._run(message, inbox, timesteps)
+            incoming = upcoming
+            if sent is not None:
+                self._complete(sent)
+            after = comm.P2P(group)  # S(slot): what this rank sends after the compute; on stage 0, latents back
+            arrival = Arrival(after)
+            if message is not None:
+                self._post_sends(after, message, out, final_step)
+            self._post_latents_receive(arrival, slot, by_slot, final_step)
+            after.commit()
+            if arrival.latents is not None:
+                returning.append(arrival)
+            sent = arrival if arrival.latents is None else None
+            if message in ends_step and on_step is not None:
+                on_step(message.step)
+        for arrival in [incoming, sent, *returning]:
+            if arrival is not None:
+                self._complete(arrival)
 
     def _shard(self, message: Message) -> tuple[list[int], int, int]:
         """(patch tokens per sp rank, this rank's first and end token): contiguous shards of the patch."""
@@ -300,34 +367,71 @@ class PipeFusionGeneration:
         negative, positive = preds[0], preds[1]
         return negative + self.scale * (positive - negative)
 
-    def _exchange(self, slot: int, by_slot: dict, message: Message | None, out: Tensor | None,
-                  final_step: int) -> Tensor | None:
-        """After a slot: one batch of everything this rank sends and receives in it; returns the next input."""
-        if self.num_stages == 1:
-            return None
+    def _post_input_receive(self, p2p, slot: int, by_slot: dict) -> "Arrival":
+        """Queue the receive of what the previous stage runs in `slot` (this stage's input in slot + 1), with
+        the step's decision when it is the step's first message."""
+        arriving = by_slot.get(slot - (self.stage - 1)) if self.stage > 0 else None
+        if arriving is None:
+            return Arrival(p2p)
+        rows = self._shard(arriving)[0][self.sp_rank] + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
+        shape = (self.txt.shape[0], rows, self.model.params.hidden_size)
+        inbox = p2p.recv(shape, self.model.img_in.weight.dtype, self.img.device, src=self.stage - 1)
+        decision = None
+        if self.cache is not None and arriving.patch == 0:
+            decision = p2p.recv((len(self.cache.state),), torch.uint8, self.img.device, src=self.stage - 1)
+        return Arrival(p2p, inbox=inbox, decision=decision)
+
+    def _post_sends(self, p2p, message: Message, out: Tensor | None, final_step: int) -> None:
+        """Queue what this stage sends after running `message`: its output (and the step's decision with the
+        step's first message) to the next stage; from the last stage, the patch's new latents to stage 0."""
         stage, last = self.stage, self.num_stages - 1
-        p2p = comm.P2P(self.ctx.group("pipefusion"))
-        if message is not None and stage < last:
+        if stage < last:
             p2p.send(out, dst=stage + 1)
             if self.cache is not None and message.patch == 0:  # the step's decision, with its first message
                 p2p.send(torch.tensor(self.compute, dtype=torch.uint8, device=out.device), dst=stage + 1)
-        if message is not None and stage == last and message.step < final_step:
+        elif message.step < final_step:
             p2p.send(self.img[:, message.start : message.end], dst=0)
-        arriving = by_slot.get(slot - (stage - 1)) if stage > 0 else None  # what the previous stage just ran
-        if arriving is not None:
-            rows = self._shard(arriving)[0][self.sp_rank] + (self.txt.shape[1] + 1 if arriving.patch == 0 else 0)
-            shape = (self.txt.shape[0], rows, self.model.params.hidden_size)
-            inbox = p2p.recv(shape, self.model.img_in.weight.dtype, self.img.device, src=stage - 1)
-            if self.cache is not None and arriving.patch == 0:
-                decision = p2p.recv((len(self.cache.state),), torch.uint8, self.img.device, src=stage - 1)
-        returned = by_slot.get(slot - last) if stage == 0 else None  # what the last stage just updated
+
+    def _post_latents_receive(self, arrival: "Arrival", slot: int, by_slot: dict, final_step: int) -> None:
+        """On stage 0: queue the receive of the latents the last stage updates in `slot`."""
+        returned = by_slot.get(slot - (self.num_stages - 1)) if self.stage == 0 else None
         if returned is not None and returned.step < final_step:
-            latents = p2p.recv(self.img[:, returned.start : returned.end].shape, torch.float32, self.img.device,
-                               src=last)
+            arrival.rows = slice(returned.start, returned.end)
+            arrival.latents = arrival.p2p.recv(self.img[:, arrival.rows].shape, torch.float32, self.img.device,
+                                               src=self.num_stages - 1)
+
+    def _complete(self, arrival: "Arrival") -> Tensor | None:
+        """Wait for a committed batch and put what it brought in place; returns the input it brought, if any."""
+        arrival.p2p.wait()
+        if arrival.latents is not None:
+            self.img[:, arrival.rows] = arrival.latents
+        if arrival.decision is not None:
+            self.compute_inbox = [bool(c) for c in arrival.decision.tolist()]
+        return arrival.inbox
+
+    def _exchange(self, slot: int, by_slot: dict, message: Message | None, out: Tensor | None,
+                  final_step: int) -> Tensor | None:
+        """Without overlap, after a slot: one batch of everything this rank sends and receives in it, waited at
+        once; returns the next input."""
+        p2p = comm.P2P(self.ctx.group("pipefusion"))
+        if message is not None:
+            self._post_sends(p2p, message, out, final_step)
+        arrival = self._post_input_receive(p2p, slot, by_slot)
+        self._post_latents_receive(arrival, slot, by_slot, final_step)
         p2p.commit()
-        p2p.wait()
-        if returned is not None and returned.step < final_step:
-            self.img[:, returned.start : returned.end] = latents
-        if self.cache is not None and arriving is not None and arriving.patch == 0:
-            self.compute_inbox = [bool(c) for c in decision.tolist()]
-        return inbox if arriving is not None else None
+        return self._complete(arrival)
+
+
+@dataclass
+class Arrival:
+    """A batch of point-to-point operations and the buffers its receives fill: the next input (and the step's
+    decision), latents returned to stage 0 for image tokens `rows`."""
+
+    p2p: object  # comm.P2P
+    inbox: Tensor | None = None
+    decision: Tensor | None = None
+    latents: Tensor | None = None
+    rows: slice | None = None
+
+    def overlaps(self, message: Message) -> bool:
+        return self.rows is not None and self.rows.start < message.end and message.start < self.rows.stop
