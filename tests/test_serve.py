@@ -151,9 +151,10 @@ def test_full_queue_gets_429_and_requests_run_in_arrival_order(pipe):
             assert refused.json()["error"] == ("the queue is full (2 requests waiting, --max-queue): "
                                                "try again when one has finished")
             assert service.client.get("/progress", params={"id": "b"}).json() == {"state": "queued", "position": 2}
+            # the expected images first: the service's rank loop runs the same pipe object (and its progress hook)
+            expected = [expected_png(pipe, 6), expected_png(pipe, 7)]
             service.start_ranks()
-            assert first.result().content == expected_png(pipe, 6)
-            assert second.result().content == expected_png(pipe, 7)
+            assert [first.result().content, second.result().content] == expected
         done = service.client.get("/progress", params={"id": "b"}).json()
         assert done == {"state": "done", "step": 2, "steps": 2}
         assert service.client.get("/progress", params={"id": "zz"}).status_code == 404
