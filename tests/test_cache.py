@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from flux_parallel.flux.cache import TEACACHE_FLUX_POLY, CacheConfig, change_sums, check_cache, forecast
+from flux_parallel.flux.cache import TEACACHE_FLUX_POLY, change_sums, forecast
+from flux_parallel.flux.cache_config import CacheConfig, check_cache
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.model import Flux, run_blocks
 from flux_parallel.flux.pipeline import FluxPipeline

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.parallel import comm
 from flux_parallel.parallel.context import ParallelContext

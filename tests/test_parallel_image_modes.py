@@ -9,7 +9,7 @@ import torch
 from helpers import rel_err
 from safetensors.torch import load_file, save_file
 
-from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.parallel import runtime
 from flux_parallel.parallel.context import ParallelContext

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.layers import DoubleStreamBlock, SingleStreamBlock
 from flux_parallel.flux.model import Flux

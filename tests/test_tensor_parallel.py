@@ -14,7 +14,7 @@ from helpers import PARAMS, assert_rel_close, one_and_two_ranks, tiny_flux, tiny
 from safetensors.torch import load_file, save_file
 
 from flux_parallel.flux import CONFIGS, Flux
-from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.flux.sampling import Schedule
 from flux_parallel.flux.text_encoders import TextConditioner

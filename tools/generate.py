@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from flux_parallel.flux.cache import KINDS, CacheConfig
+from flux_parallel.flux.cache_config import KINDS, CacheConfig
 from flux_parallel.flux.image_inputs import ImageArgumentError
 from flux_parallel.flux.images import write_png
 from flux_parallel.flux.pipeline import FluxPipeline

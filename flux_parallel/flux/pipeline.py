@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flux_parallel.flux.cache import CacheConfig, StepCache, check_cache
+from flux_parallel.flux.cache import StepCache
+from flux_parallel.flux.cache_config import CacheConfig, check_cache
 from flux_parallel.flux.checkpoint import load_transformer, load_transformer_tensor_parallel
 from flux_parallel.flux.compile import prepare_transformer
 from flux_parallel.flux.configs import CONFIGS

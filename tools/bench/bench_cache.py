@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from flux_parallel.flux.cache import CacheConfig, StepCache
+from flux_parallel.flux.cache import StepCache
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.configs import CONFIGS
 from flux_parallel.flux.model import Flux
 from flux_parallel.flux.pipeline import FluxPipeline

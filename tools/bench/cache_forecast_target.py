@@ -18,7 +18,8 @@ from unittest import mock
 import torch
 
 from flux_parallel.flux import pipeline as pipeline_module
-from flux_parallel.flux.cache import CacheConfig, StepCache
+from flux_parallel.flux.cache import StepCache
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.shapes.evaluate import caption_accuracy, evaluation_captions
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from flux_parallel.flux.cache import CacheConfig
+from flux_parallel.flux.cache_config import CacheConfig
 from flux_parallel.flux.pipeline import FluxPipeline
 from flux_parallel.parallel.context import ParallelContext
 from flux_parallel.shapes.evaluate import caption_accuracy, evaluation_captions, measure, nearest_position
