@@ -193,8 +193,7 @@ class StepCache:
     def decide(self, signal: Tensor, sums: Tensor | None = None) -> list[bool]:
         """Per branch: run the blocks at this step? signal [N, L, hidden] is the watched tensor (fbcache: the
         first block's image residual; teacache: its modulated input). sums: the image's [2, n] change_sums,
-        where already reduced (folded); else reduce_sums is called once at most (and waited for at once:
-        parallel/cache.py says why). Updates the reference."""
+        where already reduced (folded); else reduce_sums is called once at most. Updates the reference."""
         n = len(self.state)
         changes = [None] * n
         if self._compares():

@@ -41,18 +41,13 @@ from flux_parallel.parallel.context import ParallelContext
 
 
 def sp_sums(ctx: ParallelContext):
-    """[2, n] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank;
-    None when the sp group is this rank alone (the sums are then the image's already)."""
-    # PipeFusion is refused with a cache (ParallelDenoiser.check): its stages see one patch at a time, and
-    # the first block and the rest of the stack live on different ranks.
+    """[2, n] float64 sums over this rank's tokens -> the sums over the sp group, identical on every rank, in
+    a collective of their own; None when the sp group is this rank alone (the sums are then the image's).
+    A generation on several sp ranks folds the sums into an exchange instead (sp_fold), so this reduction
+    runs only where no fold is installed: tools/bench/bench_cache.py's comparison with the fold."""
     if ctx.sp_degree == 1:
         return None
     group = ctx.group("sp")
-    # The reduction is waited for at once, not overlapped (async_op): between the indicator and the
-    # decision's use the seam holds no work that every outcome needs (a skipped step only adds the stored
-    # residuals, a computed one starts with the blocks, whose collectives the decision gates); the work
-    # that does not depend on it (text embedding, RoPE table, final layer's modulation) lies outside the
-    # seam, in Flux.forward. Running blocks meanwhile would be speculation, wasted on every skipped step.
 
     def reduce_sums(local: Tensor) -> Tensor:
         if ctx.sp_degree == 2:
@@ -114,8 +109,8 @@ def cache_swaps(model: nn.Module, cache) -> list[tuple[nn.Module, str, object]]:
 
 def cache_report(cache, ctx: ParallelContext) -> dict | None:
     """{kind, threshold, the other CacheConfig fields, decision_s, reduction_s, branches: {branch: computed/reused
-    steps}}, with both
-    branches on every rank under cfg_degree 2 (one object gather over the cfg group). Call it on every rank."""
+    steps}}, with both branches on every rank under cfg_degree 2 (one object gather over the cfg group). Call it
+    on every rank."""
     if cache is None:
         return None
     branches = cache.report()
